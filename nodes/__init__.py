@@ -1,0 +1,14 @@
+"""ComfyUI nodes of the pack (V3 schema). Each module exports NODES; the algorithms are in ../attention."""
+
+from __future__ import annotations
+
+from . import inversion
+
+NODE_MODULES = [inversion]
+
+
+def all_nodes() -> list:
+    out = []
+    for mod in NODE_MODULES:
+        out.extend(mod.NODES)
+    return out

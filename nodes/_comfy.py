@@ -1,0 +1,133 @@
+"""Shared ComfyUI glue: socket types, schedules, inversion runner, validation with actionable errors.
+
+The algorithms live in ../attention; this module only translates between them and ComfyUI objects.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.latest import io
+
+from ..attention.ddim import Inversion, sample_ddim_inversion
+
+CATEGORY = "zero-shot video edit"
+
+# Custom socket types, prefixed with the pack's prefix.
+InversionType = io.Custom("ZSVE_INVERSION")
+
+RECORD_SPECS_KEY = "zsve_record_specs"
+RECORDERS_KEY = "zsve_recorders"
+
+
+class ZSVEInputError(ValueError):
+    """Bad input, with a message that says what to change."""
+
+
+def check_diffusion_model(model, node: str):
+    if not isinstance(model, comfy.model_patcher.ModelPatcher) or not hasattr(model.model, "model_sampling"):
+        raise ZSVEInputError(
+            f"{node}: the 'model' input is not a diffusion MODEL (got {type(model).__name__}). Connect the MODEL "
+            "output of a checkpoint loader (e.g. Load Checkpoint) for an SD1.5-family model."
+        )
+    ms = model.get_model_object("model_sampling")
+    if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(ms, comfy.model_sampling.EPS):
+        raise ZSVEInputError(
+            f"{node}: DDIM inversion needs a discrete-timestep eps- or v-prediction model (SD1.x/SD2.x family); "
+            f"this model samples with {type(ms).__name__}. Use an SD1.5-family checkpoint."
+        )
+    return ms
+
+
+def check_latent(latent, node: str) -> torch.Tensor:
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise ZSVEInputError(f"{node}: 'latent' must be a LATENT (e.g. from VAE Encode of the video frames).")
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise ZSVEInputError(
+            f"{node}: expected image latents [frames, channels, height, width] with the frames as the batch, got "
+            f"shape {list(samples.shape)}. Encode the frames with VAE Encode (one image per frame)."
+        )
+    if samples.shape[0] == 0:
+        raise ZSVEInputError(
+            f"{node}: the LATENT has no frames (batch size 0). Check the video loader: it produced no frames."
+        )
+    return samples
+
+
+def inversion_sigmas(model_sampling, steps: int, node: str = "VideoDDIMInvert") -> torch.Tensor:
+    """Ascending sigmas [0, s(t=1), ..., s(t_max)]: the reverse of the `ddim_uniform` schedule."""
+    n_train = len(model_sampling.sigmas)
+    if steps < 1:
+        raise ZSVEInputError(f"{node}: steps must be at least 1 (got {steps}).")
+    if steps > n_train:
+        raise ZSVEInputError(
+            f"{node}: steps={steps} is more than the model's {n_train} training timesteps; use at most {n_train} "
+            "(50 is the papers' default)."
+        )
+    sig = comfy.samplers.calculate_sigmas(model_sampling, "ddim_uniform", steps)
+    return sig.flip(0).to(torch.float32).cpu().clone()
+
+
+def timestep_of(model_sampling, sigma) -> int:
+    return int(model_sampling.timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(1)).item())
+
+
+def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: float, node: str = "VideoDDIMInvert",
+                  disable_pbar: bool = False) -> tuple[dict, Inversion]:
+    """Invert the frames of `latent` with DDIM through ComfyUI's CFGGuider, so that every model patch,
+    wrapper and ControlNet on the conditioning applies during inversion exactly as during sampling."""
+    ms = check_diffusion_model(model, node)
+    samples = check_latent(latent, node)
+    if positive is None or len(positive) == 0:
+        raise ZSVEInputError(f"{node}: connect the source prompt's CONDITIONING to 'positive'.")
+    if cfg != 1.0 and negative is None:
+        raise ZSVEInputError(
+            f"{node}: inversion guidance {cfg:g} needs a 'negative' CONDITIONING (the papers invert with guidance 1, "
+            "which needs none)."
+        )
+    sigmas = inversion_sigmas(ms, steps, node)
+    samples = comfy.sample.fix_empty_latent_channels(model, samples)
+
+    m = model.clone()
+    specs = dict(m.model_options.get("transformer_options", {}).get(RECORD_SPECS_KEY, {}))
+    recorders = {name: spec.new_recorder() for name, spec in specs.items()}
+    if recorders:
+        m.model_options.setdefault("transformer_options", {})[RECORDERS_KEY] = recorders
+
+    guider = comfy.samplers.CFGGuider(m)
+    guider.set_conds(positive, negative if negative is not None else positive)
+    guider.set_cfg(cfg)
+
+    trajectory: list = []
+    sampler = comfy.samplers.KSAMPLER(
+        sample_ddim_inversion,
+        extra_options={
+            "trajectory": trajectory,
+            "interrupt": comfy.model_management.throw_exception_if_processing_interrupted,
+        },
+    )
+    n_steps = len(sigmas) - 1
+    callback = latent_preview.prepare_callback(m, n_steps)
+    noise = torch.zeros_like(samples)
+    z_T = guider.sample(noise, samples, sampler, sigmas, denoise_mask=None, callback=callback,
+                        disable_pbar=disable_pbar or not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
+
+    inv = Inversion(
+        sigmas=torch.tensor([s for s, _ in trajectory], dtype=torch.float32),
+        timesteps=[timestep_of(ms, s) if s > 0 else -1 for s, _ in trajectory],
+        latents=[x for _, x in trajectory],
+        cfg=float(cfg),
+        records={name: r.finalize() for name, r in recorders.items()},
+        info={"steps_requested": int(steps), "scheduler": "ddim_uniform"},
+    )
+    out = {k: v for k, v in latent.items() if k != "noise_mask"}
+    out["samples"] = z_T.to(comfy.model_management.intermediate_device())
+    return out, inv

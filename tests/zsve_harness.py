@@ -1,0 +1,234 @@
+"""Test/demo harness: tiny SD1.5-architecture models built through ComfyUI's own classes, and a runner
+for API-format prompts through ComfyUI's real executor.
+
+Imported after ComfyUI has been configured for CPU (tests/conftest.py or scripts/boot.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+
+import torch
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import execution
+import nodes
+
+TINY_UNET = {
+    "model_channels": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "channel_mult": [1, 2],
+    "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": 64,
+    "use_linear_in_transformer": False,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "image_size": 32,
+}
+TINY_CLIP = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "projection_dim": 64,
+}
+TINY_VAE_DDCONFIG = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 16,
+    "ch_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+
+
+def init_module_(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
+    """ComfyUI allocates weights with torch.empty: give every parameter/buffer a defined value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in itertools.chain(module.named_parameters(), module.named_buffers()):
+            if not p.is_floating_point():
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "bias" or "position_ids" in name:
+                p.zero_()
+            elif "norm" in name and leaf == "weight" and p.ndim == 1:
+                p.fill_(1.0)
+            elif p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / fan_in) ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def make_tiny_model(seed: int = 0, prediction: str = "eps", unet: dict | None = None, heads: int | None = 2):
+    """A tiny SD1.5-architecture MODEL: comfy.supported_models.SD15 -> BaseModel -> ModelPatcher."""
+    cfg = comfy.supported_models.SD15(dict(TINY_UNET, **(unet or {})))
+    if heads is not None:
+        cfg.unet_config["num_heads"] = heads
+    cfg.set_inference_dtype(torch.float32, None)
+    model_type = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}[prediction]
+    base = comfy.model_base.BaseModel(cfg, model_type=model_type, device="cpu")
+    init_module_(base.diffusion_model, seed)
+    # Output convolutions are zero-initialised in SD: keep them small but non-zero so the model acts.
+    base.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device="cpu", offload_device="cpu")
+
+
+def make_tiny_clip(seed: int = 0):
+    """A tiny comfy.sd.CLIP with the real SD1 tokenizer that ships with ComfyUI."""
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP)})
+    init_module_(clip.cond_stage_model, seed + 1)
+    return clip
+
+
+def make_tiny_vae(seed: int = 0):
+    """A tiny AutoencoderKL (8x downsampling, 4 latent channels) through comfy.sd.VAE."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(seed)
+    ae = AutoencoderKL(ddconfig=dict(TINY_VAE_DDCONFIG), embed_dim=4)
+    init_module_(ae, seed + 2)
+    sd = ae.state_dict()
+    return comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": 4, "ddconfig": dict(TINY_VAE_DDCONFIG)}})
+
+
+def encode_text(clip, text: str):
+    """CONDITIONING for a text, as CLIPTextEncode makes it."""
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+# --- graph execution -------------------------------------------------------------------------------
+
+OBJECTS: dict[str, object] = {}
+CAPTURED: dict[str, object] = {}
+
+
+class _AnyType(str):
+    def __ne__(self, other):  # matches every socket type
+        return False
+
+
+ANY = _AnyType("*")
+
+
+class ZSVETestProvide:
+    """Test-only node: returns a Python object registered in OBJECTS (a tiny MODEL, CLIP, VAE, ...)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = (ANY,)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    @classmethod
+    def IS_CHANGED(cls, key):
+        return str(id(OBJECTS.get(key)))
+
+    def run(self, key):
+        return (OBJECTS[key],)
+
+
+class ZSVETestCapture:
+    """Test-only output node: stores whatever it receives in CAPTURED[key]."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": (ANY, {}), "key": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def run(self, value, key):
+        CAPTURED[key] = value
+        return {}
+
+
+def register_test_nodes():
+    nodes.NODE_CLASS_MAPPINGS.setdefault("ZSVETestProvide", ZSVETestProvide)
+    nodes.NODE_CLASS_MAPPINGS.setdefault("ZSVETestCapture", ZSVETestCapture)
+
+
+class _ServerStub:
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+class GraphError(RuntimeError):
+    def __init__(self, message, details=None):
+        super().__init__(message)
+        self.details = details
+
+
+_EXECUTOR = None
+
+
+def get_executor(fresh: bool = False):
+    """One PromptExecutor with ComfyUI's classic cache, shared so that re-runs hit the cache."""
+    global _EXECUTOR
+    if _EXECUTOR is None or fresh:
+        _EXECUTOR = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC)
+    return _EXECUTOR
+
+
+def run_prompt(prompt: dict, executor=None) -> dict:
+    """Validate and execute an API-format prompt with ComfyUI's executor.
+
+    Returns {"executed": set(node ids that ran this time), "cached": [...], "ui": history outputs,
+    "messages": [...]}. Raises GraphError with ComfyUI's own message on a validation or execution error.
+    """
+    register_test_nodes()
+    ex = executor or get_executor()
+    prompt_id = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid[0]:
+        raise GraphError(f"prompt invalid: {valid[1]} {valid[3]}", valid)
+    ex.server.messages = []
+    ex.execute(prompt, prompt_id, extra_data={}, execute_outputs=valid[2])
+    msgs = list(ex.server.messages) + list(ex.status_messages)
+    for event, data in ex.status_messages:
+        if event == "execution_error":
+            raise GraphError(f"{data['node_type']} (node {data['node_id']}): {data['exception_message']}", data)
+        if event == "execution_interrupted":
+            raise GraphError("execution interrupted", data)
+    executed = set()
+    cached = []
+    for event, data in msgs:
+        if event == "executing" and data.get("node") is not None:
+            executed.add(str(data["node"]))
+        if event == "execution_cached":
+            cached = list(data.get("nodes", []))
+    return {"executed": executed, "cached": cached, "ui": ex.history_result, "messages": msgs}
+
+
+def cleanup():
+    comfy.model_management.cleanup_models_gc()
