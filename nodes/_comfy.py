@@ -5,8 +5,6 @@ The algorithms live in ../attention; this module only translates between them an
 
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
@@ -14,6 +12,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import torch
 from comfy_api.latest import io
 
 from ..attention.ddim import Inversion, sample_ddim_inversion

@@ -60,11 +60,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-import utils.extra_config  # noqa: E402,F401  (ComfyUI's own utils package, before `nodes`, as main.py does)
 import comfy.model_management  # noqa: E402,F401
 import comfy.utils  # noqa: E402
-import execution  # noqa: E402
 import nodes  # noqa: E402
+import utils.extra_config  # noqa: E402,F401  (ComfyUI's own utils package, before `nodes`, as main.py does)
 
 comfy.utils.PROGRESS_BAR_ENABLED = False
 

@@ -10,8 +10,6 @@ import asyncio
 import itertools
 import uuid
 
-import torch
-
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -21,6 +19,7 @@ import comfy.supported_models
 import comfy.supported_models_base
 import execution
 import nodes
+import torch
 
 TINY_UNET = {
     "model_channels": 32,
@@ -36,6 +35,8 @@ TINY_UNET = {
     "adm_in_channels": None,
     "use_temporal_attention": False,
     "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
 }
 TINY_CLIP = {
     "hidden_size": 64,
@@ -85,11 +86,11 @@ def make_tiny_model(seed: int = 0, prediction: str = "eps", unet: dict | None = 
         cfg.unet_config["num_heads"] = heads
     cfg.set_inference_dtype(torch.float32, None)
     model_type = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}[prediction]
-    base = comfy.model_base.BaseModel(cfg, model_type=model_type, device="cpu")
+    base = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
     init_module_(base.diffusion_model, seed)
     # Output convolutions are zero-initialised in SD: keep them small but non-zero so the model acts.
     base.diffusion_model.eval()
-    return comfy.model_patcher.ModelPatcher(base, load_device="cpu", offload_device="cpu")
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
 def make_tiny_clip(seed: int = 0):
@@ -213,7 +214,7 @@ def run_prompt(prompt: dict, executor=None) -> dict:
     if not valid[0]:
         raise GraphError(f"prompt invalid: {valid[1]} {valid[3]}", valid)
     ex.server.messages = []
-    ex.execute(prompt, prompt_id, extra_data={}, execute_outputs=valid[2])
+    ex.execute(prompt, prompt_id, extra_data={"client_id": "zsve-test"}, execute_outputs=valid[2])
     msgs = list(ex.server.messages) + list(ex.status_messages)
     for event, data in ex.status_messages:
         if event == "execution_error":

@@ -1,0 +1,59 @@
+"""The contract between the attention dispatcher (installed on the model by nodes/_attn_patch.py) and
+the algorithms that read or change attention probabilities.
+
+For every attention call of every transformer block the dispatcher builds an `AttnCall` and asks each
+processor whether it is `active` for it. Only if one is, the probabilities are computed explicitly
+(float32, [B, heads, Nq, Nk]) and passed through the active processors in order; a processor returns
+None (it only read them, e.g. a recorder) or new probabilities (a controller). The output is then
+probs @ v. If none is active, the ordinary fast attention (or a replace patch that was already on the
+block) runs untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttnCall:
+    kind: str  # "self" (attn1) or "cross" (attn2)
+    layer: str  # e.g. "output_4_0": block name, block number, depth index
+    hw: tuple[int, int]  # query feature map (height, width)
+    frames: int  # latent batch size (frames) in this call
+    cond_or_uncond: list[int]  # chunk kinds, rows are chunk * frames + frame
+    sigma: float
+    timestep: int  # the model's integer timestep for sigma: the key that matches inversion and edit steps
+    heads: int
+    step_index: int | None = None  # index of sigma in the run's sample_sigmas, if known
+    total_steps: int | None = None
+    frame_index: list[int] | None = None  # absolute frame indices (context windows), else 0..frames-1
+    extra: dict = field(default_factory=dict, repr=False)
+    # The call's projected queries/keys [B, N, heads*dim_head] (keys possibly lengthened by a temporal
+    # attn1_patch to frames_kv*N). Read-only; recorders keep q/k instead of large probability maps.
+    q: torch.Tensor | None = field(default=None, repr=False)
+    k: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.hw[0] * self.hw[1]
+
+    @property
+    def res(self) -> int:
+        """The larger side of the query map: 64/32/16/8 for SD1.5 at 512x512."""
+        return max(self.hw)
+
+    def rows(self, which: int) -> list[int]:
+        out: list[int] = []
+        for i, c in enumerate(self.cond_or_uncond):
+            if c == which:
+                out.extend(range(i * self.frames, (i + 1) * self.frames))
+        return out
+
+
+class AttentionProcessor(Protocol):
+    def active(self, call: AttnCall) -> bool: ...
+
+    def __call__(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor | None: ...
