@@ -51,7 +51,7 @@ TINY_VAE_DDCONFIG = {
     "resolution": 256,
     "in_channels": 3,
     "out_ch": 3,
-    "ch": 16,
+    "ch": 32,
     "ch_mult": [1, 1, 1, 1],
     "num_res_blocks": 1,
     "attn_resolutions": [],
@@ -233,3 +233,50 @@ def run_prompt(prompt: dict, executor=None) -> dict:
 
 def cleanup():
     comfy.model_management.cleanup_models_gc()
+
+
+class ZSVETestCheckpoint:
+    """Test-only stand-in for CheckpointLoaderSimple: (MODEL, CLIP, VAE) registered in OBJECTS[key]."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "ckpt"})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    @classmethod
+    def IS_CHANGED(cls, key):
+        return str(id(OBJECTS.get(key)))
+
+    def run(self, key):
+        return tuple(OBJECTS[key])
+
+
+nodes.NODE_CLASS_MAPPINGS.setdefault("ZSVETestCheckpoint", ZSVETestCheckpoint)
+
+
+def write_video(frames, path, fps: int = 8) -> str:
+    """Write IMAGE frames [F,H,W,3] (0..1) as an H.264 mp4 through ComfyUI's own video type."""
+    from fractions import Fraction
+
+    from comfy_api.latest import InputImpl, Types
+
+    video = InputImpl.VideoFromComponents(Types.VideoComponents(images=frames, audio=None, frame_rate=Fraction(fps)))
+    video.save_to(str(path))
+    return str(path)
+
+
+def moving_square_frames(frames: int = 8, size: int = 64, seed: int = 0):
+    """A simple synthetic clip: a red square moving over blue stripes (used until/besides the toy world)."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.zeros(frames, size, size, 3)
+    stripes = ((torch.arange(size) // 8) % 2).float()
+    img[..., 2] = 0.4 + 0.5 * stripes[None, :, None]
+    s = size // 4
+    y0 = int(torch.randint(0, size - s, (1,), generator=g))
+    for f in range(frames):
+        x0 = int(f * (size - s) / max(1, frames - 1))
+        img[f, y0:y0 + s, x0:x0 + s] = torch.tensor([0.9, 0.1, 0.1])
+    return img

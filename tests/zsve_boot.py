@@ -1,0 +1,101 @@
+"""Boot the real ComfyUI as a library on CPU and load this pack through ComfyUI's own custom-node loader.
+
+Used by tests/conftest.py and by the project's scripts (demo, workflow generator, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+class ComfyNotFound(RuntimeError):
+    pass
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "zero_shot_video_edit"
+
+
+def _is_comfy(p: Path) -> bool:
+    return (p / "comfy" / "model_management.py").is_file() and (p / "execution.py").is_file()
+
+
+def _find_comfyui() -> Path:
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        if _is_comfy(Path(env)):
+            return Path(env).resolve()
+        raise ComfyNotFound(f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/model_management.py).")
+    if ROOT.parent.name == "custom_nodes" and _is_comfy(ROOT.parent.parent):
+        return ROOT.parent.parent
+    home = Path.home() / "comfy" / "ComfyUI"
+    if _is_comfy(home):
+        return home
+    raise ComfyNotFound(
+        "ComfyUI not found. Set COMFYUI_PATH=/path/to/ComfyUI, place this pack in ComfyUI/custom_nodes/, "
+        "or put a ComfyUI checkout at ~/comfy/ComfyUI; `bash scripts/test.sh` does this for you."
+    )
+
+
+COMFYUI = _find_comfyui()
+if str(COMFYUI) not in sys.path:
+    sys.path.insert(0, str(COMFYUI))
+
+# ComfyUI must be configured before comfy.model_management is imported.
+import comfy.options  # noqa: E402
+
+comfy.options.args_parsing = False
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+args.use_pytorch_cross_attention = True
+args.force_fp32 = True
+args.fp32_text_enc = True
+args.disable_all_custom_nodes = False
+
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import importlib  # noqa: E402
+
+# Order matters (as in ComfyUI's main.py): ComfyUI's own `utils` package before `nodes`, which puts
+# ComfyUI/comfy first on sys.path. importlib keeps import sorters from reordering these.
+importlib.import_module("comfy.model_management")
+importlib.import_module("utils.extra_config")
+comfy_utils = importlib.import_module("comfy.utils")
+nodes = importlib.import_module("nodes")
+importlib.import_module("execution")
+
+comfy_utils.PROGRESS_BAR_ENABLED = os.environ.get("ZSVE_PROGRESS") == "1"
+
+
+
+def _load_pack():
+    """Load the pack exactly as ComfyUI loads a custom node: by path, through nodes.load_custom_node."""
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    tmp = Path(tempfile.mkdtemp(prefix="zsve-test-"))
+    (tmp / "custom_nodes").mkdir()
+    link = tmp / "custom_nodes" / PACK_NAME
+    link.symlink_to(ROOT, target_is_directory=True)
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    ok = asyncio.run(nodes.load_custom_node(str(link)))
+    if not ok:
+        raise RuntimeError("ComfyUI's loader failed to load the pack; see the log above.")
+    sys_name = str(link).replace(".", "_x_")
+    pack = sys.modules[sys_name]
+    # Alias the loaded package and its submodules as `zsve` so tests can `import zsve.attention.ddim`
+    # and get the very module objects ComfyUI loaded (no second copy).
+    for name, mod in list(sys.modules.items()):
+        if name == sys_name or name.startswith(sys_name + "."):
+            sys.modules["zsve" + name[len(sys_name):]] = mod
+    return pack, sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
+
+
+PACK, PACK_NODE_IDS = _load_pack()
+
+
