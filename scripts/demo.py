@@ -1,0 +1,187 @@
+"""The project's main command: run a shipped workflow headless through ComfyUI's executor.
+
+Default: the toy model (toy/weights, loaded with the pack's ToyModelLoader) on a toy clip. With
+--checkpoint/--video/--source-prompt/--edit-prompt the same workflow runs on a real SD1.5 checkpoint and
+a real video. Writes the output video, a side-by-side comparison (source | result [| mask]) and a metrics
+JSON, and prints their paths.
+
+    bash scripts/demo.sh                       # toy model, toy clip
+    bash scripts/demo.sh --workflow invert_and_reconstruct
+    bash scripts/demo.sh --checkpoint ~/models/v1-5.safetensors --video in.mp4 \
+        --source-prompt "a silver jeep driving" --edit-prompt "a red jeep driving"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+DEFAULT_WORKFLOW = "invert_and_reconstruct"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workflow", default=os.environ.get("ZSVE_DEMO_WORKFLOW", DEFAULT_WORKFLOW),
+                   help="name of a workflow in workflows/ (without .json)")
+    p.add_argument("--checkpoint", help="a real SD1.5-family checkpoint (.safetensors/.ckpt) instead of the toy model")
+    p.add_argument("--video", help="a video file instead of the toy clip")
+    p.add_argument("--source-prompt", help="text describing the input video")
+    p.add_argument("--edit-prompt", help="the edited text")
+    p.add_argument("--steps", type=int, help="DDIM steps for inversion and editing (default: the workflow's)")
+    p.add_argument("--frames", type=int, default=8, help="frames of the toy clip")
+    p.add_argument("--clip", default="color_swap", help="toy benchmark clip name (toy.scenes.benchmark_set)")
+    p.add_argument("--out", default=str(ROOT / "output" / "demo"), help="output folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.time()
+    import zsve_boot  # noqa: F401  (boots ComfyUI on CPU and loads the pack through ComfyUI's loader)
+    import numpy as np
+    import torch
+    from zsve_harness import run_prompt, write_video
+    from zsve_workflows import load_ui, ui_to_api
+
+    import folder_paths
+    from comfy_api.latest import InputImpl
+
+    wf_path = ROOT / "workflows" / f"{args.workflow}.json"
+    if not wf_path.is_file():
+        names = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+        print(f"no workflow named {args.workflow!r}; shipped workflows: {', '.join(names)}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    work_in = out / "input"
+    work_in.mkdir(parents=True, exist_ok=True)
+    folder_paths.set_input_directory(str(work_in))
+    folder_paths.set_output_directory(str(out))
+
+    # --- the video -----------------------------------------------------------------------------------
+    spec = None
+    if args.video:
+        src = Path(args.video).expanduser().resolve()
+        if not src.is_file():
+            print(f"--video {src} does not exist", file=sys.stderr)
+            return 2
+        shutil.copy(src, work_in / ("input" + src.suffix))
+        video_name = "input" + src.suffix
+        masks = None
+    else:
+        from zsve.toy import scenes
+
+        specs = {s.name: s for s in scenes.benchmark_set(frames=args.frames)}
+        if args.clip not in specs:
+            print(f"--clip must be one of {', '.join(specs)}", file=sys.stderr)
+            return 2
+        spec = specs[args.clip]
+        clip = spec.clip()
+        write_video(torch.from_numpy(clip.frames), work_in / "input.mp4")
+        video_name = "input.mp4"
+        masks = clip.masks
+    source_prompt = args.source_prompt or (spec.source_prompt if spec else None)
+    edit_prompt = args.edit_prompt or (spec.edit_prompt if spec else None)
+    if source_prompt is None:
+        print("--source-prompt is required with --video", file=sys.stderr)
+        return 2
+
+    # --- the workflow --------------------------------------------------------------------------------
+    ui = load_ui(wf_path)
+    replace = {}
+    if args.checkpoint:
+        ck = Path(args.checkpoint).expanduser().resolve()
+        if not ck.is_file():
+            print(f"--checkpoint {ck} does not exist", file=sys.stderr)
+            return 2
+        folder_paths.add_model_folder_path("checkpoints", str(ck.parent), is_default=True)
+        ckpt_name = ck.name
+    else:
+        replace["CheckpointLoaderSimple"] = {"class_type": "ToyModelLoader",
+                                             "inputs": {"weights": "toy_sd15.safetensors"}}
+        ckpt_name = None
+    prompt = ui_to_api(ui, replace=replace)
+    for node in prompt.values():
+        inputs, ct, title = node["inputs"], node["class_type"], node.get("_meta", {}).get("title", "")
+        if ct == "CheckpointLoaderSimple" and ckpt_name:
+            inputs["ckpt_name"] = ckpt_name
+        if ct == "LoadVideo":
+            inputs["file"] = video_name
+        if ct == "CLIPTextEncode" and title == "Source prompt":
+            inputs["text"] = source_prompt
+        if ct == "CLIPTextEncode" and title == "Edit prompt" and edit_prompt:
+            inputs["text"] = edit_prompt
+        if args.steps and "steps" in inputs and isinstance(inputs["steps"], int):
+            inputs["steps"] = args.steps
+        for key in ("source_prompt", "edit_prompt"):
+            if key in inputs and isinstance(inputs[key], str):
+                inputs[key] = source_prompt if key == "source_prompt" else (edit_prompt or source_prompt)
+    print(f"[zsve demo] workflow {wf_path.name}: {len(prompt)} nodes; source: {source_prompt!r}"
+          + (f"; edit: {edit_prompt!r}" if edit_prompt and args.workflow != "invert_and_reconstruct" else ""))
+    result = run_prompt(prompt)
+
+    # --- outputs -------------------------------------------------------------------------------------
+    videos = sorted((p for p in out.rglob("*.mp4") if work_in not in p.parents), key=lambda p: p.stat().st_mtime)
+    if not videos:
+        print("the workflow saved no video", file=sys.stderr)
+        return 1
+    result_video = videos[-1]
+    src_frames = InputImpl.VideoFromFile(str(work_in / video_name)).get_components().images.float()
+    res_frames = InputImpl.VideoFromFile(str(result_video)).get_components().images.float()
+    n = min(len(src_frames), len(res_frames))
+    src_frames, res_frames = src_frames[:n], res_frames[:n]
+    if res_frames.shape[1:3] != src_frames.shape[1:3]:
+        res_frames = torch.nn.functional.interpolate(res_frames.movedim(-1, 1), size=src_frames.shape[1:3],
+                                                     mode="bilinear").movedim(1, -1)
+    panels = [src_frames, res_frames]
+    mask_pngs = sorted(p for p in out.rglob("*.png") if "mask" in p.name)
+    if mask_pngs:
+        from PIL import Image
+
+        mk = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)
+              for p in mask_pngs[-n:]]
+        if len(mk) == n:
+            mk = torch.nn.functional.interpolate(torch.stack(mk).movedim(-1, 1), size=src_frames.shape[1:3],
+                                                 mode="nearest").movedim(1, -1)
+            panels.append(mk)
+    side = torch.cat(panels, dim=2)
+    side_path = out / "side_by_side.mp4"
+    write_video(side, side_path)
+
+    from zsve.toy import metrics as M
+
+    region = None
+    if masks is not None and spec is not None and spec.target is not None:
+        region = masks[:n, spec.target]
+    metrics = {
+        "workflow": args.workflow,
+        "source_prompt": source_prompt,
+        "edit_prompt": edit_prompt,
+        "frames": int(n),
+        "psnr_outside_edit": M.masked_psnr(res_frames.numpy(), src_frames.numpy(), region),
+        "ssim_outside_edit": M.masked_ssim(res_frames.numpy(), src_frames.numpy(), region),
+        "warp_error": M.warp_error(res_frames.numpy(), src_frames.numpy()),
+        "relative_frame_change": M.relative_frame_change(res_frames.numpy(), src_frames.numpy()),
+        "seconds": round(time.time() - t0, 1),
+        "executed_nodes": sorted(result["executed"]),
+    }
+    if spec is not None and args.workflow != "invert_and_reconstruct":
+        metrics["toy"] = M.toy_scores(res_frames.numpy(), spec.clip(), spec)
+    metrics_path = out / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=1, default=float) + "\n")
+    print(f"[zsve demo] result video:  {result_video}")
+    print(f"[zsve demo] side by side:  {side_path}")
+    print(f"[zsve demo] metrics:       {metrics_path}")
+    print(f"[zsve demo] done in {metrics['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
