@@ -280,3 +280,20 @@ def moving_square_frames(frames: int = 8, size: int = 64, seed: int = 0):
         x0 = int(f * (size - s) / max(1, frames - 1))
         img[f, y0:y0 + s, x0:x0 + s] = torch.tensor([0.9, 0.1, 0.1])
     return img
+
+
+def make_tiny_controlnet(model, seed: int = 0):
+    """A tiny ControlNet matching a tiny MODEL, through comfy.cldm + comfy.controlnet (random weights)."""
+    import copy
+
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    cfg = copy.deepcopy(model.model.model_config.unet_config)
+    cfg.pop("out_channels", None)
+    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+               device=torch.device("cpu"))
+    cn = comfy.cldm.cldm.ControlNet(**cfg)
+    init_module_(cn, seed + 7)
+    return comfy.controlnet.ControlNet(cn, load_device=torch.device("cpu"), manual_cast_dtype=None)
