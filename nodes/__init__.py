@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import inversion
+from . import context, inversion
 
-NODE_MODULES = [inversion]
+NODE_MODULES = [inversion, context]
 
 
 def all_nodes() -> list:

@@ -66,3 +66,38 @@ def test_controlnet_hint_changes_inversion_and_edit_while_our_patches_run(tiny_m
     oa, ob = CAPTURED["cn_out_hint_a"]["samples"], CAPTURED["cn_out_hint_b"]["samples"]
     assert (za - zb).abs().mean() > 1e-4, "the hint acts during inversion"
     assert (oa - ob).abs().mean() > 1e-4, "the hint acts during editing"
+
+
+def test_inversion_and_reconstruction_under_core_context_windows(tiny_model, tiny_clip):
+    """ComfyUI's core context-window handler (frames = batch dim 0, via VideoContextWindows) splits the UNet
+    calls; the inversion runs through the same handler and the round trip still returns the input frames."""
+    import comfy.sample
+    import nodes
+
+    import zsve.nodes._comfy as glue
+
+    frames = 6
+    win = nodes.NODE_CLASS_MAPPINGS["VideoContextWindows"]
+    m = win.execute(tiny_model, context_length=4, context_overlap=2, context_schedule="standard_static",
+                    context_stride=1, closed_loop=False, fuse_method="pyramid").args[0]
+    rec = CountingRecorder()
+    add_processor(m, rec)
+    seen_windows = []
+
+    class WindowSpy(CountingRecorder):
+        def __call__(self, call, probs):
+            if call.frame_index is not None:
+                seen_windows.append(tuple(call.frame_index))
+            return None
+
+    add_processor(m, WindowSpy())
+    pos, neg = encode_text(tiny_clip, "a red circle"), encode_text(tiny_clip, "")
+    lat = {"samples": torch.randn(frames, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
+    z_T, inv = glue.run_inversion(m, lat, pos, None, 10, 1.0, disable_pbar=True)
+    assert inv.frames == frames and len(inv.latents) == 11
+    out = comfy.sample.sample(m, torch.zeros_like(z_T["samples"]), 10, 1.0, "ddim", "ddim_uniform", pos, neg,
+                              z_T["samples"], disable_noise=True, seed=0, disable_pbar=True)
+    x = lat["samples"]
+    assert (out - x).abs().mean() < 0.1 * x.abs().mean()
+    assert seen_windows and all(len(w) == 4 for w in seen_windows), "processors see absolute frame indices"
+    assert {w[0] for w in seen_windows} >= {0}

@@ -1,0 +1,76 @@
+"""Context windows over the frames of SD1.5-family video edits (frames are the latent batch).
+
+ComfyUI's core context-window handler is used as is, except for one thing: at this ComfyUI version
+(0.3.64) its `set_step` compares the whole per-frame sigma tensor with the schedule
+(`isclose(sample_sigmas, timestep)`), which only works when the batch is 1 (WAN, dim 2) — with frames as
+the batch (dim 0) it fails whenever the frame count differs from steps + 1. This node installs the core
+handler subclass with that comparison done on the (shared) sigma, through the same public model_options
+slot ContextWindowsManual uses.
+"""
+
+from __future__ import annotations
+
+import comfy.context_windows as cw
+import torch
+from comfy_api.latest import io
+
+from ._comfy import CATEGORY
+
+
+class FrameBatchContextHandler(cw.IndexListContextHandler):
+    def set_step(self, timestep: torch.Tensor, model_options: dict):
+        return super().set_step(timestep.reshape(-1)[:1], model_options)
+
+
+class VideoContextWindows(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VideoContextWindows",
+            display_name="Video Context Windows (frames)",
+            category=CATEGORY,
+            description=(
+                "Edit clips longer than one batch: ComfyUI's core context windows over the frames (the latent "
+                "batch) of an SD1.5-family model, for inversion and editing alike. Apply it to the MODEL before "
+                "Video DDIM Invert and the edit sampler. The attention patches of this pack receive absolute "
+                "frame indices of each window, so temporal key frames stay global. Same options as the core "
+                "Context Windows (Manual) node, with the frame dimension fixed (the core node fails at this "
+                "ComfyUI version when frames are the batch and the frame count differs from steps + 1)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with context windows over its frames."),
+                io.Int.Input("context_length", min=1, default=16, tooltip="Frames per window (FateZero/Video-P2P "
+                             "use 8; more frames per window give more consistent edits and need more memory)."),
+                io.Int.Input("context_overlap", min=0, default=4, tooltip="Frames shared by neighbouring windows; "
+                             "their results are blended with the fuse method."),
+                io.Combo.Input("context_schedule", options=[
+                    cw.ContextSchedules.STATIC_STANDARD, cw.ContextSchedules.UNIFORM_STANDARD,
+                    cw.ContextSchedules.UNIFORM_LOOPED, cw.ContextSchedules.BATCHED],
+                    tooltip="How windows are laid over the clip (core ComfyUI schedules)."),
+                io.Int.Input("context_stride", min=1, default=1, tooltip="Stride for the uniform schedules."),
+                io.Boolean.Input("closed_loop", default=False, tooltip="Wrap windows around the end of the clip "
+                                 "(looped schedules only)."),
+                io.Combo.Input("fuse_method", options=cw.ContextFuseMethods.LIST_STATIC,
+                               default=cw.ContextFuseMethods.PYRAMID,
+                               tooltip="How overlapping window results are blended."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with frame context windows applied during sampling.")],
+        )
+
+    @classmethod
+    def execute(cls, model, context_length, context_overlap, context_schedule, context_stride, closed_loop,
+                fuse_method) -> io.NodeOutput:
+        if context_overlap >= context_length:
+            raise ValueError(f"VideoContextWindows: context_overlap ({context_overlap}) must be smaller than "
+                             f"context_length ({context_length}).")
+        model = model.clone()
+        model.model_options["context_handler"] = FrameBatchContextHandler(
+            context_schedule=cw.get_matching_context_schedule(context_schedule),
+            fuse_method=cw.get_matching_fuse_method(fuse_method),
+            context_length=context_length, context_overlap=context_overlap, context_stride=context_stride,
+            closed_loop=closed_loop, dim=0)
+        cw.create_prepare_sampling_wrapper(model)
+        return io.NodeOutput(model)
+
+
+NODES = [VideoContextWindows]
