@@ -45,14 +45,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
-    import zsve_boot  # noqa: F401  (boots ComfyUI on CPU and loads the pack through ComfyUI's loader)
+    import folder_paths
     import numpy as np
     import torch
-    from zsve_harness import run_prompt, write_video
+    import zsve_boot  # noqa: F401  (boots ComfyUI on CPU and loads the pack through ComfyUI's loader)
+    from comfy_api.latest import InputImpl
     from zsve_workflows import load_ui, ui_to_api
 
-    import folder_paths
-    from comfy_api.latest import InputImpl
+    from zsve_harness import run_prompt, write_video
 
     wf_path = ROOT / "workflows" / f"{args.workflow}.json"
     if not wf_path.is_file():
