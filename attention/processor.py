@@ -35,6 +35,7 @@ class AttnCall:
     # attn1_patch to frames_kv*N). Read-only; recorders keep q/k instead of large probability maps.
     q: torch.Tensor | None = field(default=None, repr=False)
     k: torch.Tensor | None = field(default=None, repr=False)
+    v: torch.Tensor | None = field(default=None, repr=False)  # the call's projected values (read-only)
 
     @property
     def tokens(self) -> int:
@@ -57,3 +58,14 @@ class AttentionProcessor(Protocol):
     def active(self, call: AttnCall) -> bool: ...
 
     def __call__(self, call: AttnCall, probs: torch.Tensor) -> torch.Tensor | None: ...
+
+
+# Optional, additive: a processor may also define
+#
+#     def process_kv(self, call: AttnCall, k: torch.Tensor, v: torch.Tensor) -> tuple[k, v] | None
+#
+# The dispatcher calls it for every attention call, before `active`, with the projected keys/values: a
+# recorder reads them (return None), an injector returns replacements (InFusion / Plug-and-Play: source
+# keys/values). Replaced keys/values are used by everything after it: the probabilities handed to active
+# processors, or, when no processor is active, the fast attention / a foreign replace patch, so injecting
+# keys/values alone never computes explicit probabilities.

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import context, inversion
+from . import blend, context, fatezero, infusion, inversion, toy, videop2p
 
-NODE_MODULES = [inversion, context]
+NODE_MODULES = [inversion, context, blend, fatezero, toy, videop2p, infusion]
 
 
 def all_nodes() -> list:

@@ -95,7 +95,14 @@ class _Dispatcher:
         if not procs:
             return self._fallback(q, k, v, extra_options)
         call = self.make_call(q, extra_options)
-        call.q, call.k = q, k
+        call.q, call.k, call.v = q, k, v
+        for p in procs:  # optional key/value stage (attention/processor.py): read or replace k/v
+            kv = getattr(p, "process_kv", None)
+            if kv is not None:
+                new_kv = kv(call, k, v)
+                if new_kv is not None:
+                    k, v = new_kv
+                    call.k, call.v = k, v
         active = [p for p in procs if p.active(call)]
         if not active:
             return self._fallback(q, k, v, extra_options)

@@ -88,11 +88,160 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
     ]
 
 
+# Video-P2P (issue 5): word swap "circle" -> "square" with shared null-text optimisation and Local Blend; the
+# two branches run in the Video-P2P Guider through SamplerCustomAdvanced, frame attention from the first frame.
+VP2P_EDIT = "a red square on blue stripes"
+
+VIDEOP2P_WORD_SWAP = [
+    {"id": "ckpt", "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+    {"id": "video", "type": "LoadVideo", "widgets": {"file": "input.mp4"}},
+    {"id": "frames", "type": "GetVideoComponents", "links": {"video": ("video", 0)}},
+    {"id": "encode", "type": "VAEEncode", "links": {"pixels": ("frames", 0), "vae": ("ckpt", 2)}},
+    {"id": "src", "type": "CLIPTextEncode", "widgets": {"text": SOURCE}, "links": {"clip": ("ckpt", 1)},
+     "title": "Source prompt"},
+    {"id": "edit", "type": "CLIPTextEncode", "widgets": {"text": VP2P_EDIT}, "links": {"clip": ("ckpt", 1)},
+     "title": "Edit prompt"},
+    {"id": "neg", "type": "CLIPTextEncode", "widgets": {"text": ""}, "links": {"clip": ("ckpt", 1)},
+     "title": "Empty prompt"},
+    {"id": "temporal", "type": "TemporalSelfAttentionPatch", "widgets": {"mode": "first"},
+     "links": {"model": ("ckpt", 0)}, "title": "Frame attention (Video-P2P: first frame)"},
+    {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
+     "links": {"model": ("temporal", 0), "latent": ("encode", 0), "positive": ("src", 0)}},
+    {"id": "nulltext", "type": "NullTextOptimize", "widgets": {"guidance": 7.5, "inner_steps": 10},
+     "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "source": ("src", 0), "empty": ("neg", 0)}},
+    {"id": "guider", "type": "VideoP2PGuider",
+     "widgets": {"source_prompt": SOURCE, "edit_prompt": VP2P_EDIT, "cfg": 7.5, "mode": "replace",
+                 "cross_replace": 0.2, "self_replace": 0.5, "reweight": "square:2", "blend_words": "circle",
+                 "blend_words_edit": "square", "blend_start": 0.2, "blend_threshold": 0.3},
+     "links": {"model": ("temporal", 0), "source": ("src", 0), "edit": ("edit", 0), "negative": ("neg", 0),
+               "clip": ("ckpt", 1), "null_text": ("nulltext", 0)}},
+    {"id": "noise", "type": "DisableNoise"},
+    {"id": "ksampler", "type": "KSamplerSelect", "widgets": {"sampler_name": "ddim"}},
+    {"id": "sigmas", "type": "BasicScheduler", "widgets": {"scheduler": "ddim_uniform", "steps": 20, "denoise": 1.0},
+     "links": {"model": ("temporal", 0)}},
+    {"id": "sample", "type": "SamplerCustomAdvanced",
+     "links": {"noise": ("noise", 0), "guider": ("guider", 0), "sampler": ("ksampler", 0), "sigmas": ("sigmas", 0),
+               "latent_image": ("invert", 0)}},
+    {"id": "decode", "type": "VAEDecode", "links": {"samples": ("sample", 0), "vae": ("ckpt", 2)}},
+    {"id": "create", "type": "CreateVideo", "widgets": {"fps": 8.0}, "links": {"images": ("decode", 0)}},
+    {"id": "save", "type": "SaveVideo", "widgets": {"filename_prefix": "zsve/videop2p_edit"},
+     "links": {"video": ("create", 0)}},
+    {"id": "branches", "type": "VideoP2PBranchOutputs", "links": {"guider": ("guider", 0), "edited": ("sample", 0)}},
+    {"id": "decode_src", "type": "VAEDecode", "links": {"samples": ("branches", 0), "vae": ("ckpt", 2)},
+     "title": "Decode source branch"},
+    {"id": "show_src", "type": "PreviewImage", "links": {"images": ("decode_src", 0)},
+     "title": "Source branch (reconstruction)"},
+    {"id": "mask_img", "type": "MaskToImage", "links": {"mask": ("branches", 1)}},
+    {"id": "show_mask", "type": "PreviewImage", "links": {"images": ("mask_img", 0)}, "title": "Local Blend mask"},
+]
+
+
+# InFusion (issue 6): a two-concept edit (object colour and background colour, each with its own mask) on a
+# LoRA-adapted model, as in the paper (SD1.5 + LoRA). The LoRA file must be in ComfyUI's models/loras folder.
+IF_EDIT = "a yellow circle on green stripes"
+IF_CONCEPTS = "red->yellow, blue->green"
+
+INFUSION_MULTI_CONCEPT_LORA = [
+    {"id": "ckpt", "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+    {"id": "lora", "type": "LoraLoader",
+     "widgets": {"lora_name": "infusion_lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
+     "links": {"model": ("ckpt", 0), "clip": ("ckpt", 1)}, "title": "LoRA (put your file in models/loras)"},
+    {"id": "video", "type": "LoadVideo", "widgets": {"file": "input.mp4"}},
+    {"id": "frames", "type": "GetVideoComponents", "links": {"video": ("video", 0)}},
+    {"id": "encode", "type": "VAEEncode", "links": {"pixels": ("frames", 0), "vae": ("ckpt", 2)}},
+    {"id": "src", "type": "CLIPTextEncode", "widgets": {"text": SOURCE}, "links": {"clip": ("lora", 1)},
+     "title": "Source prompt"},
+    {"id": "edit", "type": "CLIPTextEncode", "widgets": {"text": IF_EDIT}, "links": {"clip": ("lora", 1)},
+     "title": "Edit prompt"},
+    {"id": "neg", "type": "CLIPTextEncode", "widgets": {"text": ""}, "links": {"clip": ("lora", 1)},
+     "title": "Empty prompt"},
+    {"id": "temporal", "type": "TemporalSelfAttentionPatch", "links": {"model": ("lora", 0)}},
+    {"id": "source", "type": "InFusionSource", "links": {"model": ("temporal", 0)}},
+    {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
+     "links": {"model": ("source", 0), "latent": ("encode", 0), "positive": ("src", 0)}},
+    {"id": "inject", "type": "InFusionInject",
+     "widgets": {"source_prompt": SOURCE, "edit_prompt": IF_EDIT, "concepts": IF_CONCEPTS},
+     "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "clip": ("lora", 1)}},
+    {"id": "sample", "type": "KSamplerAdvanced",
+     "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
+                 "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
+                 "return_with_leftover_noise": "disable"},
+     "links": {"model": ("inject", 0), "positive": ("edit", 0), "negative": ("neg", 0),
+               "latent_image": ("invert", 0)}},
+    {"id": "decode", "type": "VAEDecode", "links": {"samples": ("sample", 0), "vae": ("ckpt", 2)}},
+    {"id": "create", "type": "CreateVideo", "widgets": {"fps": 8.0}, "links": {"images": ("decode", 0)}},
+    {"id": "save", "type": "SaveVideo", "widgets": {"filename_prefix": "zsve/infusion_edit"},
+     "links": {"video": ("create", 0)}},
+    {"id": "mask_img", "type": "MaskToImage", "links": {"mask": ("inject", 1)}},
+    {"id": "show_mask", "type": "PreviewImage", "links": {"images": ("mask_img", 0)},
+     "title": "Concept masks (one concept after the other)"},
+]
+
+
+# FateZero (issue 4): attention recorded at inversion (Attention Store) and fused at editing (Attention Blend),
+# spatial-temporal self-attention from the middle frame on both. Style: refinement + reweighting, full
+# self-attention replacement; local attribute edit: word swap, self-attention blended inside the mask of the
+# source words.
+FZ_STYLE_EDIT = "a red circle on blue stripes watercolor painting"
+FZ_LOCAL_EDIT = "a yellow circle on blue stripes"
+
+
+def _fatezero_edit(edit: str, blend: dict, prefix: str) -> list[dict]:
+    return [
+        {"id": "ckpt", "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        {"id": "video", "type": "LoadVideo", "widgets": {"file": "input.mp4"}},
+        {"id": "frames", "type": "GetVideoComponents", "links": {"video": ("video", 0)}},
+        {"id": "encode", "type": "VAEEncode", "links": {"pixels": ("frames", 0), "vae": ("ckpt", 2)}},
+        {"id": "src", "type": "CLIPTextEncode", "widgets": {"text": SOURCE}, "links": {"clip": ("ckpt", 1)},
+         "title": "Source prompt"},
+        {"id": "edit", "type": "CLIPTextEncode", "widgets": {"text": edit}, "links": {"clip": ("ckpt", 1)},
+         "title": "Edit prompt"},
+        {"id": "neg", "type": "CLIPTextEncode", "widgets": {"text": ""}, "links": {"clip": ("ckpt", 1)},
+         "title": "Empty prompt"},
+        {"id": "temporal", "type": "TemporalSelfAttentionPatch",
+         "widgets": {"mode": "middle", "include_own_frame": False, "min_channels": 640}, "links": {"model": ("ckpt", 0)}},
+        {"id": "store", "type": "AttentionStore",
+         "widgets": {"record_window": max(blend["cross_replace"], blend["self_replace_end"]), "skip_full_res": True,
+                     "memory_budget_gb": 0.0},
+         "links": {"model": ("temporal", 0)}},
+        {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
+         "links": {"model": ("store", 0), "latent": ("encode", 0), "positive": ("src", 0)}},
+        {"id": "blend", "type": "AttentionBlend", "widgets": dict(source_prompt=SOURCE, edit_prompt=edit, **blend),
+         "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "clip": ("ckpt", 1)}},
+        {"id": "sample", "type": "KSamplerAdvanced",
+         "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
+                     "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
+                     "return_with_leftover_noise": "disable"},
+         "links": {"model": ("blend", 0), "positive": ("edit", 0), "negative": ("neg", 0),
+                   "latent_image": ("invert", 0)}},
+        {"id": "decode", "type": "VAEDecode", "links": {"samples": ("sample", 0), "vae": ("ckpt", 2)}},
+        {"id": "create", "type": "CreateVideo", "widgets": {"fps": 8.0}, "links": {"images": ("decode", 0)}},
+        {"id": "save", "type": "SaveVideo", "widgets": {"filename_prefix": prefix}, "links": {"video": ("create", 0)}},
+        {"id": "mask_img", "type": "MaskToImage", "links": {"mask": ("blend", 1)}},
+        {"id": "show_mask", "type": "PreviewImage", "links": {"images": ("mask_img", 0)},
+         "title": "Blend region (white = may change shape)"},
+    ]
+
+
+FATEZERO_STYLE = _fatezero_edit(FZ_STYLE_EDIT, dict(
+    mode="refine", cross_replace=0.8, cross_replace_words="", self_replace_start=0.0, self_replace_end=0.8,
+    reweight="watercolor:10", blend_words="", blend_threshold=0.3, only_cond=True), "zsve/fatezero_style")
+FATEZERO_LOCAL = _fatezero_edit(FZ_LOCAL_EDIT, dict(
+    mode="replace", cross_replace=0.5, cross_replace_words="", self_replace_start=0.0, self_replace_end=0.5,
+    reweight="", blend_words="red circle", blend_threshold=0.3, only_cond=True), "zsve/fatezero_local")
+
+
 WORKFLOWS = {
     "invert_and_reconstruct": ("Invert and reconstruct a video", INVERT_AND_RECONSTRUCT),
     "bld_local_edit_attention_mask": ("Blended latent local edit, mask from cross-attention",
                                       _bld_local_edit("cross-attention")),
     "bld_local_edit_user_mask": ("Blended latent local edit, user mask", _bld_local_edit("user mask")),
+    "videop2p_word_swap_null_text_local_blend": ("Video-P2P word swap with null-text optimisation and local blend",
+                                                 VIDEOP2P_WORD_SWAP),
+    "infusion_multi_concept_lora": ("InFusion multi-concept edit with a LoRA", INFUSION_MULTI_CONCEPT_LORA),
+    "fatezero_style_edit": ("FateZero style edit (attention fusion, full self-attention replacement)", FATEZERO_STYLE),
+    "fatezero_local_attribute_edit": ("FateZero local attribute edit (word swap, blended self-attention)",
+                                      FATEZERO_LOCAL),
 }
 
 

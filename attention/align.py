@@ -1,0 +1,195 @@
+"""Prompt-to-Prompt token alignment between a source and an edit prompt (written from the algorithm's
+description in the P2P paper/code notes, not copied).
+
+Everything works on a minimal tokenizer protocol:
+
+    encode(text) -> list[int]   token ids including BOS and EOS
+    decode([id]) -> str         the surface text of one token (no added spaces)
+
+ComfyUI's SD1 tokenizer exposes the Hugging Face CLIPTokenizer as `clip.tokenizer.clip_l.tokenizer`, which
+satisfies it. Token positions are positions in the 77-token text context (BOS at 0).
+
+- `word_spans`: which context positions belong to each whitespace-separated word (a word may span
+  several tokens: "watercolor" -> "water" "color", "car," -> "car" ",").
+- `word_indices`: the positions of a word (all its occurrences) or of the n-th word.
+- `replacement_mapper`: a [T, T] matrix M for a word swap between prompts with the same number of words:
+  edit map column j = sum_i source column i * M[i, j]. Unchanged words map one-to-one; a swapped word's
+  attention mass is spread evenly over the new word's tokens; the tail (EOS + padding) maps in order.
+- `refinement_mapper`: for prompts that add/remove words: a global (Needleman-Wunsch) alignment of
+  the token sequences; target position j takes the source column mapper[j], or keeps its own map where
+  alphas[j] == 0 (tokens that have no counterpart in the source).
+
+This module does not import ComfyUI.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+MAX_LEN = 77
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class AlignmentError(ValueError):
+    """A prompt that cannot be aligned; the message says what to change."""
+
+
+def normalise_word(word: str) -> str:
+    return word.lower().strip(string.punctuation + " ")
+
+
+def _tokens(text: str, tokenizer: Tokenizer, max_len: int) -> list[int]:
+    ids = list(tokenizer.encode(text))
+    if len(ids) > max_len:
+        raise AlignmentError(
+            f"the prompt {text!r} has {len(ids) - 2} tokens; attention control works on one {max_len}-token context "
+            f"({max_len - 2} tokens at most): shorten the prompt"
+        )
+    return ids[1:-1]
+
+
+def word_spans(text: str, tokenizer: Tokenizer, max_len: int = MAX_LEN) -> list[tuple[str, list[int]]]:
+    """[(word, [context positions])] for the whitespace-separated words of `text`."""
+    ids = _tokens(text, tokenizer, max_len)
+    pieces = [tokenizer.decode([i]).strip("#").replace(" ", "") for i in ids]
+    words = text.split()
+    spans: list[tuple[str, list[int]]] = []
+    pos = 0
+    for word in words:
+        target = len(word.replace(" ", ""))
+        got = 0
+        span: list[int] = []
+        while got < target and pos < len(pieces):
+            got += len(pieces[pos])
+            span.append(pos + 1)  # +1: BOS occupies position 0
+            pos += 1
+        if got != target and word.strip():
+            # The tokenizer changed the word's length (unicode normalisation, dropped characters).
+            raise AlignmentError(
+                f"cannot match the word {word!r} of {text!r} to its tokens; avoid special characters in the prompt"
+            )
+        spans.append((word, span))
+    # Whatever the tokenizer produced beyond the words (should not happen) is attached to the last word.
+    if pos < len(pieces) and spans:
+        spans[-1][1].extend(range(pos + 1, len(pieces) + 1))
+    return spans
+
+
+def word_indices(text: str, word: str | int, tokenizer: Tokenizer, max_len: int = MAX_LEN) -> list[int]:
+    """Context positions of `word` in `text`: every occurrence of a word (case and punctuation are
+    ignored), or the word at index `word` if an int. Empty if the word does not occur."""
+    spans = word_spans(text, tokenizer, max_len)
+    if isinstance(word, int):
+        return list(spans[word][1]) if 0 <= word < len(spans) else []
+    key = normalise_word(word)
+    out: list[int] = []
+    for w, span in spans:
+        if normalise_word(w) == key:
+            out.extend(span)
+    return out
+
+
+def _tail(mapper_fill, src_end: int, dst_end: int, max_len: int) -> None:
+    """Map positions from dst_end on (EOS, padding) in order onto the source positions from src_end."""
+    for j in range(dst_end, max_len):
+        mapper_fill(min(src_end + (j - dst_end), max_len - 1), j)
+
+
+def replacement_mapper(source: str, target: str, tokenizer: Tokenizer, max_len: int = MAX_LEN) -> torch.Tensor:
+    """[max_len, max_len] word-swap mapper (float32). Raises AlignmentError if the word counts differ."""
+    s_spans = word_spans(source, tokenizer, max_len)
+    t_spans = word_spans(target, tokenizer, max_len)
+    if len(s_spans) != len(t_spans):
+        raise AlignmentError(
+            f"a word swap needs prompts with the same number of words: {len(s_spans)} in {source!r}, "
+            f"{len(t_spans)} in {target!r}"
+        )
+    m = torch.zeros(max_len, max_len)
+    m[0, 0] = 1.0  # BOS
+    for (_, si), (_, ti) in zip(s_spans, t_spans):
+        if len(si) == len(ti):
+            for a, b in zip(si, ti):
+                m[a, b] = 1.0
+        else:
+            # Spread the source word's total attention evenly over the target word's tokens.
+            for b in ti:
+                for a in si:
+                    m[a, b] = 1.0 / len(ti)
+    s_end = 1 + sum(len(s) for _, s in s_spans)
+    t_end = 1 + sum(len(t) for _, t in t_spans)
+
+    def fill(a, b):
+        m[a, b] = 1.0
+
+    _tail(fill, s_end, t_end, max_len)
+    return m
+
+
+def global_alignment(x: Sequence, y: Sequence, match: float = 1.0, mismatch: float = -1.0,
+                     gap: float = 0.0) -> list[tuple[int | None, int | None]]:
+    """Needleman-Wunsch alignment of x and y: [(i or None, j or None)] pairs in order.
+
+    With the P2P scores (match 1, mismatch -1, gap 0) a mismatch is never better than two gaps, so
+    aligned pairs are equal tokens and the result is a longest common subsequence. Ties prefer
+    aligning later tokens of x with later tokens of y (traceback prefers the diagonal).
+    """
+    n, m = len(x), len(y)
+    score = [[0.0] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        score[i][0] = i * gap
+    for j in range(1, m + 1):
+        score[0][j] = j * gap
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            diag = score[i - 1][j - 1] + (match if x[i - 1] == y[j - 1] else mismatch)
+            score[i][j] = max(diag, score[i - 1][j] + gap, score[i][j - 1] + gap)
+    pairs: list[tuple[int | None, int | None]] = []
+    i, j = n, m
+    while i > 0 or j > 0:
+        if i > 0 and j > 0:
+            s = match if x[i - 1] == y[j - 1] else mismatch
+            if score[i][j] == score[i - 1][j - 1] + s:
+                pairs.append((i - 1, j - 1))
+                i, j = i - 1, j - 1
+                continue
+        if j > 0 and (i == 0 or score[i][j] == score[i][j - 1] + gap):
+            pairs.append((None, j - 1))
+            j -= 1
+        else:
+            pairs.append((i - 1, None))
+            i -= 1
+    pairs.reverse()
+    return pairs
+
+
+def refinement_mapper(source: str, target: str, tokenizer: Tokenizer,
+                      max_len: int = MAX_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mapper int64 [max_len], alphas float32 [max_len]): target position j takes the source column
+    mapper[j] where alphas[j] == 1; alphas[j] == 0 (mapper -1) for target tokens without a counterpart."""
+    xs = _tokens(source, tokenizer, max_len)
+    ys = _tokens(target, tokenizer, max_len)
+    mapper = torch.full((max_len,), -1, dtype=torch.int64)
+    mapper[0] = 0
+    for i, j in global_alignment(xs, ys):
+        if i is not None and j is not None and xs[i] == ys[j]:
+            mapper[j + 1] = i + 1
+
+    def fill(a, b):
+        mapper[b] = a
+
+    _tail(fill, len(xs) + 1, len(ys) + 1, max_len)
+    alphas = (mapper >= 0).to(torch.float32)
+    return mapper, alphas
+
+
+def word_count(text: str) -> int:
+    return len(text.split())

@@ -1,0 +1,702 @@
+"""InFusion (Khandelwal, "InFusion: Inject and Attention Fusion for Multi Concept Zero Shot Text based Video
+Editing", ICCV-W 2023): the schedule, the injection/fusion formulas, the recorder used during the inversion
+and the controller used during the edit sampling. Written from the paper's description; there is no
+official code.
+
+The paper's pseudo-code gives the schedule over the edit steps i = 0..N-1 (0 = noisiest):
+
+- **feature phase, i < S1**: in the decoder ResBlocks L, inject the difference of the features obtained
+  with the source and with the edit prompt: `f = f_edit + strength * (f_source - f_edit)` (strength 1:
+  the source feature replaces the edit's, as Plug-and-Play does).
+- **key/value phase, S1 <= i < S2**: self-attention of the edit queries the source's keys and values:
+  `softmax(q_edit k_src^T / sqrt(d)) v_src`.
+- **fusion phase, i >= S2**: masks `Ms` (from the source cross-attention of the source words) and `Me`
+  (from the edit cross-attention of the edit words); self-attention `Me * s_edit + (1 - Ms) * s_src`,
+  cross-attention `alpha * c_edit + (1 - alpha) * c_src`.
+
+Source features (ResBlock outputs, self-attention keys/values, the attention for the fusion) are recorded
+during the DDIM inversion with the source prompt, at the same model timestep as the edit step that reads
+them (the inversion evaluates the UNet at sigma_{k+1} on x_k; the edit step that starts at sigma_{k+1}
+evaluates it at the same sigma), in fp16 on the CPU, only for the steps of the phase that needs them.
+
+Where the paper is silent we take Plug-and-Play's (Tumanyan et al. 2023) choices and say so:
+- layers: features of the ResBlock of decoder (output) block 4 (`up_blocks[1].resnets[1]` in diffusers),
+  self-attention of output blocks 4-11;
+- windows: the paper orders the phases but gives no values; S1 = 0.5 and S2 = 0.8 are PnP's two
+  thresholds (end of its self-attention injection, end of its feature injection) placed in the paper's
+  order, so injection spans PnP's first 80% of the steps and the last 20% are fused;
+- rows: features and keys/values are injected into the conditional and the unconditional rows (PnP
+  injects into both halves of classifier-free guidance); the fusion acts on the conditional rows only
+  (its source maps come from the source prompt; FateZero's choice);
+- the ResBlock "feature" is the block's output (skip + residual branch); PnP replaces the residual branch
+  only. With strength 1 both replace the block's contribution; they differ by the edit's skip path.
+
+Our choices where neither says anything (documented defaults):
+- alpha = 0.5; mask threshold 0.3 on the per-frame-normalised map (FateZero/P2P local blend); masks from
+  the cross-attention layers closest to 1/4 of the latent resolution (16x16 for SD1.5 at 512x512);
+- Me comes from the edit's cross-attention of the *previous* step (when a self-attention layer runs, the
+  current step's cross-attention maps are not complete); with no previous step Me = Ms;
+- the literal fusion `Me * edit + (1 - Ms) * src` gives attention rows that sum to 0 (inside the source
+  object, outside the edited one) or 2 (inside the edited object, outside the source one). We divide by
+  the row weight `Me + (1 - Ms)` and use the edit's own map where both weights are 0. Where Me = Ms (0/1)
+  this equals the paper's formula.
+- Multi-concept: one (source words -> edit words) pair per concept, each with its own Ms_j/Me_j;
+  Ms = union_j Ms_j and Me = union_j Me_j enter the fusion. The cross-attention source maps are aligned to
+  the edit prompt's tokens with Prompt-to-Prompt's word-swap mapper (refinement when the word counts
+  differ) before the alpha mix.
+
+This module does not import ComfyUI.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import align, p2p
+from .fatezero import mask_layers
+from .masks import cross_attention_mask, union
+from .store import AttentionRecorder, AttentionStore, StoreBudgetError, StoreConfig, StoreLookupError
+
+PNP_FEATURE_BLOCKS = (4,)
+PNP_ATTENTION_BLOCKS = tuple(range(4, 12))
+DEFAULT_S1 = 0.5
+DEFAULT_S2 = 0.8
+DEFAULT_ALPHA = 0.5
+DEFAULT_THRESHOLD = 0.3
+
+
+class InFusionConfigError(ValueError):
+    """A bad InFusion configuration; the message says what to change."""
+
+
+# --- parsing and schedule -----------------------------------------------------------------------------
+
+
+def parse_blocks(text: str, what: str = "blocks") -> tuple[int, ...]:
+    """'4' -> (4,); '4-11' -> (4, ..., 11); '4, 6-8' -> (4, 6, 7, 8). Sorted, unique."""
+    out: set[int] = set()
+    for part in re.split(r"[,;\s]+", str(text or "").strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None:
+            raise InFusionConfigError(f"{what}: '{part}' is not a block number or a range like 4-11")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if b < a:
+            raise InFusionConfigError(f"{what}: range '{part}' ends before it starts")
+        out.update(range(a, b + 1))
+    if not out:
+        raise InFusionConfigError(f"{what}: give at least one output block number (e.g. 4, or 4-11)")
+    return tuple(sorted(out))
+
+
+def parse_concepts(text: str) -> list[tuple[str, str]]:
+    """'cat->dog, red->blue' -> [('cat', 'dog'), ('red', 'blue')]; ',' ';' or newlines separate pairs, each
+    side may hold several words ('red car->blue truck')."""
+    pairs = []
+    for part in re.split(r"[,;\n]", text or ""):
+        part = part.strip()
+        if not part:
+            continue
+        sides = re.split(r"\s*(?:->|→|=>)\s*", part)
+        if len(sides) != 2 or not sides[0].strip() or not sides[1].strip():
+            raise InFusionConfigError(f"concepts: '{part}' is not 'source words->edit words' (e.g. 'cat->dog')")
+        pairs.append((sides[0].strip(), sides[1].strip()))
+    return pairs
+
+
+def phase_bounds(num_steps: int, s1: float, s2: float) -> tuple[int, int]:
+    """Edit-step boundaries (a, b): features for i < a, keys/values for a <= i < b, fusion for i >= b."""
+    if not (0.0 <= s1 <= s2 <= 1.0):
+        raise InFusionConfigError(f"the windows must satisfy 0 <= S1 <= S2 <= 1 (got S1={s1:g}, S2={s2:g})")
+    return int(num_steps * float(s1)), int(num_steps * float(s2))
+
+
+def phase_of(step: int, bounds: tuple[int, int]) -> str:
+    a, b = bounds
+    return "feature" if step < a else ("kv" if step < b else "fusion")
+
+
+def layer_block(layer: str) -> tuple[str, int] | None:
+    """'output_4_0' -> ('output', 4)."""
+    parts = layer.split("_")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def in_blocks(layer: str, blocks: Sequence[int]) -> bool:
+    lb = layer_block(layer)
+    return lb is not None and lb[0] == "output" and lb[1] in blocks
+
+
+def edit_step(sample_sigmas, sigma) -> tuple[int | None, int | None]:
+    """(edit step index, number of steps) of a model evaluation at `sigma` within `sample_sigmas`.
+
+    Ascending schedules are inversions: the evaluation at sigma index k (1..N) is edit step N - k."""
+    if sample_sigmas is None:
+        return None, None
+    ss = torch.as_tensor(sample_sigmas).detach().float().cpu()
+    s = torch.as_tensor(sigma).detach().float().cpu().reshape(-1)[0]
+    hits = torch.isclose(ss, s, rtol=1e-4, atol=1e-6).nonzero()
+    if len(hits) == 0:
+        return None, len(ss) - 1
+    k, n = int(hits[0]), len(ss) - 1
+    return (n - k if float(ss[0]) < float(ss[-1]) else k), n
+
+
+def call_step(call) -> int | None:
+    """Edit step of an attention call (attention/processor.py AttnCall), if the schedule is known."""
+    ss = call.extra.get("sample_sigmas") if call.extra else None
+    if ss is None or call.step_index is None or call.total_steps is None:
+        return None
+    return call.total_steps - call.step_index if float(ss[0]) < float(ss[-1]) else call.step_index
+
+
+# --- the formulas ---------------------------------------------------------------------------------------
+
+
+def inject_difference(edit: torch.Tensor, source: torch.Tensor, strength: float) -> torch.Tensor:
+    """f_edit + strength * (f_source - f_edit). `edit` [chunks*F, ...], `source` [F, ...] (broadcast per chunk)."""
+    f = source.shape[0]
+    e = edit.reshape(-1, f, *edit.shape[1:])
+    out = e + float(strength) * (source.to(edit.device, edit.dtype).unsqueeze(0) - e)
+    return out.reshape(edit.shape)
+
+
+def fuse_self(edit: torch.Tensor, source: torch.Tensor, me: torch.Tensor, ms: torch.Tensor,
+              eps: float = 1e-6) -> torch.Tensor:
+    """InFusion's self-attention fusion `Me * edit + (1 - Ms) * source`, renormalised per query row (see the
+    module doc). edit/source [F, heads, Nq, Nk]; me/ms [F, Nq] in [0, 1] (1 = the concept is there)."""
+    we = me.to(edit.device, edit.dtype).reshape(me.shape[0], 1, me.shape[1], 1)
+    ws = (1.0 - ms.to(edit.device, edit.dtype)).reshape(ms.shape[0], 1, ms.shape[1], 1)
+    total = we + ws
+    fused = (we * edit + ws * source) / total.clamp_min(eps)
+    return torch.where(total > eps, fused, edit)
+
+
+def fuse_cross(edit: torch.Tensor, source_aligned: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * c_edit + (1 - alpha) * c_source, the source map aligned to the edit prompt's tokens."""
+    return float(alpha) * edit + (1.0 - float(alpha)) * source_aligned.to(edit.device, edit.dtype)
+
+
+# --- what the inversion records -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InFusionRecordConfig:
+    feature_blocks: tuple[int, ...] = PNP_FEATURE_BLOCKS
+    attention_blocks: tuple[int, ...] = PNP_ATTENTION_BLOCKS
+    s1: float = DEFAULT_S1
+    s2: float = DEFAULT_S2
+    fusion_min_factor: int = 2  # fusion layers: query map >= this factor below the latent (FateZero's store)
+    budget_bytes: int = 0  # 0: no budget
+    dtype: torch.dtype = torch.float16
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass(eq=False)
+class InFusionRecord:
+    """Read-only after recording; lives in `Inversion.records["infusion"]`, shared, never copied.
+
+    features[(timestep, block)]: the ResBlock output of output block `block`, conditional rows [F, C, H, W];
+    kv[(timestep, layer)]: {"k", "v"} self-attention keys/values [F (or 1 if shared), Nk, C];
+    attention: an AttentionStore (attention/store.py) with the fusion steps' self q/k and cross maps."""
+
+    config: InFusionRecordConfig
+    frames: int | None = None
+    num_steps: int | None = None
+    features: dict = field(default_factory=dict)
+    kv: dict = field(default_factory=dict)
+    attention: AttentionStore | None = None
+    _own_bytes: int = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return self._own_bytes + (self.attention.nbytes if self.attention is not None else 0)
+
+    def _check_budget(self, new: int) -> None:
+        b = self.config.budget_bytes
+        if b and self.nbytes + new > b:
+            raise StoreBudgetError(
+                f"the InFusion source record needs more than its memory budget of {b / 2**30:.2f} GiB. Use fewer "
+                "frames, fewer feature/attention blocks, smaller windows, or raise memory_budget_gb."
+            )
+
+    def _put(self, table: dict, key, value) -> None:
+        new = sum(_nbytes(v) for v in value.values()) if isinstance(value, dict) else _nbytes(value)
+        old = table.get(key)
+        if old is not None:
+            self._own_bytes -= sum(_nbytes(v) for v in old.values()) if isinstance(old, dict) else _nbytes(old)
+        self._check_budget(new)
+        table[key] = value
+        self._own_bytes += new
+
+    def add_feature(self, timestep: int, block: int, feat: torch.Tensor) -> None:
+        self._put(self.features, (int(timestep), int(block)), feat)
+
+    def add_kv(self, timestep: int, layer: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._put(self.kv, (int(timestep), layer), {"k": k, "v": v})
+
+    def feature(self, timestep: int, block: int) -> torch.Tensor:
+        f = self.features.get((int(timestep), int(block)))
+        if f is None:
+            raise StoreLookupError(f"no recorded ResBlock feature of output block {block} at timestep {timestep}")
+        return f
+
+    def kv_at(self, timestep: int, layer: str) -> dict:
+        e = self.kv.get((int(timestep), layer))
+        if e is None:
+            raise StoreLookupError(f"no recorded self-attention keys/values for layer {layer} at timestep {timestep}")
+        return e
+
+    def feature_timesteps(self) -> set[int]:
+        return {t for t, _ in self.features}
+
+    def kv_layers(self) -> set[str]:
+        return {lay for _, lay in self.kv}
+
+    def kv_timesteps(self) -> set[int]:
+        return {t for t, _ in self.kv}
+
+    def summary(self) -> str:
+        att = self.attention.nbytes if self.attention is not None else 0
+        n_att = len(self.attention.timesteps) if self.attention is not None else 0
+        return (
+            f"InFusion source record: {self.frames} frame(s); features {len(self.feature_timesteps())} step(s) x "
+            f"blocks {list(self.config.feature_blocks)}, keys/values {len(self.kv_timesteps())} step(s) x "
+            f"{len(self.kv_layers())} layer(s), fusion attention {n_att} step(s); {self.nbytes} bytes "
+            f"({self.nbytes / 2**20:.2f} MiB, fp16 on CPU; attention store {att} bytes)"
+        )
+
+
+class InFusionRecorder:
+    """Records during one inversion run. An attention processor (dispatcher: `process_kv` for the keys/values,
+    `active`/`__call__` for the fusion attention, delegated to the pack's AttentionRecorder) and a feature sink
+    (`feature_targets`, used by the DIFFUSION_MODEL wrapper's scoped ResBlock hooks)."""
+
+    def __init__(self, config: InFusionRecordConfig):
+        self.config = config
+        self.record = InFusionRecord(config=config)
+        self._attn = AttentionRecorder(StoreConfig(record_window=1.0, min_factor=config.fusion_min_factor,
+                                                   budget_bytes=0, dtype=config.dtype))
+
+    def _frames(self, frames: int, total: int | None) -> None:
+        r = self.record
+        if r.frames is None:
+            r.frames, r.num_steps = int(frames), total
+        elif r.frames != frames:
+            raise ValueError(f"InFusion record: a call with {frames} frames in a recording of {r.frames}")
+
+    def _phase(self, step: int | None, total: int | None) -> str | None:
+        if step is None or total is None:
+            return None
+        return phase_of(step, phase_bounds(total, self.config.s1, self.config.s2))
+
+    # features ------------------------------------------------------------------------------------------
+    def feature_targets(self, timestep: int, step: int | None, total: int | None, cond_or_uncond: list[int],
+                        batch: int, frame_index: list[int] | None = None) -> dict:
+        """{block: fn(output) -> None} for the ResBlocks to read in this evaluation (empty: no hooks)."""
+        if 0 not in cond_or_uncond or self._phase(step, total) != "feature":
+            return {}
+        if frame_index is not None:
+            raise ValueError("InFusion does not support context windows during the inversion: invert all frames in "
+                             "one batch.")
+        frames = batch // max(1, len(cond_or_uncond))
+        rows = [i * frames + f for i, c in enumerate(cond_or_uncond) if c == 0 for f in range(frames)]
+
+        def make(block):
+            def read(out):
+                self._frames(frames, total)
+                idx = torch.as_tensor(rows, device=out.device)
+                self.record.add_feature(timestep, block, out.index_select(0, idx).detach().to("cpu", self.config.dtype))
+                return None
+            return read
+
+        return {b: make(b) for b in self.config.feature_blocks}
+
+    # attention -----------------------------------------------------------------------------------------
+    def process_kv(self, call, k, v):
+        if call.kind != "self" or 0 not in call.cond_or_uncond or not in_blocks(call.layer, self.config.attention_blocks):
+            return None
+        if self._phase(call_step(call), call.total_steps) != "kv":
+            return None
+        if call.frame_index is not None:
+            raise ValueError("InFusion does not support context windows during the inversion: invert all frames in "
+                             "one batch.")
+        self._frames(call.frames, call.total_steps)
+        idx = torch.as_tensor(call.rows(0), device=k.device)
+        ks = k.index_select(0, idx).detach().to("cpu", self.config.dtype)
+        vs = v.index_select(0, idx).detach().to("cpu", self.config.dtype)
+        if ks.shape[0] > 1 and torch.equal(ks, ks[:1].expand_as(ks)) and torch.equal(vs, vs[:1].expand_as(vs)):
+            ks, vs = ks[:1].clone(), vs[:1].clone()  # every frame attends to the same key frames
+        self.record.add_kv(call.timestep, call.layer, ks, vs)
+        return None
+
+    def active(self, call) -> bool:
+        if not in_blocks(call.layer, self.config.attention_blocks):
+            return False
+        if self._phase(call_step(call), call.total_steps) != "fusion":
+            return False
+        return self._attn.active(call)
+
+    def __call__(self, call, probs):
+        self._frames(call.frames, call.total_steps)
+        out = self._attn(call, probs)
+        self.record.attention = self._attn.store  # counted in the record's bytes (and budget) from now on
+        self.record._check_budget(0)
+        return out
+
+    def finalize(self) -> InFusionRecord:
+        self.record.attention = self._attn.finalize()
+        return self.record
+
+
+class InFusionRecordSpec:
+    """A record spec (nodes/_comfy.py run_inversion): a fresh recorder per inversion run."""
+
+    def __init__(self, config: InFusionRecordConfig):
+        self.config = config
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def new_recorder(self) -> InFusionRecorder:
+        return InFusionRecorder(self.config)
+
+
+# --- the edit ------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Concept:
+    label: str  # "cat->dog"
+    source_indices: list[int]  # token positions in the source prompt
+    edit_indices: list[int]  # token positions in the edit prompt
+
+
+@dataclass(eq=False)
+class InFusionPlan:
+    num_steps: int
+    timestep_to_step: dict  # model timestep -> edit step (0 = noisiest)
+    bounds: tuple[int, int]
+    feature_blocks: tuple[int, ...]
+    attention_blocks: tuple[int, ...]
+    strength: float = 1.0
+    alpha: float = DEFAULT_ALPHA
+    threshold: float = DEFAULT_THRESHOLD
+    mask_factor: int = 4
+    inject_uncond: bool = True
+    cross_mode: str = "none"  # replace | refine | none (same prompt)
+    mapper: torch.Tensor | None = None
+    refine_alphas: torch.Tensor | None = None
+    concepts: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def steps_of(self, phase: str) -> list[int]:
+        return [i for i in range(self.num_steps) if phase_of(i, self.bounds) == phase]
+
+    def timestep_of_step(self, i: int) -> int:
+        for t, s in self.timestep_to_step.items():
+            if s == i:
+                return t
+        raise KeyError(i)
+
+
+def _side_indices(prompt: str, words: str, tokenizer, which: str, label: str) -> list[int]:
+    idx: list[int] = []
+    for w in words.split():
+        got = align.word_indices(prompt, w, tokenizer)
+        if not got:
+            raise InFusionConfigError(
+                f"concepts '{label}': '{w}' is not a word of the {which} prompt {prompt!r} (its words: "
+                f"{', '.join(align.normalise_word(x) for x in prompt.split())})"
+            )
+        idx.extend(got)
+    return sorted(set(idx))
+
+
+def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timesteps: Sequence[int],
+              feature_blocks: Sequence[int] = PNP_FEATURE_BLOCKS, attention_blocks: Sequence[int] = PNP_ATTENTION_BLOCKS,
+              s1: float = DEFAULT_S1, s2: float = DEFAULT_S2, strength: float = 1.0, alpha: float = DEFAULT_ALPHA,
+              threshold: float = DEFAULT_THRESHOLD, inject_uncond: bool = True, mask_factor: int = 4) -> InFusionPlan:
+    """Translate the edit settings into an InFusionPlan (token alignment, concept indices, schedule)."""
+    ts = list(inversion_timesteps)
+    n = len(ts) - 1
+    if n < 1:
+        raise InFusionConfigError("the inversion has no steps")
+    source, edit = (source or "").strip(), (edit or "").strip()
+    if not source or not edit:
+        raise InFusionConfigError("give both the source prompt (the text the video was inverted with) and the edit prompt")
+    if not (0.0 <= alpha <= 1.0):
+        raise InFusionConfigError(f"alpha must be in [0, 1] (got {alpha:g})")
+    bounds = phase_bounds(n, s1, s2)
+    notes: list[str] = []
+    mapper = refine_alphas = None
+    try:
+        if source == edit:
+            cross_mode = "none"
+        elif align.word_count(source) == align.word_count(edit):
+            cross_mode = "replace"
+            mapper = align.replacement_mapper(source, edit, tokenizer)
+        else:
+            cross_mode = "refine"
+            mapper, refine_alphas = align.refinement_mapper(source, edit, tokenizer)
+            notes.append("the prompts have different word counts: source cross-attention is aligned by token "
+                         "refinement (new words keep the edit's own maps)")
+        items = []
+        for a, b in parse_concepts(concepts):
+            label = f"{a}->{b}"
+            items.append(Concept(label, _side_indices(source, a, tokenizer, "source", label),
+                                 _side_indices(edit, b, tokenizer, "edit", label)))
+    except align.AlignmentError as e:
+        raise InFusionConfigError(str(e)) from None
+    if not items:
+        notes.append("no concepts given: the fusion phase replaces self-attention by the source's everywhere "
+                     "(Ms = Me = 0), a global edit")
+    step_of = {int(ts[k]): n - k for k in range(1, n + 1)}
+    return InFusionPlan(num_steps=n, timestep_to_step=step_of, bounds=bounds, feature_blocks=tuple(feature_blocks),
+                        attention_blocks=tuple(attention_blocks), strength=float(strength), alpha=float(alpha),
+                        threshold=float(threshold), mask_factor=int(mask_factor), inject_uncond=bool(inject_uncond),
+                        cross_mode=cross_mode, mapper=mapper, refine_alphas=refine_alphas, concepts=items, notes=notes)
+
+
+def check_record(record: InFusionRecord, plan: InFusionPlan, hint: str = "") -> None:
+    """Raise InFusionConfigError if the record lacks what the plan reads (steps, blocks, layers)."""
+    cfg = record.config
+    rerun = hint or "re-run the inversion with the InFusion source settings matching the edit"
+    missing_blocks = [b for b in plan.feature_blocks if b not in cfg.feature_blocks]
+    if missing_blocks and plan.steps_of("feature"):
+        raise InFusionConfigError(f"feature blocks {missing_blocks} were not recorded (recorded: "
+                                  f"{list(cfg.feature_blocks)}); {rerun}")
+    missing_att = [b for b in plan.attention_blocks if b not in cfg.attention_blocks]
+    if missing_att and (plan.steps_of("kv") or plan.steps_of("fusion")):
+        raise InFusionConfigError(f"attention blocks {missing_att} were not recorded (recorded: "
+                                  f"{list(cfg.attention_blocks)}); {rerun}")
+    ft, kvt = record.feature_timesteps(), record.kv_timesteps()
+    att = record.attention
+    for phase, have, what in (("feature", ft, "ResBlock features"), ("kv", kvt, "self-attention keys/values"),
+                              ("fusion", set(att.timesteps) if att is not None else set(), "fusion attention")):
+        for i in plan.steps_of(phase):
+            t = plan.timestep_of_step(i)
+            if t not in have:
+                raise InFusionConfigError(
+                    f"edit step {i} of {plan.num_steps} is in the {phase} phase but the inversion recorded no {what} "
+                    f"for it (recorded windows S1={cfg.s1:g}, S2={cfg.s2:g}); use the same S1/S2 as the source "
+                    f"record, or {rerun}"
+                )
+
+
+class InFusionController:
+    """The edit: an attention processor (dispatcher protocol + `process_kv`) and a feature source for the
+    DIFFUSION_MODEL wrapper's scoped ResBlock hooks. Reads the record only. `counts` tallies what ran per
+    phase (features injected, keys/values replaced, attention calls fused) for the UI and the tests."""
+
+    def __init__(self, record: InFusionRecord, plan: InFusionPlan):
+        self.record = record
+        self.plan = plan
+        att = record.attention
+        self._kv_layers = {lay for lay in record.kv_layers() if in_blocks(lay, plan.attention_blocks)}
+        self._self_layers = set()
+        self._cross_layers = set()
+        self._mask_layers: list[str] = []
+        if att is not None:
+            self._self_layers = {lay for lay in att.layer_names("self") if in_blocks(lay, plan.attention_blocks)}
+            self._cross_layers = {lay for lay in att.layer_names("cross") if in_blocks(lay, plan.attention_blocks)}
+            self._mask_layers = mask_layers(att, plan.mask_factor) if plan.concepts else []
+        self._edit_maps: dict = {}  # edit step -> {mask layer: head-mean edit cross map [F, Nq, T]}
+        self._masks: dict = {}
+        self.counts = {"feature": 0, "kv": 0, "fusion_self": 0, "fusion_cross": 0}  # accumulate over runs
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def step(self, timestep: int) -> int:
+        i = self.plan.timestep_to_step.get(int(timestep))
+        if i is None:
+            n = self.plan.num_steps
+            raise StoreLookupError(
+                f"InFusionInject: the edit sampler evaluated the model at timestep {timestep}, which is not a step of "
+                f"the inversion ({n} DDIM steps). Sample the edit with the same number of steps ({n}) and the "
+                "ddim_uniform scheduler (sampler ddim or euler, add_noise disabled, from the inversion's z_T)."
+            )
+        return i
+
+    def _check_frames(self, frames: int) -> None:
+        if self.record.frames is not None and frames != self.record.frames:
+            raise ValueError(
+                f"InFusionInject: the edit samples {frames} frame(s) but the inversion recorded {self.record.frames}. "
+                "Edit the frames you inverted (use the inversion's z_T as the sampler's latent)."
+            )
+
+    def _chunks(self, cond_or_uncond, frames, fusion: bool) -> list[slice]:
+        return [slice(j * frames, (j + 1) * frames) for j, c in enumerate(cond_or_uncond)
+                if c == 0 or (not fusion and self.plan.inject_uncond)]
+
+    # features ------------------------------------------------------------------------------------------
+    def feature_targets(self, timestep: int, cond_or_uncond: list[int], batch: int,
+                        frame_index: list[int] | None = None) -> dict:
+        i = self.step(timestep)
+        if phase_of(i, self.plan.bounds) != "feature" or self.plan.strength == 0.0:
+            return {}
+        frames = batch // max(1, len(cond_or_uncond))
+        if frame_index is None:
+            self._check_frames(frames)
+        chunks = self._chunks(cond_or_uncond, frames, fusion=False)
+        if not chunks:
+            return {}
+
+        def make(block):
+            src = self.record.feature(timestep, block)
+            if frame_index is not None:  # a context window: the source features of its frames
+                src = src[torch.as_tensor(list(frame_index))]
+
+            def inject(out):
+                new = out.clone()
+                s = src.to(out.device, out.dtype)
+                if s.shape[1:] != out.shape[1:]:
+                    raise ValueError(f"InFusionInject: the recorded feature of output block {block} has shape "
+                                     f"{list(s.shape[1:])}, the edit's {list(out.shape[1:])}: edit at the inverted "
+                                     "resolution")
+                for sl in chunks:
+                    new[sl] = inject_difference(out[sl], s, self.plan.strength)
+                self.counts["feature"] += 1
+                return new
+            return inject
+
+        return {b: make(b) for b in self.plan.feature_blocks}
+
+    # attention -----------------------------------------------------------------------------------------
+    def process_kv(self, call, k, v):
+        if call.kind != "self" or call.layer not in self._kv_layers:
+            return None
+        i = self.step(call.timestep)
+        if phase_of(i, self.plan.bounds) != "kv":
+            return None
+        self._check_frames(call.frames)
+        chunks = self._chunks(call.cond_or_uncond, call.frames, fusion=False)
+        if not chunks:
+            return None
+        e = self.record.kv_at(call.timestep, call.layer)
+        ks, vs = e["k"].to(k.device, k.dtype), e["v"].to(v.device, v.dtype)
+        if call.frame_index is not None:
+            ks = ks if ks.shape[0] == 1 else ks[torch.as_tensor(call.frame_index)]
+            vs = vs if vs.shape[0] == 1 else vs[torch.as_tensor(call.frame_index)]
+        if ks.shape[1:] != k.shape[1:]:
+            raise ValueError(
+                f"InFusionInject: self-attention of layer {call.layer} has {k.shape[1]} keys at the edit but "
+                f"{ks.shape[1]} at the inversion. Apply the same Temporal Self-Attention (same mode) to the models "
+                "of the inversion and of the edit."
+            )
+        k2, v2 = k.clone(), v.clone()
+        for sl in chunks:
+            k2[sl] = ks.expand(call.frames, -1, -1)
+            v2[sl] = vs.expand(call.frames, -1, -1)
+        self.counts["kv"] += 1
+        return k2, v2
+
+    def active(self, call) -> bool:
+        if 0 not in call.cond_or_uncond:
+            return False
+        i = self.step(call.timestep)
+        b = self.plan.bounds[1]
+        if call.kind == "cross":
+            if call.layer in self._mask_layers and i >= b - 1:
+                return True  # read the edit's own maps for Me (the next step's mask)
+            return i >= b and call.layer in self._cross_layers
+        return i >= b and call.layer in self._self_layers
+
+    def _edit_masks(self, i: int, hw) -> torch.Tensor | None:
+        prev = self._edit_maps.get(i - 1)
+        if not prev or any(lay not in prev for lay in self._mask_layers):
+            return None
+        att = self.record.attention
+        maps = [prev[lay] for lay in self._mask_layers]
+        hws = [att.layers[lay].hw for lay in self._mask_layers]
+        return torch.stack([cross_attention_mask(maps, hws, c.edit_indices, hw, threshold=self.plan.threshold)
+                            for c in self.plan.concepts])
+
+    def source_masks(self, timestep: int, hw) -> torch.Tensor:
+        """[concepts, F, H, W] 0/1 masks Ms_j from the recorded source cross-attention at `timestep`."""
+        att = self.record.attention
+        maps = [att.cross_mean(timestep, lay) for lay in self._mask_layers]
+        hws = [att.layers[lay].hw for lay in self._mask_layers]
+        return torch.stack([cross_attention_mask(maps, hws, c.source_indices, hw, threshold=self.plan.threshold)
+                            for c in self.plan.concepts])
+
+    def masks(self, i: int, timestep: int, hw) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Me, Ms) for the fusion at edit step i, [F, Nq] each (unions over the concepts)."""
+        key = (i, tuple(hw))
+        got = self._masks.get(key)
+        if got is not None:
+            return got
+        frames = self.record.frames
+        if not self.plan.concepts:
+            z = torch.zeros(frames, hw[0] * hw[1])
+            got = (z, z)
+        else:
+            ms_j = self.source_masks(timestep, hw)
+            me_j = self._edit_masks(i, hw)
+            if me_j is None:
+                me_j = ms_j
+            got = (union(*me_j).reshape(frames, -1), union(*ms_j).reshape(frames, -1))
+        self._masks = {k: v for k, v in self._masks.items() if k[0] == i}
+        self._masks[key] = got
+        return got
+
+    def __call__(self, call, probs: torch.Tensor) -> torch.Tensor | None:
+        i = self.step(call.timestep)
+        self._check_frames(call.frames)
+        b = self.plan.bounds[1]
+        t = call.timestep
+        chunks = self._chunks(call.cond_or_uncond, call.frames, fusion=True)
+        if call.kind == "cross" and call.layer in self._mask_layers and i >= b - 1:
+            maps = self._edit_maps.setdefault(i, {})
+            maps[call.layer] = probs[chunks[0]].float().mean(1).detach()
+            for old in [s for s in self._edit_maps if s < i - 1]:
+                del self._edit_maps[old]
+            # masks of step i+1 depend on these maps: never reuse ones cached by an earlier run
+            self._masks = {k: v for k, v in self._masks.items() if k[0] != i + 1}
+        if i < b:
+            return None
+        att = self.record.attention
+        out = probs.clone()
+        if call.kind == "cross":
+            if call.layer not in self._cross_layers:
+                return None
+            base = att.cross_probs(t, call.layer, device=probs.device)
+            if base.shape[-1] != probs.shape[-1]:
+                raise ValueError(f"InFusionInject: the edit's text context has {probs.shape[-1]} tokens, the "
+                                 f"inversion's {base.shape[-1]}; keep both prompts within 75 tokens")
+            a = torch.full((probs.shape[-1],), 1.0 - self.plan.alpha)
+            for sl in chunks:
+                # p2p.cross_control aligns the source map (word swap / refinement) and mixes with weight a
+                out[sl] = p2p.cross_control(base, probs[sl], a, self.plan.cross_mode, self.plan.mapper,
+                                            self.plan.refine_alphas)
+            self.counts["fusion_cross"] += 1
+            return out
+        base = att.self_probs(t, call.layer, device=probs.device)
+        if base.shape != probs[chunks[0]].shape:
+            raise ValueError(
+                f"InFusionInject: self-attention of layer {call.layer} has {probs.shape[-1]} keys at the edit but "
+                f"{base.shape[-1]} at the inversion. Apply the same Temporal Self-Attention to both models."
+            )
+        me, ms = self.masks(i, t, call.hw)
+        for sl in chunks:
+            out[sl] = fuse_self(probs[sl], base, me, ms)
+        self.counts["fusion_self"] += 1
+        return out

@@ -1,0 +1,113 @@
+"""Prompt-to-Prompt cross-attention control and FateZero self-attention fusion (formulas only).
+
+Shapes: cross-attention maps are [..., Nq, T] (T = 77 text tokens), self-attention maps [..., Nq, Nk].
+`base` is the source map (FateZero: the map stored at inversion for the same timestep), `edit` the
+map the edit pass computed.
+
+- word swap:   ctrl[..., j] = sum_i base[..., i] * M[i, j]                     (M from align.replacement_mapper)
+- refinement:  ctrl[..., j] = base[..., mapper[j]] * a[j] + edit[..., j] * (1 - a[j])
+- reweighting: ctrl[..., j] *= e[j]      (applied on top of swap/refine, no renormalisation, as P2P)
+- time window: out = ctrl * alpha_t[j] + edit * (1 - alpha_t[j]), alpha_t[j] in {0, 1} per step and
+  token (`time_word_alphas`, like P2P's get_time_words_attention_alpha): with N steps and window
+  (s, e), the rows int(s*(N+1)) <= i < int(e*(N+1)) are 1 (step 0 = the noisiest step).
+- self-attention in the window [int(N*s), int(N*e)): full replacement `base`, or FateZero's blend
+  `M * edit + (1 - M) * base` with a per-query-pixel mask M (1 = the edited region keeps its own map).
+
+This module does not import ComfyUI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+MAX_LEN = 77
+
+
+def as_window(w) -> tuple[float, float]:
+    """A window given as end fraction b (-> (0, b)) or as (start, end) fractions."""
+    if isinstance(w, (int, float)):
+        return 0.0, float(w)
+    s, e = w
+    return float(s), float(e)
+
+
+def cross_window_rows(num_steps: int, window) -> tuple[int, int]:
+    s, e = as_window(window)
+    return int(s * (num_steps + 1)), int(e * (num_steps + 1))
+
+
+def self_window_steps(num_steps: int, window) -> tuple[int, int]:
+    s, e = as_window(window)
+    return int(num_steps * s), int(num_steps * e)
+
+
+def time_word_alphas(num_steps: int, window, word_windows: Sequence[tuple[Sequence[int], object]] = (),
+                     max_len: int = MAX_LEN) -> torch.Tensor:
+    """[num_steps + 1, max_len] 0/1 schedule: row i = edit step i (0 = noisiest), column = text token.
+
+    `window` applies to every token; `word_windows` is [(token positions, window)] and overrides it for
+    those tokens (a per-word cross-attention replace window)."""
+    alphas = torch.zeros(num_steps + 1, max_len)
+    a, b = cross_window_rows(num_steps, window)
+    alphas[a:b] = 1.0
+    for idx, w in word_windows:
+        idx = [int(i) for i in idx]
+        if not idx:
+            continue
+        a, b = cross_window_rows(num_steps, w)
+        alphas[:, idx] = 0.0
+        alphas[a:b, idx] = 1.0
+    return alphas
+
+
+def equalizer(indices_values: Sequence[tuple[Sequence[int], float]], max_len: int = MAX_LEN) -> torch.Tensor:
+    """[max_len] token weights: 1 everywhere, `value` at the given positions."""
+    e = torch.ones(max_len)
+    for idx, value in indices_values:
+        for i in idx:
+            e[int(i)] = float(value)
+    return e
+
+
+def replace_cross(base: torch.Tensor, mapper: torch.Tensor) -> torch.Tensor:
+    """Word swap: [..., Nq, T] @ [T, T]."""
+    return base @ mapper.to(base.device, base.dtype)
+
+
+def refine_cross(base: torch.Tensor, edit: torch.Tensor, mapper: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Refinement: take the aligned source columns, keep the edit's own columns for new tokens."""
+    idx = mapper.to(base.device).clamp_min(0)
+    a = alphas.to(base.device, base.dtype)
+    return base.index_select(-1, idx) * a + edit * (1.0 - a)
+
+
+def cross_control(base: torch.Tensor, edit: torch.Tensor, step_alpha: torch.Tensor, mode: str,
+                  mapper: torch.Tensor | None = None, alphas: torch.Tensor | None = None,
+                  eq: torch.Tensor | None = None) -> torch.Tensor:
+    """One step of P2P cross-attention control: swap/refine/none, reweight, time-window blend.
+
+    mode "replace" needs the [T, T] mapper, "refine" the (mapper, alphas) pair, "none" uses the
+    source map as is (the same prompt: identity mapping)."""
+    if mode == "replace":
+        ctrl = replace_cross(base, mapper)
+    elif mode == "refine":
+        ctrl = refine_cross(base, edit, mapper, alphas)
+    elif mode == "none":
+        ctrl = base
+    else:
+        raise ValueError(f"unknown cross-attention control mode {mode!r}")
+    if eq is not None:
+        ctrl = ctrl * eq.to(ctrl.device, ctrl.dtype)
+    a = step_alpha.to(edit.device, edit.dtype)
+    return ctrl * a + edit * (1.0 - a)
+
+
+def self_fusion(edit: torch.Tensor, base: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """FateZero self-attention fusion. edit/base [F, heads, Nq, Nk]; mask [F, Nq] (1 = keep the edit's
+    own map) or None for full replacement by the inversion's map."""
+    if mask is None:
+        return base
+    m = mask.to(edit.device, edit.dtype).reshape(mask.shape[0], 1, mask.shape[1], 1)
+    return m * edit + (1.0 - m) * base

@@ -1,0 +1,351 @@
+"""The attention store: what the inversion records for FateZero's attention fusion, and its memory
+accounting.
+
+What is stored, per (timestep, layer, kind), for the conditional rows of the inversion (fp16, CPU):
+
+- **self-attention: the layer's projected queries and keys** `q [F, Nq, C]`, `k [F or 1, Nk, C]`, not the
+  probabilities. P2P/FateZero replace self-attention *per head*, so a head-averaged map would change
+  the method; per-head probabilities are what makes FateZero's store ~100 GB (heads x Nq x Nk per frame).
+  softmax(q k^T / sqrt(d)) recomputed at edit time gives the exact per-head maps from C x (Nq + Nk)
+  numbers per frame instead of heads x Nq x Nk. When every frame attends to the same key frames
+  ("middle", "first" and "all" temporal modes) the keys are identical for all frames and are stored
+  once (`k` has one row).
+- **cross-attention: per-head probabilities** `p [F, heads, Nq, T]` (T = 77). P2P's word swap/refinement
+  acts per head, and these maps are small (T << Nk). Blend masks average them over heads (exactly what
+  the reference does: the mask is a mean over heads x layers).
+
+Which layers: those whose query map is at least `min_factor` times smaller than the latent (FateZero: 2,
+i.e. 32x32 and below at 512x512; the 64x64 level is never stored). Which steps: only the edit steps
+i < `kept_steps(N, record_window)` (step 0 = noisiest), enough for replace windows ending at
+`record_window`. A memory budget is checked before every entry and projected after the first step, so
+an over-budget configuration fails at the first step with a message, not after filling the RAM.
+
+`estimate_store_bytes` computes the size of a configuration from the same per-entry accounting
+(`entry_nbytes`) the store uses; a test checks it against a real recording.
+
+This module does not import ComfyUI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .attn import attention_probs
+from .temporal import key_frames, shares_keys
+
+TEXT_TOKENS = 77
+
+
+class StoreBudgetError(RuntimeError):
+    """The attention store would exceed its memory budget."""
+
+
+class StoreLookupError(KeyError):
+    """The edit asked for a step/layer the store does not have; the message says what to change."""
+
+    def __str__(self):  # KeyError quotes its message; show it plainly
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    record_window: float = 1.0  # fraction of the edit's steps (from the noisiest) that are recorded
+    min_factor: int = 2  # record layers whose query map is >= this factor smaller than the latent
+    self_attention: bool = True
+    cross_attention: bool = True
+    budget_bytes: int = 0  # 0: no budget
+    dtype: torch.dtype = torch.float16
+
+
+def kept_steps(num_steps: int, record_window: float) -> int:
+    """How many edit steps (from the noisiest, step 0) are recorded. Covers a cross window ending at
+    `record_window` (rows < int(w*(N+1))) and a self window ending there (steps < int(w*N))."""
+    return max(0, min(num_steps, int(float(record_window) * (num_steps + 1))))
+
+
+def entry_nbytes(kind: str, frames: int, nq: int, nk: int, channels: int, heads: int, shared_keys: bool = False,
+                 text_tokens: int = TEXT_TOKENS, dtype_bytes: int = 2) -> int:
+    """Bytes of one store entry (the accounting the store and the estimate share)."""
+    if kind == "self":
+        return (frames * nq * channels + (1 if shared_keys else frames) * nk * channels) * dtype_bytes
+    if kind == "cross":
+        return frames * heads * nq * text_tokens * dtype_bytes
+    raise ValueError(kind)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class LayerInfo:
+    hw: tuple[int, int]
+    heads: int
+    channels: int
+    factor: int
+
+
+@dataclass(eq=False)
+class AttentionStore:
+    """Read-only after recording. Lives in `Inversion.records["attention"]`; shared, never copied."""
+
+    config: StoreConfig
+    frames: int
+    latent_hw: tuple[int, int]
+    num_steps: int | None = None
+    entries: dict = field(default_factory=dict)  # (timestep, layer, kind) -> dict of tensors
+    layers: dict = field(default_factory=dict)  # layer name -> LayerInfo
+    _nbytes: int = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    @property
+    def timesteps(self) -> list[int]:
+        return sorted({t for t, _, _ in self.entries}, reverse=True)
+
+    def has_step(self, timestep: int) -> bool:
+        return any(t == timestep for t, _, _ in self.entries)
+
+    def layer_names(self, kind: str) -> list[str]:
+        return sorted({lay for _, lay, k in self.entries if k == kind})
+
+    def add(self, timestep: int, layer: str, kind: str, data: dict) -> None:
+        key = (int(timestep), layer, kind)
+        old = self.entries.get(key)
+        if old is not None:
+            self._nbytes -= sum(_nbytes(v) for v in old.values() if isinstance(v, torch.Tensor))
+        self.entries[key] = data
+        self._nbytes += sum(_nbytes(v) for v in data.values() if isinstance(v, torch.Tensor))
+
+    def _entry(self, timestep: int, layer: str, kind: str) -> dict:
+        e = self.entries.get((int(timestep), layer, kind))
+        if e is None:
+            raise StoreLookupError(f"no stored {kind}-attention for layer {layer} at timestep {timestep}")
+        return e
+
+    def self_probs(self, timestep: int, layer: str, frames: Sequence[int] | None = None,
+                   device=None) -> torch.Tensor:
+        """Per-head self-attention probabilities of the inversion, recomputed: [F, heads, Nq, Nk] float32."""
+        e = self._entry(timestep, layer, "self")
+        q, k = e["q"], e["k"]
+        if frames is not None:
+            idx = torch.as_tensor(list(frames))
+            q = q[idx]
+            k = k if k.shape[0] == 1 else k[idx]
+        if device is not None:
+            q, k = q.to(device), k.to(device)
+        if k.shape[0] == 1 and q.shape[0] != 1:
+            k = k.expand(q.shape[0], -1, -1)
+        return attention_probs(q.float(), k.float(), self.layers[layer].heads)
+
+    def cross_probs(self, timestep: int, layer: str, frames: Sequence[int] | None = None,
+                    device=None) -> torch.Tensor:
+        """Per-head cross-attention probabilities of the inversion: [F, heads, Nq, T] float32."""
+        p = self._entry(timestep, layer, "cross")["p"]
+        if frames is not None:
+            p = p[torch.as_tensor(list(frames))]
+        return p.to(device=device, dtype=torch.float32)
+
+    def cross_mean(self, timestep: int, layer: str) -> torch.Tensor:
+        """Head-averaged cross-attention [F, Nq, T] float32 (for masks)."""
+        return self._entry(timestep, layer, "cross")["p"].float().mean(1)
+
+    def summary(self) -> str:
+        n_steps = len(self.timesteps)
+        return (f"attention store: {self.frames} frame(s), {n_steps} step(s), {len(self.layer_names('self'))} self / "
+                f"{len(self.layer_names('cross'))} cross layer(s), {self.nbytes / 2**20:.2f} MiB (fp16, CPU)")
+
+
+def _latent_hw(call) -> tuple[int, int]:
+    shape = call.extra.get("original_shape") if call.extra else None
+    if shape is None:
+        return call.hw
+    return int(shape[-2]), int(shape[-1])
+
+
+def layer_factor(latent_hw: tuple[int, int], hw: tuple[int, int]) -> int:
+    return max(1, int(round(latent_hw[0] / max(1, hw[0]))))
+
+
+class AttentionRecorder:
+    """A processor that fills an AttentionStore during the inversion (one recorder per run)."""
+
+    def __init__(self, config: StoreConfig):
+        self.config = config
+        self.store: AttentionStore | None = None
+        self._step_t: int | None = None
+        self._first_step_bytes = 0
+        self._steps_seen = 0
+        self._kept: int | None = None
+
+    def _edit_step(self, call) -> int | None:
+        """The edit step index (0 = noisiest) this evaluation corresponds to, if the schedule is known."""
+        if call.step_index is None or call.total_steps is None:
+            return None
+        ss = call.extra.get("sample_sigmas") if call.extra else None
+        ascending = ss is not None and float(ss[0]) < float(ss[-1])
+        n = call.total_steps
+        if ascending:  # inversion: sigma index k (1..N) <-> edit step N - k
+            return n - call.step_index
+        return call.step_index
+
+    def active(self, call) -> bool:
+        cfg = self.config
+        if call.kind == "self" and not cfg.self_attention:
+            return False
+        if call.kind == "cross" and not cfg.cross_attention:
+            return False
+        if 0 not in call.cond_or_uncond:
+            return False
+        if layer_factor(_latent_hw(call), call.hw) < cfg.min_factor:
+            return False
+        i = self._edit_step(call)
+        if i is not None and i >= kept_steps(call.total_steps, cfg.record_window):
+            return False
+        return True
+
+    def _budget_error(self, need: int) -> StoreBudgetError:
+        b = self.config.budget_bytes
+        return StoreBudgetError(
+            f"the attention store needs {need / 2**30:.2f} GiB, more than its memory budget of {b / 2**30:.2f} GiB. "
+            "Lower AttentionStore's record_window (only the steps of the replace windows are needed), use fewer "
+            "frames or a smaller resolution, keep skip_full_res on, or raise memory_budget_gb."
+        )
+
+    def __call__(self, call, probs):
+        cfg = self.config
+        if call.frame_index is not None:
+            raise ValueError("AttentionStore does not support context windows during the inversion yet: invert all "
+                             "frames in one batch (remove the context-window node from the inversion's model).")
+        latent_hw = _latent_hw(call)
+        if self.store is None:
+            self.store = AttentionStore(config=cfg, frames=call.frames, latent_hw=latent_hw,
+                                        num_steps=call.total_steps)
+        st = self.store
+        if call.frames != st.frames:
+            raise ValueError(f"attention store: a call with {call.frames} frames in a recording of {st.frames}")
+        # Step bookkeeping: project the total after the first recorded step.
+        if call.timestep != self._step_t:
+            if self._step_t is not None:
+                self._steps_seen += 1
+                if self._steps_seen == 1 and cfg.budget_bytes and call.total_steps:
+                    projected = self._first_step_bytes * kept_steps(call.total_steps, cfg.record_window)
+                    if projected > cfg.budget_bytes:
+                        raise self._budget_error(projected)
+            self._step_t = call.timestep
+        rows = call.rows(0)
+        src = call.q if call.kind == "self" else probs
+        idx = torch.as_tensor(rows, device=src.device if src is not None else "cpu")
+        info = st.layers.get(call.layer)
+        if call.kind == "self":
+            if call.q is None or call.k is None:
+                raise RuntimeError("the attention dispatcher did not pass q/k to the recorder")
+            q = call.q.index_select(0, idx).detach().to("cpu", cfg.dtype)
+            k = call.k.index_select(0, idx).detach().to("cpu", cfg.dtype)
+            if k.shape[0] > 1 and torch.equal(k, k[:1].expand_as(k)):
+                k = k[:1].clone()
+            data = {"q": q, "k": k}
+            channels = q.shape[-1]
+        else:
+            data = {"p": probs.index_select(0, idx).detach().to("cpu", cfg.dtype)}
+            channels = call.q.shape[-1] if call.q is not None else 0
+        if info is None:
+            st.layers[call.layer] = LayerInfo(hw=tuple(call.hw), heads=call.heads, channels=int(channels),
+                                              factor=layer_factor(latent_hw, call.hw))
+        new = sum(_nbytes(v) for v in data.values())
+        if cfg.budget_bytes and st.nbytes + new > cfg.budget_bytes:
+            raise self._budget_error(st.nbytes + new)
+        st.add(call.timestep, call.layer, call.kind, data)
+        if self._steps_seen == 0:
+            self._first_step_bytes += new
+        return None
+
+    def finalize(self) -> AttentionStore | None:
+        return self.store
+
+
+class AttentionStoreSpec:
+    """A record spec (nodes/_comfy.py run_inversion): a fresh recorder per inversion run."""
+
+    def __init__(self, config: StoreConfig):
+        self.config = config
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def new_recorder(self) -> AttentionRecorder:
+        return AttentionRecorder(self.config)
+
+
+# --- size of a configuration ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    factor: int  # latent size / query map size
+    channels: int
+    heads: int
+
+
+# SD1.5 UNet transformer blocks (ComfyUI keys), see ../../shared/reference/comfyui-hooks.md §1.4.
+SD15_LAYERS = tuple(
+    [LayerSpec(f"input_{b}_0", 1, 320, 8) for b in (1, 2)]
+    + [LayerSpec(f"input_{b}_0", 2, 640, 8) for b in (4, 5)]
+    + [LayerSpec(f"input_{b}_0", 4, 1280, 8) for b in (7, 8)]
+    + [LayerSpec("middle_0_0", 8, 1280, 8)]
+    + [LayerSpec(f"output_{b}_0", 4, 1280, 8) for b in (3, 4, 5)]
+    + [LayerSpec(f"output_{b}_0", 2, 640, 8) for b in (6, 7, 8)]
+    + [LayerSpec(f"output_{b}_0", 1, 320, 8) for b in (9, 10, 11)]
+)
+
+
+def _kv(layer: LayerSpec, frames: int, mode: str, include_self: bool, min_channels: int) -> tuple[int, bool]:
+    """(key frames per frame, keys identical for all frames) for a layer under a temporal mode."""
+    if mode == "per-frame" or layer.channels < min_channels or frames <= 1:
+        return 1, frames <= 1
+    keys = key_frames(mode, frames, include_self)
+    return len(keys[0]), shares_keys(keys)
+
+
+def estimate_store_bytes(frames: int, latent_hw: tuple[int, int], steps: int, record_window: float = 1.0,
+                         min_factor: int = 2, temporal_mode: str = "middle", include_self: bool = False,
+                         min_channels: int = 0, layers: Sequence[LayerSpec] = SD15_LAYERS,
+                         self_attention: bool = True, cross_attention: bool = True, dtype_bytes: int = 2) -> int:
+    """Bytes this pack's store needs for a configuration (same accounting as AttentionStore)."""
+    per_step = 0
+    for lay in layers:
+        if lay.factor < min_factor:
+            continue
+        h, w = latent_hw[0] // lay.factor, latent_hw[1] // lay.factor
+        nq = h * w
+        k, shared = _kv(lay, frames, temporal_mode, include_self, min_channels)
+        if self_attention:
+            per_step += entry_nbytes("self", frames, nq, k * nq, lay.channels, lay.heads, shared, dtype_bytes=dtype_bytes)
+        if cross_attention:
+            per_step += entry_nbytes("cross", frames, nq, TEXT_TOKENS, lay.channels, lay.heads, dtype_bytes=dtype_bytes)
+    return per_step * kept_steps(steps, record_window)
+
+
+def estimate_fatezero_bytes(frames: int, latent_hw: tuple[int, int], steps: int, temporal_mode: str = "middle",
+                            include_self: bool = False, min_channels: int = 640,
+                            layers: Sequence[LayerSpec] = SD15_LAYERS, dtype_bytes: int = 2) -> int:
+    """Bytes of FateZero's own store for comparison: per-head self and cross probabilities of every layer
+    with at most 32x32 queries, every step (attention_store.py, algorithms.md §1.2)."""
+    per_step = 0
+    for lay in layers:
+        h, w = latent_hw[0] // lay.factor, latent_hw[1] // lay.factor
+        nq = h * w
+        if nq > 32 * 32:
+            continue
+        k, _ = _kv(lay, frames, temporal_mode, include_self, min_channels)
+        per_step += frames * lay.heads * nq * (k * nq + TEXT_TOKENS) * dtype_bytes
+    return per_step * steps

@@ -1,0 +1,486 @@
+"""Blended Latent Diffusion under attention control (issue 7): LatentBlendWithInversion, LatentBlendMaskPreview.
+
+The node is a model patch, not a sampler, so KSamplerAdvanced (add_noise disabled, ddim/euler,
+ddim_uniform, the inversion's steps) and SamplerCustomAdvanced drive the edit:
+- a PREDICT_NOISE wrapper (keyed, composes with other wrappers) replaces the guided denoised prediction
+  of each step in the blend window by the one that makes the Euler/DDIM step land on
+  M * edit + (1 - M) * inversion latent (math in attention/latent_blend.py);
+- for masks from cross-attention, a read-only attention processor (nodes/_attn_patch.py) collects the
+  word maps of the conditional rows during that same model call;
+- an OUTER_SAMPLE wrapper checks the sampler's sigmas and frames against the inversion before the first
+  step and starts a new record of the masks in the ZSVE_BLEND_STATE, which LatentBlendMaskPreview reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import comfy.patcher_extension
+import torch
+import torch.nn.functional as F
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+from comfy_api.latest import io
+
+from ..attention.ddim import Inversion
+from ..attention.latent_blend import (
+    COLLECTORS_KEY,
+    MASK_SOURCES,
+    BlendMapProcessor,
+    MapCollector,
+    attention_blend_mask,
+    blended_denoised,
+    find_token_positions,
+    in_window,
+    parse_words,
+    prepare_user_mask,
+    second_lowest_resolution_layers,
+)
+from ._attn_patch import add_processor, layer_name
+from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
+
+NODE = "LatentBlendWithInversion"
+EXACT_SAMPLERS = {"sample_euler"}  # KSamplerSelect "euler" and "ddim" (= euler in VE sigma space)
+log = logging.getLogger(__name__)
+BlendStateType = io.Custom("ZSVE_BLEND_STATE")
+
+
+# --- glue ----------------------------------------------------------------------------------------------
+
+
+def transformer_downsampling(model) -> dict[str, int]:
+    """{layer name: downsampling factor of its feature map} for every transformer block of the UNet."""
+    unet = model.get_model_object("diffusion_model")
+    out: dict[str, int] = {}
+    ds = 1
+
+    def visit(name, number, block):
+        nonlocal ds
+        for layer in block:
+            if isinstance(layer, Downsample):
+                ds *= 2
+            elif isinstance(layer, SpatialTransformer):
+                for depth in range(len(layer.transformer_blocks)):
+                    out[layer_name((name, number, depth))] = ds
+            elif isinstance(layer, Upsample):
+                ds //= 2
+
+    for number, block in enumerate(unet.input_blocks):
+        visit("input", number, block)
+    visit("middle", 0, unet.middle_block)
+    for number, block in enumerate(unet.output_blocks):
+        visit("output", number, block)
+    return out
+
+
+def word_token_positions(clip, prompt: str, words: str) -> tuple[list[int], dict[str, list[int]]]:
+    """Token positions (in the conditioning's token axis, 77 per chunk, BOS at 0) of the chosen words in
+    `prompt`, tokenized exactly as CLIPTextEncode does (weights syntax included)."""
+    word_list = parse_words(words)
+    if not word_list:
+        raise ZSVEInputError(f"{NODE}: 'words' is empty: give the edited words of the prompt, comma-separated "
+                             "(e.g. 'cat' or 'cat, red hat'), or use mask_source 'user mask'.")
+    if not prompt.strip():
+        raise ZSVEInputError(f"{NODE}: 'prompt' is empty: paste the text of the positive (edit) prompt.")
+    tokens = clip.tokenize(prompt)
+    key = "l" if "l" in tokens else next(iter(tokens))
+    sd_tok = getattr(clip.tokenizer, f"clip_{key}", None)
+    hf = getattr(sd_tok, "tokenizer", None)
+    if hf is None:
+        raise ZSVEInputError(f"{NODE}: this CLIP has no clip_{key} tokenizer; connect an SD1.5-family CLIP.")
+    ids = [t[0] for row in tokens[key] for t in row]
+    start = int(getattr(sd_tok, "tokens_start", 1))
+    end = -1 if getattr(sd_tok, "tokenizer_adds_end_token", True) else None
+    per_word: dict[str, list[int]] = {}
+    for w in word_list:
+        w_ids = hf(w)["input_ids"][start:end]
+        pos = find_token_positions(ids, w_ids)
+        if not pos:
+            shown = [hf.decode([i]) for i in ids if isinstance(i, int) and i not in (sd_tok.start_token, sd_tok.end_token)]
+            raise ZSVEInputError(
+                f"{NODE}: the word '{w}' is not in the prompt '{prompt}' (its tokens: {shown}). Use words that "
+                "appear in the prompt, spelled as there."
+            )
+        per_word[w] = pos
+    positions = sorted({p for pos in per_word.values() for p in pos})
+    return positions, per_word
+
+
+def _requested(inv: Inversion) -> int:
+    """The `steps` the inversion was asked for (ddim_uniform may give one more step when 1000 % steps != 0)."""
+    return int(inv.info.get("steps_requested", inv.steps))
+
+
+class BlendState:
+    """What the last sampling run with the patched model blended: the mask of every blended step."""
+
+    def __init__(self, mask_source: str, frames: int, latent_hw: tuple[int, int]):
+        self.mask_source = mask_source
+        self.frames = frames
+        self.latent_hw = latent_hw
+        self.runs = 0
+        self.masks: dict[int, torch.Tensor] = {}  # edit step -> [F, h, w] on the CPU
+        self.sigmas: dict[int, float] = {}
+        self.total_steps = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def begin_run(self, total_steps: int, first_step: int) -> None:
+        """A new sampling run starts at edit step `first_step`. A run that continues the recorded one (a
+        second KSamplerAdvanced starting where the first stopped) adds to its record; any other replaces it."""
+        if self.masks and first_step > max(self.masks) and total_steps == self.total_steps:
+            return
+        self.runs += 1
+        self.masks = {}
+        self.sigmas = {}
+        self.total_steps = total_steps
+
+    def record(self, step: int, sigma: float, mask: torch.Tensor) -> None:
+        self.masks[step] = mask.detach().to("cpu", torch.float32)
+        self.sigmas[step] = sigma
+
+
+class LatentBlendPatch:
+    """The wrappers installed on the model clone (shared by its clones; immutable except for `state`)."""
+
+    def __init__(self, key, inversion: Inversion, state: BlendState, mask_source: str, start: float, end: float,
+                 threshold: float, dilation: int, temporal_radius: int, user_mask: torch.Tensor | None,
+                 positions: list[int]):
+        self.key = key
+        self.inv = inversion
+        self.state = state
+        self.mask_source = mask_source
+        self.start, self.end = float(start), float(end)
+        self.threshold, self.dilation, self.temporal_radius = float(threshold), int(dilation), int(temporal_radius)
+        self.user_mask = user_mask
+        self.positions = positions
+
+    prompt_embedding: torch.Tensor | None = None  # CLIP encoding of `prompt`, to check the sampler's positive
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.mask_source in ("cross-attention", "union")
+
+    # OUTER_SAMPLE: (noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        if len(sigmas) > 1 and float(sigmas[0]) > float(sigmas[-1]):
+            self.check_run(noise, sigmas)
+            fn = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
+            if fn not in EXACT_SAMPLERS:
+                log.warning("%s: sampler %s is not ComfyUI's euler/ddim step; the blend (and the background) is "
+                            "only approximate with it. Use sampler euler or ddim.", NODE, fn or type(sampler).__name__)
+            self.check_prompt(getattr(executor, "class_obj", None))
+            self.state.begin_run(self.inv.steps, self.inv.steps - self.inv.index_of_sigma(float(sigmas[0])))
+        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+    def check_prompt(self, guider) -> None:
+        """Warn when no positive conditioning of the guider is the encoding of `prompt`: the word positions
+        (and so the mask) would then point at other words."""
+        ref = self.prompt_embedding
+        pos = getattr(guider, "original_conds", {}).get("positive") or []
+        if ref is None or not pos:
+            return
+        for c in pos:
+            emb = c.get("cross_attn")
+            if torch.is_tensor(emb) and emb.shape[-2:] == ref.shape[-2:] and torch.allclose(
+                    emb[:1].float().cpu(), ref[:1].float(), atol=1e-3, rtol=1e-3):
+                return
+        log.warning("%s: the sampler's positive CONDITIONING is not the encoding of the blend's 'prompt' text; the "
+                    "mask words are located in 'prompt', so they may point at other tokens. Paste the positive "
+                    "prompt's exact text into 'prompt'.", NODE)
+
+    def check_run(self, noise, sigmas) -> None:
+        inv = self.inv
+        f, c, h, w = inv.latent_shape
+        if noise.shape[0] != f:
+            raise ZSVEInputError(
+                f"{NODE}: the sampler's latent has {noise.shape[0]} frame(s) but the inversion has {f}: sample "
+                f"the z_T of the same VideoDDIMInvert run (same frames) that made this inversion."
+            )
+        if tuple(noise.shape[-2:]) != (h, w):
+            raise ZSVEInputError(
+                f"{NODE}: the sampler's latent is {noise.shape[-1]}x{noise.shape[-2]} but the inversion's is {w}x{h}: "
+                "sample the z_T of the VideoDDIMInvert run that made this inversion."
+            )
+        sig = [float(s) for s in sigmas.cpu()]
+        problem = None
+        for i in range(len(sig) - 1):
+            k = inv.index_of_sigma(sig[i])
+            if k is None:
+                problem = f"the sampler's sigma {sig[i]:.4f} (step {i}) is not on the inversion's schedule"
+                break
+            last = i == len(sig) - 2
+            k_next = inv.index_of_sigma(sig[i + 1])
+            if k_next != k - 1 and not (last and sig[i + 1] == 0.0):
+                problem = (f"the sampler steps from sigma {sig[i]:.4f} to {sig[i + 1]:.4f}, which are not neighbours "
+                           "on the inversion's schedule")
+                break
+        if problem is not None:
+            raise ZSVEInputError(
+                f"{NODE}: {problem}. The inversion was made with steps={_requested(inv)} on the ddim_uniform "
+                f"schedule: set the sampler's steps to {_requested(inv)} and its scheduler to ddim_uniform (sampler "
+                "euler or ddim, add_noise disabled), or invert with the sampler's number of steps."
+            )
+
+    # PREDICT_NOISE: (x, timestep, model_options, seed), class_obj = the guider
+    def predict_noise(self, executor, x, timestep, model_options, seed, *args, **kwargs):
+        to = model_options.get("transformer_options", {})
+        ss = to.get("sample_sigmas")
+        if ss is None or len(ss) < 2 or float(ss[0]) < float(ss[-1]):
+            return executor(x, timestep, model_options, seed, *args, **kwargs)  # not a denoising run
+        sigma = float(timestep.reshape(-1)[0])
+        inv = self.inv
+        k = inv.index_of_sigma(sigma)
+        if k is None:
+            raise ZSVEInputError(
+                f"{NODE}: the sampler evaluated the model at sigma {sigma:.4f}, which is not on the inversion's "
+                f"ddim_uniform schedule (steps={_requested(inv)}). Use sampler euler or ddim with scheduler "
+                f"ddim_uniform and {_requested(inv)} steps (samplers such as heun or dpm evaluate between the steps)."
+            )
+        step = inv.steps - k
+        if not in_window(step, inv.steps, self.start, self.end):
+            return executor(x, timestep, model_options, seed, *args, **kwargs)
+        if x.shape[0] != inv.frames:
+            raise ZSVEInputError(f"{NODE}: the sampler's latent has {x.shape[0]} frame(s), the inversion {inv.frames}.")
+        hits = torch.isclose(ss.float().cpu(), torch.tensor(sigma), rtol=1e-4, atol=1e-6).nonzero()
+        if len(hits) == 0 or int(hits[0]) + 1 >= len(ss):
+            raise ZSVEInputError(f"{NODE}: sigma {sigma:.4f} is not a step of the sampler's schedule; use euler or ddim.")
+        sigma_next = float(ss[int(hits[0]) + 1])
+        k_next = inv.index_of_sigma(sigma_next)
+        if k_next is None:
+            raise ZSVEInputError(
+                f"{NODE}: the sampler's next sigma {sigma_next:.4f} is not on the inversion's schedule; sample with "
+                f"{_requested(inv)} steps and the ddim_uniform scheduler."
+            )
+
+        collector = None
+        if self.uses_attention:
+            collector = MapCollector(self.positions, inv.frames)
+            model_options = dict(model_options)
+            to = dict(to)
+            to[COLLECTORS_KEY] = {**to.get(COLLECTORS_KEY, {}), self.key: collector}
+            model_options["transformer_options"] = to
+        denoised = executor(x, timestep, model_options, seed, *args, **kwargs)
+
+        h, w = x.shape[-2:]
+        mask = None
+        if collector is not None:
+            maps, hws = collector.maps()
+            if not maps:
+                raise ZSVEInputError(
+                    f"{NODE}: no cross-attention of the positive prompt was seen in this step, so no mask could be "
+                    "made. Use a guider with a positive prompt (CFGGuider/BasicGuider/KSampler), or mask_source "
+                    "'user mask'."
+                )
+            mask = attention_blend_mask(maps, hws, (h, w), self.threshold, self.dilation, self.temporal_radius)
+        if self.user_mask is not None:
+            um = self.user_mask.to(x.device, torch.float32)
+            mask = um if mask is None else torch.maximum(mask, um)
+        self.state.record(step, sigma, mask)
+        m = mask.to(x.device, x.dtype).unsqueeze(1)
+        src_next = inv.latents[k_next].to(x.device, x.dtype)
+        return blended_denoised(denoised, x, src_next, m, sigma, sigma_next)
+
+
+def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.0, end=1.0, threshold=0.3,
+                       dilation=3, temporal_radius=0, clip=None, prompt="", words="", mask=None):
+    """The node's work, callable from Python: returns (patched clone, BlendState, summary)."""
+    check_diffusion_model(model, NODE)
+    if not isinstance(inversion, Inversion):
+        raise ZSVEInputError(f"{NODE}: 'inversion' must be the inversion output of VideoDDIMInvert.")
+    if mask_source not in MASK_SOURCES:
+        raise ZSVEInputError(f"{NODE}: mask_source must be one of {list(MASK_SOURCES)}, got '{mask_source}'.")
+    if not (0.0 <= start <= end <= 1.0):
+        raise ZSVEInputError(f"{NODE}: need 0 <= start <= end <= 1 (fractions of the steps), got {start}..{end}.")
+    if dilation < 1 or dilation % 2 == 0:
+        raise ZSVEInputError(f"{NODE}: dilation must be an odd kernel size (1 = none, 3, 5, ...), got {dilation}.")
+    frames, _, h, w = inversion.latent_shape
+
+    positions: list[int] = []
+    per_word: dict = {}
+    prompt_embedding = None
+    if mask_source in ("cross-attention", "union"):
+        if clip is None:
+            raise ZSVEInputError(f"{NODE}: mask_source '{mask_source}' needs the CLIP that encoded the prompt "
+                                 "(connect it to 'clip'), the prompt text and the words.")
+        positions, per_word = word_token_positions(clip, prompt, words)
+        try:
+            prompt_embedding = clip.encode_from_tokens(clip.tokenize(prompt)).detach().float().cpu()
+        except Exception as e:  # only used for a warning
+            log.info("%s: could not encode the prompt for the conditioning check: %s", NODE, e)
+    user_mask = None
+    if mask_source in ("user mask", "union"):
+        if mask is None:
+            raise ZSVEInputError(f"{NODE}: mask_source '{mask_source}' needs a MASK: connect one to 'mask' (one per "
+                                 "frame or a single mask), or use mask_source 'cross-attention'.")
+        try:
+            user_mask = prepare_user_mask(mask, frames, h, w)
+        except ValueError as e:
+            raise ZSVEInputError(f"{NODE}: {e}.") from None
+
+    m = model.clone()
+    key = f"zsve_latent_blend_{uuid.uuid4().hex[:12]}"
+    state = BlendState(mask_source, frames, (h, w))
+    patch = LatentBlendPatch(key, inversion, state, mask_source, start, end, threshold, dilation, temporal_radius,
+                             user_mask, positions)
+    patch.prompt_embedding = prompt_embedding
+    layers: list[str] = []
+    if patch.uses_attention:
+        layers = second_lowest_resolution_layers(transformer_downsampling(m))
+        add_processor(m, BlendMapProcessor(key, layers))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, patch.outer_sample)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, key, patch.predict_noise)
+
+    first = sum(1 for i in range(inversion.steps) if not in_window(i, inversion.steps, start, 1.0))
+    n_blend = sum(1 for i in range(inversion.steps) if in_window(i, inversion.steps, start, end))
+    summary = f"blend {n_blend} of {inversion.steps} steps (from step {first}), mask: {mask_source}"
+    if per_word:
+        summary += f", words at tokens {per_word}, layers {layers}"
+    return m, state, summary
+
+
+# --- nodes ---------------------------------------------------------------------------------------------
+
+
+class LatentBlendWithInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="Latent Blend With Inversion (BLD)",
+            category=CATEGORY + "/Blended latent",
+            description=(
+                "Blended Latent Diffusion under attention control: at each edit step in [start, end) the latent "
+                "becomes M * edit + (1 - M) * the DDIM inversion latent of the source at the same sigma, so "
+                "everything outside the mask M comes from the input video. M per frame comes from the edit "
+                "prompt's cross-attention of the chosen words (computed online in each step), from a MASK, or "
+                "both. Patches the model: sample with KSamplerAdvanced (add_noise disable, sampler euler or "
+                "ddim, scheduler ddim_uniform, the inversion's steps) or SamplerCustomAdvanced, starting from "
+                "z_T. Composes with the other attention patches of the pack."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (SD1.5 family), possibly already patched by "
+                               "other attention nodes (temporal attention, attention blend)."),
+                InversionType.Input("inversion", tooltip="The inversion output of Video DDIM Invert of the source "
+                                    "video: its per-step latents are the background."),
+                io.Combo.Input("mask_source", options=list(MASK_SOURCES), default="cross-attention",
+                               tooltip="Where the mask comes from: the cross-attention of 'words' in the edit "
+                               "prompt (automatic, recomputed each step), the 'mask' input, or the union of both."),
+                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="First blended step, as a fraction of the steps (0 = from the first step)."),
+                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Blending stops before this fraction of the steps. Keep 1 to keep the "
+                               "background exactly; smaller values let the last steps harmonise the seams."),
+                io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="Cross-attention masks: a latent pixel is edited where the words' attention, "
+                               "normalised by each frame's maximum, exceeds this (FateZero uses 0.3)."),
+                io.Int.Input("dilation", default=3, min=1, max=31, step=2,
+                             tooltip="Cross-attention masks: odd kernel size (in latent pixels) to grow the mask "
+                             "by; 1 = no dilation."),
+                io.Int.Input("temporal_smoothing", default=0, min=0, max=16,
+                             tooltip="Cross-attention masks: average the attention over this many neighbouring "
+                             "frames on each side before thresholding (0 = per frame)."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="For cross-attention masks: the CLIP that encoded the edit prompt (its "
+                              "tokenizer locates the words)."),
+                io.String.Input("prompt", default="", multiline=True, optional=True,
+                                tooltip="For cross-attention masks: the edit prompt, exactly as typed into the "
+                                "positive CLIP Text Encode."),
+                io.String.Input("words", default="", optional=True,
+                                tooltip="For cross-attention masks: the edited word(s) of the prompt, comma-separated "
+                                "(a word may span several tokens); their attention makes the mask."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="For 'user mask' / 'union': where to edit (1) and keep the source (0), one "
+                              "mask per frame or one for all, at the frames' size (resized to the latent)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The patched model: sample the edit with it."),
+                BlendStateType.Output(display_name="blend_state",
+                                      tooltip="Records the masks of the last sampling run with this model; "
+                                      "connect to Latent Blend Mask Preview."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, mask_source, start, end, threshold, dilation, temporal_smoothing,
+                clip=None, prompt="", words="", mask=None) -> io.NodeOutput:
+        m, state, summary = apply_latent_blend(model, inversion, mask_source, start, end, threshold, dilation,
+                                               temporal_smoothing, clip, prompt or "", words or "", mask)
+        return io.NodeOutput(m, state, ui={"text": [summary]})
+
+
+def state_masks(state: BlendState, step: int) -> tuple[torch.Tensor, int]:
+    if not state.masks:
+        raise ZSVEInputError(
+            "LatentBlendMaskPreview: no blended step has been recorded yet. Sample with the MODEL of this "
+            "LatentBlendWithInversion node and connect that sampler's LATENT output to 'samples'."
+        )
+    steps = sorted(state.masks)
+    if step < 0:
+        chosen = steps[-1]
+    elif step in state.masks:
+        chosen = step
+    else:
+        raise ZSVEInputError(f"LatentBlendMaskPreview: step {step} was not blended; blended steps: {steps} "
+                             "(-1 = the last).")
+    return state.masks[chosen], chosen
+
+
+class LatentBlendMaskPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LatentBlendMaskPreview",
+            display_name="Latent Blend Mask Preview",
+            category=CATEGORY + "/Blended latent",
+            description=(
+                "The per-frame masks Latent Blend With Inversion used in the last sampling run, as a MASK and as "
+                "an overlay on the frames. Connect the sampler's LATENT so this runs after the sampler."
+            ),
+            inputs=[
+                BlendStateType.Input("blend_state", tooltip="The blend_state output of Latent Blend With Inversion."),
+                io.Latent.Input("samples", tooltip="The LATENT the sampler produced with the patched model (only "
+                                "orders this node after the sampler; its frame count is checked)."),
+                io.Int.Input("step", default=-1, min=-1, max=10000,
+                             tooltip="Which edit step's mask to show: -1 = the last blended step, else the step "
+                             "index (0 = the first, noisiest step)."),
+                io.Image.Input("images", optional=True,
+                               tooltip="The source frames to draw the overlay on (e.g. the decoded input video); "
+                               "without them the overlay is drawn on grey."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="mask", tooltip="The blend mask per frame (1 = edited), at the frames' "
+                               "size (or 8x the latent size without images)."),
+                io.Image.Output(display_name="overlay", tooltip="The frames with the edited region tinted red."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, blend_state, samples, step, images=None) -> io.NodeOutput:
+        mask, chosen = state_masks(blend_state, step)
+        frames = samples["samples"].shape[0] if isinstance(samples, dict) and "samples" in samples else None
+        if frames is not None and frames != mask.shape[0]:
+            raise ZSVEInputError(f"LatentBlendMaskPreview: 'samples' has {frames} frames but the recorded masks "
+                                 f"{mask.shape[0]}: connect the LATENT of the sampler that used this blend.")
+        if images is not None:
+            H, W = images.shape[1], images.shape[2]
+            if images.shape[0] not in (1, mask.shape[0]):
+                raise ZSVEInputError(f"LatentBlendMaskPreview: 'images' has {images.shape[0]} frames, the masks "
+                                     f"{mask.shape[0]}: connect the frames of the same video.")
+        else:
+            H, W = mask.shape[-2] * 8, mask.shape[-1] * 8
+        big = F.interpolate(mask.unsqueeze(1), size=(H, W), mode="nearest")[:, 0].clamp(0, 1)
+        base = images.float() if images is not None else torch.full((mask.shape[0], H, W, 3), 0.5)
+        red = torch.tensor([1.0, 0.0, 0.0]).view(1, 1, 1, 3)
+        a = 0.5 * big.unsqueeze(-1)
+        overlay = (base * (1 - a) + red * a).clamp(0, 1)
+        text = f"mask of step {chosen} ({blend_state.mask_source}); mean coverage {float(mask.mean()):.1%}"
+        return io.NodeOutput(big, overlay, ui={"text": [text]})
+
+
+NODES = [LatentBlendWithInversion, LatentBlendMaskPreview]

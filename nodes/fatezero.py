@@ -1,0 +1,223 @@
+"""FateZero nodes: AttentionStore (record at inversion), AttentionBlend (fuse at editing) and
+TemporalSelfAttentionPatch (spatial-temporal self-attention). The algorithms are in ../attention."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from ..attention.fatezero import FateZeroController, FusionConfigError, make_plan, preview_mask
+from ..attention.store import AttentionStoreSpec, StoreConfig
+from ..attention.temporal import MODES, TemporalKV
+from ._attn_patch import add_processor, add_record_spec
+from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
+
+FZ_CATEGORY = CATEGORY + "/FateZero"
+RECORD_NAME = "attention"
+log = logging.getLogger(__name__)
+
+
+class AttentionStore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AttentionStore",
+            display_name="Attention Store (FateZero)",
+            category=FZ_CATEGORY,
+            description=(
+                "Makes Video DDIM Invert record the attention FateZero's edit re-uses: connect this node's MODEL to "
+                "Video DDIM Invert. Each inversion run records into a fresh store that travels inside the "
+                "inversion output (inversion.records['attention']): so the store belongs to that cached inversion, "
+                "is never copied by model clones (LoRA loaders), and changing only the edit side of the graph "
+                "re-uses it without re-running the inversion. Stored (fp16, CPU): per-head cross-attention maps, "
+                "and self-attention as projected queries/keys (the exact per-head maps are recomputed at edit "
+                "time from a fraction of the memory), only for layers at or below half the latent resolution and "
+                "only for the steps of the replace windows. The inversion's text shows the store's size."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (SD1.5 family) that Video DDIM Invert will use. "
+                               "Apply Temporal Self-Attention before or after this node; it must also be on the "
+                               "edit model."),
+                io.Float.Input("record_window", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the edit's steps, counted from the noisiest, to record. Must "
+                               "cover the largest cross/self replace window you will use in Attention Blend (0.8 "
+                               "for FateZero's defaults); smaller saves memory."),
+                io.Boolean.Input("skip_full_res", default=True,
+                                 tooltip="Do not record layers at the latent's full resolution (FateZero stores 32x32 "
+                                 "and below at 512x512: the 64x64 maps are by far the largest). Turn off to control "
+                                 "every layer."),
+                io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
+                               tooltip="Refuse to record more than this many GiB of attention (checked after the "
+                               "first step, before the RAM fills up). 0 = no limit."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The model, patched to record attention during Video DDIM Invert. Use it "
+                                "for the inversion; the edit can use this or the original model."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, record_window, skip_full_res, memory_budget_gb) -> io.NodeOutput:
+        check_diffusion_model(model, "AttentionStore")
+        cfg = StoreConfig(record_window=float(record_window), min_factor=2 if skip_full_res else 1,
+                          budget_bytes=int(float(memory_budget_gb) * 2**30))
+        m = model.clone()
+        add_record_spec(m, RECORD_NAME, AttentionStoreSpec(cfg))
+        return io.NodeOutput(m)
+
+
+class TemporalSelfAttentionPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TemporalSelfAttentionPatch",
+            display_name="Temporal Self-Attention",
+            category=FZ_CATEGORY,
+            description=(
+                "Spatial-temporal self-attention without new weights: every frame's self-attention also (or only) "
+                "looks at other frames' keys/values. Apply the same setting to the model of the inversion and of "
+                "the edit. Uses an attn1_patch (a list slot shared with other packs), so it composes with "
+                "attention replace patches and with Attention Store / Attention Blend."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch (a clone is patched)."),
+                io.Combo.Input("mode", options=list(MODES), default="middle",
+                               tooltip="Key/value frames for frame i: per-frame (off), first (Video-P2P), middle "
+                               "(FateZero's zero-shot default), previous+first (Tune-A-Video sparse-causal, "
+                               "FateZero's code default), all frames (memory grows with frames^2)."),
+                io.Boolean.Input("include_own_frame", default=False,
+                                 tooltip="Also attend to the frame's own keys/values (the references do not)."),
+                io.Int.Input("min_channels", default=640, min=0, max=4096,
+                             tooltip="Layers with fewer channels stay per-frame (FateZero's least_sc_channel: 640 "
+                             "keeps SD1.5's 64x64 layers per-frame). 0 = every layer."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with spatial-temporal self-attention.")],
+        )
+
+    @classmethod
+    def execute(cls, model, mode, include_own_frame, min_channels) -> io.NodeOutput:
+        check_diffusion_model(model, "TemporalSelfAttentionPatch")
+        m = model.clone()
+        to = m.model_options.setdefault("transformer_options", {})
+        patches = dict(to.get("patches", {}))
+        # Replace a previous temporal patch of ours instead of stacking a second one.
+        patches["attn1_patch"] = [p for p in patches.get("attn1_patch", []) if not getattr(p, "is_zsve_temporal", False)]
+        to["patches"] = patches
+        if mode != "per-frame":
+            m.set_model_attn1_patch(TemporalKV(mode, include_own_frame, min_channels))
+        return io.NodeOutput(m)
+
+
+def _tokenizer(clip):
+    tok = getattr(getattr(getattr(clip, "tokenizer", None), "clip_l", None), "tokenizer", None)
+    if tok is None or not hasattr(tok, "encode") or not hasattr(tok, "decode"):
+        raise ZSVEInputError(
+            "AttentionBlend: 'clip' has no SD1 CLIP-L tokenizer (clip.tokenizer.clip_l). Connect the CLIP of the "
+            "SD1.5 checkpoint used for the prompts."
+        )
+    return tok
+
+
+class AttentionBlend(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AttentionBlend",
+            display_name="Attention Blend (FateZero)",
+            category=FZ_CATEGORY,
+            description=(
+                "FateZero's edit: patches the model for the edit sampling so that, at every step, attention is "
+                "fused with the attention recorded at the same timestep of the inversion (Attention Store -> Video "
+                "DDIM Invert). Cross-attention: Prompt-to-Prompt word swap / refinement / reweighting of the source "
+                "prompt's maps inside the cross window. Self-attention inside [start, end): full replacement by the "
+                "inversion's maps, or with blend words FateZero's M*edit + (1-M)*inversion with M from the source "
+                "cross-attention of the blend words. Sample with KSamplerAdvanced (add_noise disable, ddim or "
+                "euler, ddim_uniform, the inversion's steps) from z_T, positive = the edit prompt, cfg 7.5. The "
+                "inversion is only read, so trying many edits re-uses one inversion."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model for the edit sampling (with the same Temporal "
+                               "Self-Attention as the inversion)."),
+                InversionType.Input("inversion", tooltip="The inversion of Video DDIM Invert, run on a model "
+                                    "patched by Attention Store."),
+                io.Clip.Input("clip", tooltip="The SD1.5 CLIP, used only for its tokenizer to align the prompts."),
+                io.String.Input("source_prompt", multiline=True, default="",
+                                tooltip="The text the video was inverted with (the inversion's positive prompt), "
+                                "without (word:weight) syntax."),
+                io.String.Input("edit_prompt", multiline=True, default="",
+                                tooltip="The edit prompt (the sampler's positive prompt), without (word:weight) "
+                                "syntax."),
+                io.Combo.Input("mode", options=["refine", "replace"], default="refine",
+                               tooltip="Cross-attention control: refine (words added/changed, token alignment) or "
+                               "replace (word swap; needs equal word counts, otherwise refine is used and logged)."),
+                io.Float.Input("cross_replace", default=0.8, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps (from the noisiest) in which cross-attention follows the "
+                               "source maps (FateZero: 0.8 style, 0.5 shape)."),
+                io.String.Input("cross_replace_words", default="",
+                                tooltip="Optional per-word windows for words of the edit prompt: 'word:0.5' (steps "
+                                "0..0.5) or 'word:0.2-0.6', comma separated."),
+                io.Float.Input("self_replace_start", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Start of the self-attention fusion window, fraction of the steps."),
+                io.Float.Input("self_replace_end", default=0.8, min=0.0, max=1.0, step=0.05,
+                               tooltip="End (exclusive) of the self-attention fusion window (FateZero: 0.8 style, "
+                               "0.5 shape, 0.4-0.7 attributes)."),
+                io.String.Input("reweight", default="",
+                                tooltip="Reweight words of the edit prompt: 'watercolor:10, red:2' (FateZero's "
+                                "eq_params)."),
+                io.String.Input("blend_words", default="",
+                                tooltip="Words of the SOURCE prompt naming what may change shape (e.g. 'jeep'). "
+                                "Empty: full self-attention replacement (style/attribute edits)."),
+                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.05,
+                               tooltip="Blend mask threshold on the normalised cross-attention (FateZero: 0.3)."),
+                io.Boolean.Input("only_cond", default=True,
+                                 tooltip="Control only the conditional half of classifier-free guidance (as FateZero). "
+                                 "Off: the unconditional rows are fused too."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The model patched for the edit sampling."),
+                io.Mask.Output(display_name="mask", tooltip="Per-frame preview of the blend region at pixel "
+                               "resolution: the fraction of the self-fusion steps in which a pixel keeps its own "
+                               "(edited) structure. All ones without blend words."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, clip, source_prompt, edit_prompt, mode, cross_replace, cross_replace_words,
+                self_replace_start, self_replace_end, reweight, blend_words, blend_threshold,
+                only_cond) -> io.NodeOutput:
+        check_diffusion_model(model, "AttentionBlend")
+        store = getattr(inversion, "records", {}).get(RECORD_NAME) if inversion is not None else None
+        if store is None:
+            raise ZSVEInputError(
+                "AttentionBlend: this inversion recorded no attention. Put Attention Store between the model and "
+                "Video DDIM Invert (its record_window must be > 0) and run the inversion again."
+            )
+        if self_replace_end < self_replace_start:
+            raise ZSVEInputError(
+                f"AttentionBlend: self_replace_end ({self_replace_end:g}) is before self_replace_start "
+                f"({self_replace_start:g})."
+            )
+        try:
+            plan = make_plan(
+                _tokenizer(clip), source_prompt, edit_prompt, inversion.timesteps, mode=mode,
+                cross_window=float(cross_replace), word_windows=cross_replace_words,
+                self_window=(float(self_replace_start), float(self_replace_end)), reweight=reweight,
+                blend_words=blend_words, blend_threshold=float(blend_threshold), only_cond=bool(only_cond),
+                record_window=store.config.record_window,
+            )
+        except FusionConfigError as e:
+            raise ZSVEInputError(f"AttentionBlend: {e}") from None
+        for note in plan.notes:
+            log.warning("AttentionBlend: %s", note)
+        m = model.clone()
+        add_processor(m, FateZeroController(store, plan))
+        h, w = store.latent_hw
+        mask = preview_mask(store, plan, (h, w))
+        mask = torch.nn.functional.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]
+        text = [store.summary()] + plan.notes
+        return io.NodeOutput(m, mask, ui={"text": text})
+
+
+NODES = [AttentionStore, AttentionBlend, TemporalSelfAttentionPatch]

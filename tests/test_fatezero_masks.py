@@ -1,0 +1,78 @@
+"""attention/masks.py against hand-computed cases."""
+
+import torch
+
+from zsve.attention import masks
+
+
+def _two_layer_maps():
+    a = torch.zeros(1, 16, 3)
+    a[0, 0, 1] = 1.0  # pixel (0, 0), token 1
+    b = torch.zeros(1, 16, 3)
+    b[0, 15, 1] = 0.5  # pixel (3, 3), token 1
+    b[0, 5, 2] = 9.0  # another token: must be ignored
+    return [a, b]
+
+
+def test_word_map_sums_tokens_and_averages_layers():
+    maps = _two_layer_maps()
+    wm = masks.word_map(maps, [(4, 4), (4, 4)], [1])
+    expect = torch.zeros(1, 4, 4)
+    expect[0, 0, 0] = 0.5
+    expect[0, 3, 3] = 0.25
+    assert torch.allclose(wm, expect)
+    # several tokens are summed
+    wm2 = masks.word_map(maps, [(4, 4), (4, 4)], [1, 2])
+    assert torch.isclose(wm2[0, 1, 1], torch.tensor(4.5))
+    # per-head maps are averaged over heads first
+    per_head = torch.stack([maps[0] * 2, maps[0] * 0], dim=1)  # mean over heads == maps[0]
+    assert torch.allclose(masks.word_map([per_head], [(4, 4)], [1]), masks.word_map([maps[0]], [(4, 4)], [1]))
+
+
+def test_mask_pool_normalise_threshold():
+    maps = _two_layer_maps()
+    soft = masks.cross_attention_mask(maps, [(4, 4), (4, 4)], [1], out_hw=(4, 4), threshold=None)
+    expect = torch.zeros(1, 4, 4)
+    expect[0, 0:2, 0:2] = 1.0  # 0.5 spread by the 3x3 max-pool, normalised by the max 0.5
+    expect[0, 2:4, 2:4] = 0.5  # 0.25 / 0.5
+    assert torch.allclose(soft, expect)
+    hard = masks.cross_attention_mask(maps, [(4, 4), (4, 4)], [1], out_hw=(4, 4), threshold=0.6)
+    assert torch.equal(hard, (expect > 0.6).float())
+    low = masks.cross_attention_mask(maps, [(4, 4), (4, 4)], [1], out_hw=(4, 4), threshold=0.3)
+    assert low.sum() == 8
+    nopool = masks.cross_attention_mask(maps, [(4, 4), (4, 4)], [1], out_hw=(4, 4), threshold=0.3, pool=False)
+    assert nopool.sum() == 2 and nopool[0, 0, 0] == 1 and nopool[0, 3, 3] == 1  # 1.0 and 0.5 > 0.3
+
+def test_mask_resize_nearest_and_per_frame_normalisation():
+    m = torch.zeros(2, 4, 3)
+    m[0, 0, 0] = 0.2  # frame 0: pixel (0,0)
+    m[1, 3, 0] = 0.8  # frame 1: pixel (1,1)
+    out = masks.cross_attention_mask([m], [(2, 2)], [0], out_hw=(4, 4), threshold=0.5, pool=False)
+    assert out.shape == (2, 4, 4)
+    # each frame normalised by its own max: both frames have a full 2x2 block (nearest upsampling)
+    assert out[0, :2, :2].sum() == 4 and out[0].sum() == 4
+    assert out[1, 2:, 2:].sum() == 4 and out[1].sum() == 4
+    # an all-zero frame stays zero (no division by zero)
+    z = masks.cross_attention_mask([torch.zeros(1, 4, 3)], [(2, 2)], [0], out_hw=(2, 2), threshold=0.3)
+    assert z.sum() == 0 and torch.isfinite(z).all()
+
+
+def test_mixed_resolutions_are_resized_to_the_largest():
+    a = torch.zeros(1, 16, 1)
+    a[0, :, 0] = 1.0
+    b = torch.full((1, 4, 1), 3.0)
+    wm = masks.word_map([a, b], [(4, 4), (2, 2)], [0])
+    assert wm.shape == (1, 4, 4) and torch.allclose(wm, torch.full((1, 4, 4), 2.0))
+
+
+def test_dilate_temporal_smooth_union():
+    m = torch.zeros(3, 5, 5)
+    m[1, 2, 2] = 1
+    d = masks.dilate(m, 1)
+    assert d[1].sum() == 9 and d[0].sum() == 0
+    t = masks.temporal_smooth(m, 1, "max")
+    assert t[:, 2, 2].tolist() == [1, 1, 1] and t.sum() == 3
+    tm = masks.temporal_smooth(m, 1, "mean")
+    assert torch.allclose(tm[:, 2, 2], torch.tensor([1 / 3, 1 / 3, 1 / 3]))
+    u = masks.union(m, d)
+    assert torch.equal(u, d)

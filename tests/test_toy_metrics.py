@@ -1,0 +1,100 @@
+"""Edit metrics on hand-made cases."""
+
+import math
+
+import numpy as np
+import torch
+
+import zsve.toy.metrics as tm
+import zsve.toy.scenes as sc
+
+
+def moving_square(frames=6, size=64, step=2):
+    v = np.zeros((frames, size, size, 3), np.float32)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for f in range(frames):
+        x0 = 10 + step * f
+        v[f] = 0.2 + 0.1 * np.sin(xx / 5.0)[..., None]  # textured background so flow is defined
+        v[f][(xx >= x0) & (xx < x0 + 16) & (yy >= 20) & (yy < 36)] = (1.0, 0.2, 0.2)
+    return v
+
+
+def test_psnr_ssim_identical_and_noisy():
+    v = moving_square()
+    assert tm.masked_psnr(v, v) == math.inf
+    assert abs(tm.masked_ssim(v, v) - 1.0) < 1e-4
+    rng = np.random.default_rng(0)
+    noisy = np.clip(v + rng.normal(0, 0.05, v.shape).astype(np.float32), 0, 1)
+    p = tm.masked_psnr(noisy, v)
+    assert 24 < p < 28  # sigma 0.05 -> ~26 dB
+    assert tm.masked_ssim(noisy, v) < 0.95
+    # torch input works the same
+    assert tm.masked_psnr(torch.from_numpy(noisy), torch.from_numpy(v)) == p
+
+
+def test_psnr_ignores_the_edited_region():
+    v = moving_square()
+    e = v.copy()
+    region = np.zeros(v.shape[:3], bool)
+    region[:, 10:30, 10:30] = True
+    e[region] = 0.9
+    assert tm.masked_psnr(e, v) < 20
+    assert tm.masked_psnr(e, v, region) == math.inf
+    assert tm.masked_ssim(e, v, region) > tm.masked_ssim(e, v)
+    assert tm.changed_fraction(e, v, ~region) == 0.0
+    assert tm.changed_fraction(e, v, region) > 0.5
+
+
+def test_warp_error_static_and_moving():
+    static = np.repeat(moving_square(1), 5, 0)
+    assert tm.warp_error(static, static) < 1e-8
+    assert tm.relative_frame_change(static, static) == 0.0
+    v = moving_square(step=2)
+    good = tm.warp_error(v, v)
+    flicker = v.copy()
+    flicker[1::2] = np.clip(flicker[1::2] + 0.15, 0, 1)
+    bad = tm.warp_error(flicker, v)
+    assert good < 0.002
+    assert bad > 5 * good and bad > 0.01
+    assert abs(tm.relative_frame_change(v, v) - 1.0) < 1e-6
+    assert tm.relative_frame_change(flicker, v) > 2.0
+
+
+def test_toy_scores_of_the_source_and_of_a_perfect_colour_edit():
+    spec = next(s for s in sc.benchmark_set(6) if s.name == "color_swap")
+    clip = spec.clip()
+    # "edit" = the source itself: everything kept, edit not done
+    same = tm.toy_scores(clip.frames, clip, spec)
+    assert same["psnr_bg"] == math.inf and same["leak"] == 0.0 and same["others_kept"] == 1.0
+    assert same["success"] == 0.0 and same["success_shape"] == 1.0 and same["success_color"] == 0.0
+    # the perfect edit: render the same motion with the target colour
+    m = spec.motions[0]
+    target = sc.render_clip((sc.Motion(m.shape, spec.expect_color, m.start, m.end, m.r0, m.r1),),
+                            spec.background, 6).frames
+    ok = tm.toy_scores(target, clip, spec)
+    assert ok["success"] == 1.0 and ok["psnr_bg"] == math.inf and ok["leak"] == 0.0
+    # flow on a flat object is imperfect: the perfect edit is as consistent as the source itself
+    src_err = tm.warp_error(clip.frames, clip.frames)
+    assert ok["warp_err"] < 1.5 * src_err + 1e-3
+
+
+def test_toy_scores_background_and_two_object_edits():
+    specs = {s.name: s for s in sc.benchmark_set(6)}
+    bgspec = specs["background_change"]
+    clip = bgspec.clip()
+    edited = sc.render_clip(bgspec.motions, bgspec.edit_background, 6).frames
+    s = tm.toy_scores(edited, clip, bgspec)
+    assert s["success"] == 1.0 and s["others_kept"] == 1.0
+    assert tm.toy_scores(clip.frames, clip, bgspec)["success"] == 0.0
+    two = specs["two_object"]
+    clip2 = two.clip()
+    ms = list(two.motions)
+    m = ms[two.target]
+    ms[two.target] = sc.Motion(two.expect_shape, two.expect_color, m.start, m.end, m.r0, m.r1)
+    good = tm.toy_scores(sc.render_clip(tuple(ms), two.background, 6).frames, clip2, two)
+    assert good["success"] == 1.0 and good["others_kept"] == 1.0
+    # leaking the edit into the other object too is caught
+    o = ms[0]
+    ms[0] = sc.Motion(o.shape, two.expect_color, o.start, o.end, o.r0, o.r1)
+    leaky = tm.toy_scores(sc.render_clip(tuple(ms), two.background, 6).frames, clip2, two)
+    assert leaky["success"] == 1.0 and leaky["others_kept"] < 1.0 and leaky["leak"] > 0.05

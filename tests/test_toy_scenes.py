@@ -1,0 +1,108 @@
+"""Toy world scenes, clips, benchmark set and the colour/shape/background detectors (no model needed)."""
+
+import numpy as np
+import pytest
+
+import zsve.toy.detect as det
+import zsve.toy.metrics as tmetrics
+import zsve.toy.scenes as sc
+
+
+def blocky(img):
+    """What the toy VAE round trip does: 8x8 block means, nearest upsampling."""
+    h, w = img.shape[0] // 8, img.shape[1] // 8
+    m = img.reshape(h, 8, w, 8, 3).mean((1, 3))
+    return np.repeat(np.repeat(m, 8, 0), 8, 1)
+
+
+def test_scenes_are_deterministic_by_seed():
+    a = sc.random_scene(np.random.default_rng(7))
+    b = sc.random_scene(np.random.default_rng(7))
+    c = sc.random_scene(np.random.default_rng(8))
+    assert a == b and a != c
+    ia, _ = sc.render(a)
+    ib, _ = sc.render(b)
+    assert np.array_equal(ia, ib)
+    ca, cb = sc.random_clip(3), sc.random_clip(3)
+    assert np.array_equal(ca.frames, cb.frames) and np.array_equal(ca.masks, cb.masks) and ca.prompt == cb.prompt
+    assert not np.array_equal(sc.random_clip(4).frames, ca.frames)
+
+
+def test_captions():
+    s = sc.Scene((sc.Obj("circle", "red", 64, 64, 20),), sc.Background("stripes", "blue"))
+    assert s.caption() == "a red circle on blue stripes"
+    two = sc.Scene((sc.Obj("circle", "red", 30, 64, 16), sc.Obj("square", "green", 90, 64, 16)),
+                   sc.Background("gradient"))
+    assert two.caption() == "a red circle and a green square on a gradient"
+    assert sc.Scene((sc.Obj("triangle", "yellow", 64, 64, 20),), sc.Background("plain", "gray")).caption() == (
+        "a yellow triangle on gray")
+
+
+def test_heldout_split_is_disjoint_and_covers_every_word():
+    held, train = set(sc.heldout_specs()), set(sc.train_specs())
+    assert held and train and not (held & train)
+    assert held | train == set(sc.single_specs())
+    for shape, color, bg in held:  # each part of a held-out prompt is seen in training elsewhere
+        assert any(s == shape for s, _, _ in train)
+        assert any(c == color for _, c, _ in train)
+        assert any(b == bg for _, _, b in train)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        scene = sc.random_scene(rng, two_object_p=0.0)
+        o = scene.objects[0]
+        assert (o.shape, o.color, scene.background) not in held
+
+
+def test_masks_are_the_object_pixels():
+    clip = sc.random_clip(11, frames=8, two_objects=True)
+    assert clip.frames.shape == (8, sc.SIZE, sc.SIZE, 3) and clip.masks.shape == (8, 2, sc.SIZE, sc.SIZE)
+    assert clip.frames.dtype == np.float32 and 0 <= clip.frames.min() and clip.frames.max() <= 1
+    for f in range(8):
+        for i, m in enumerate(clip.motions):
+            mask = clip.masks[f, i]
+            assert mask.sum() > 300
+            assert np.all(clip.frames[f][mask] == np.array(sc.COLORS[m.color], np.float32))
+        bg = ~clip.masks[f].any(0)
+        assert clip.frames[f][bg].max() <= 0.5  # backgrounds are dim
+    # objects move
+    c0 = np.argwhere(clip.masks[0, 0]).mean(0)
+    c7 = np.argwhere(clip.masks[7, 0]).mean(0)
+    assert np.abs(c0 - c7).max() > 1.0 or clip.masks[0, 0].sum() != clip.masks[7, 0].sum()
+
+
+def test_benchmark_set():
+    specs = sc.benchmark_set(8)
+    kinds = {s.kind for s in specs}
+    assert {"color", "shape", "background", "two_object"} <= kinds
+    for s in specs:
+        clip = s.clip()
+        assert clip.prompt == s.source_prompt != s.edit_prompt
+        assert clip.frames.shape[0] == 8
+        assert clip.masks.any(axis=(2, 3)).all()  # every object visible in every frame
+    two = next(s for s in specs if s.kind == "two_object")
+    assert two.edit_prompt.split(" and ")[0] == two.source_prompt.split(" and ")[0]  # the other object stays
+
+
+@pytest.mark.parametrize("fn", [lambda x: x, blocky], ids=["sharp", "blocky"])
+def test_detector_reads_rendered_scenes(fn):
+    rng = np.random.default_rng(5)
+    n = 60
+    color_ok = shape_ok = bg_ok = 0
+    for _ in range(n):
+        scene = sc.random_scene(rng, two_object_p=0.0, heldout_ok=True)
+        img, _ = sc.render(scene)
+        img = fn(img)
+        d = det.detect(img)
+        color_ok += d.color == scene.objects[0].color
+        shape_ok += d.shape == scene.objects[0].shape
+        fg = tmetrics.dilate(det.object_pixels(img), 8)
+        bg_ok += tmetrics.detect_background(img, fg) == scene.background
+    assert color_ok == n
+    assert shape_ok >= 0.95 * n
+    assert bg_ok >= 0.95 * n
+
+
+def test_detector_sees_nothing_on_a_plain_background():
+    img = sc.render_background(sc.Background("stripes", "red"))
+    d = det.detect(img)
+    assert d.color is None and d.shape is None

@@ -1,0 +1,23 @@
+"""The Video-P2P rows of the toy benchmark are registered and run on the toy model (smoke test: 2 frames,
+2 steps; only the fast row is run here to spare the CPU — the null-text path is covered by test_videop2p.py)."""
+
+from __future__ import annotations
+
+import math
+
+import zsve.toy.benchmark as bench
+import zsve.toy.methods_videop2p  # noqa: F401  (registers the rows)
+import zsve.toy.model as toy_model
+
+ROWS = ["Video-P2P (fast)", "Video-P2P (null-text)"]
+
+
+def test_videop2p_rows_run_on_the_toy_model():
+    assert all(r in bench.METHODS for r in ROWS)
+    assert "toy.methods_videop2p" in bench.METHOD_MODULES
+    model, clip, vae, _ = toy_model.load()
+    res = bench.run(model, clip, vae, ROWS[:1], steps=2, cfg=5.0, frames=2, items=["color_swap"], verbose=False)
+    r = res[ROWS[0]]
+    assert r["items"]["color_swap"]["_frames"].shape == (2, 128, 128, 3)
+    assert all(isinstance(v, float) and not math.isnan(v) for v in r["mean"].values())
+    print("\n" + bench.table(res))

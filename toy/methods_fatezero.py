@@ -1,0 +1,54 @@
+"""Benchmark rows for FateZero (issue 4), built from the pack's nodes exactly as a graph would wire them:
+
+    TemporalSelfAttentionPatch(middle) -> AttentionStore -> VideoDDIMInvert(source prompt)
+    TemporalSelfAttentionPatch(middle) -> AttentionBlend(inversion) -> KSamplerAdvanced(edit prompt, from z_T)
+
+- "FateZero (style)": FateZero's style/attribute settings (jeep_watercolor.yaml): refinement, cross window
+  0.8, self-attention fully replaced in [0, 0.8) (no blend mask).
+- "FateZero (local blended)": FateZero's shape/local settings (jeep_posche.yaml): word swap when the word
+  counts match (else refinement), cross 0.5, self [0, 0.5) blended with the mask of the source words of the
+  edited object (or of the background for a background edit), threshold 0.3.
+"""
+
+from __future__ import annotations
+
+from .benchmark import BenchSpec, _pack, decode, encode_frames, encode_text, invert, register, sample_from
+
+TEMPORAL_MODE = "middle"
+
+
+def source_words(spec: BenchSpec) -> str:
+    """Words of the source prompt naming what the edit changes."""
+    e = spec.edit
+    if e.target is None:
+        return e.background.caption()
+    m = e.motions[e.target]
+    return f"{m.color} {m.shape}"
+
+
+def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: BenchSpec, blend: dict):
+    fz = _pack().nodes.fatezero
+    m = fz.TemporalSelfAttentionPatch.execute(model, mode=TEMPORAL_MODE, include_own_frame=False,
+                                              min_channels=0).result[0]
+    store_model = fz.AttentionStore.execute(m, record_window=blend["record_window"], skip_full_res=True,
+                                            memory_budget_gb=0.0).result[0]
+    z_T, inv = invert(store_model, encode_frames(vae, frames), encode_text(clip, source_prompt), spec)
+    args = dict(source_prompt=source_prompt, edit_prompt=edit_prompt, mode=blend["mode"],
+                cross_replace=blend["cross"], cross_replace_words="", self_replace_start=0.0,
+                self_replace_end=blend["self"], reweight="", blend_words=blend.get("blend_words", ""),
+                blend_threshold=0.3, only_cond=True)
+    edit_model = fz.AttentionBlend.execute(m, inv, clip, **args).result[0]
+    pos, neg = encode_text(clip, edit_prompt), encode_text(clip, spec.negative_prompt)
+    return decode(vae, sample_from(edit_model, z_T, pos, neg, spec))
+
+
+@register("FateZero (style)")
+def fatezero_style(model, clip, vae, frames, source_prompt, edit_prompt, spec):
+    cfg = dict(mode="refine", cross=0.8, self=0.8, record_window=0.8)
+    return fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, cfg)
+
+
+@register("FateZero (local blended)")
+def fatezero_local(model, clip, vae, frames, source_prompt, edit_prompt, spec):
+    cfg = dict(mode="replace", cross=0.5, self=0.5, record_window=0.5, blend_words=source_words(spec))
+    return fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, cfg)

@@ -1,0 +1,49 @@
+"""Benchmark rows for Video-P2P (issue 5), built from the pack's nodes as a graph wires them:
+
+    TemporalSelfAttentionPatch(first) -> VideoDDIMInvert(source prompt) -> [NullTextOptimize] ->
+    VideoP2PGuider(source, edit, empty; word swap when the word counts match, cross 0.2, self 0.5,
+    Local Blend on the source words of the edited object from 0.2, threshold 0.3) -> SamplerCustomAdvanced
+    (DisableNoise, ddim, ddim_uniform, same steps, from z_T)
+
+- "Video-P2P (fast)": without null text (the source branch uses its conditional prediction), as `--fast`.
+- "Video-P2P (null-text)": with the shared null-text optimisation (10 inner steps, epsilon 1e-5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .benchmark import BenchSpec, _pack, decode, encode_frames, encode_text, invert, register
+from .methods_fatezero import source_words
+
+
+def videop2p_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: BenchSpec, null_text: bool):
+    import comfy.samplers
+
+    pack = _pack()
+    vp, fz = pack.nodes.videop2p, pack.nodes.fatezero
+    m = fz.TemporalSelfAttentionPatch.execute(model, mode="first", include_own_frame=False,
+                                              min_channels=0).result[0]
+    src, edit = encode_text(clip, source_prompt), encode_text(clip, edit_prompt)
+    neg = encode_text(clip, spec.negative_prompt)
+    z_T, inv = invert(m, encode_frames(vae, frames), src, spec)
+    nt = vp.run_null_text(m, inv, src, neg, spec.cfg, 10, 1e-5, disable_pbar=True) if null_text else None
+    guider = vp.VideoP2PGuiderNode.execute(
+        m, src, edit, neg, clip, source_prompt, edit_prompt, spec.cfg, "replace", 0.2, "", 0.5, "",
+        source_words(spec), "", 0.2, 0.3, vp.TARGET_UNCOND[0], null_text=nt).result[0]
+    ms = m.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, spec.scheduler, spec.steps).cpu()
+    x = z_T["samples"]
+    out = guider.sample(torch.zeros_like(x), x, comfy.samplers.sampler_object(spec.sampler), sigmas,
+                        disable_pbar=True, seed=0)
+    return decode(vae, {"samples": out})
+
+
+@register("Video-P2P (fast)")
+def videop2p_fast(model, clip, vae, frames, source_prompt, edit_prompt, spec):
+    return videop2p_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, null_text=False)
+
+
+@register("Video-P2P (null-text)")
+def videop2p_null_text(model, clip, vae, frames, source_prompt, edit_prompt, spec):
+    return videop2p_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, null_text=True)

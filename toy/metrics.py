@@ -1,0 +1,241 @@
+"""Edit-quality metrics, usable on any video (frames [F, H, W, 3], floats in 0..1, numpy or torch).
+
+- Background preservation: PSNR and SSIM (kornia) restricted to the pixels outside the edited region,
+  against the source frames.
+- Temporal consistency: warp error of the edited frames with optical flow estimated on the SOURCE frames
+  (OpenCV Farneback, no weights), and the mean frame-to-frame change of the edit relative to the source's.
+- Toy only (needs ground-truth masks and the toy detector): edit success (the target region shows the
+  requested colour/shape in each frame; for a background edit, the requested background), and leakage
+  (other objects changed; pixels outside the edited region changed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from . import detect as det
+from .scenes import COLORS, Background
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, np.float32)
+
+
+def _keep_mask(frames: np.ndarray, edit_region) -> np.ndarray:
+    """[F, H, W] float: 1 where the pixel counts for preservation (outside the edited region)."""
+    if edit_region is None:
+        return np.ones(frames.shape[:3], np.float32)
+    r = _np(edit_region)
+    if r.ndim == 2:
+        r = np.broadcast_to(r, frames.shape[:3])
+    return (r < 0.5).astype(np.float32)
+
+
+def dilate(masks, pixels: int) -> np.ndarray:
+    """Dilate [F, H, W] (or [H, W]) boolean masks by a square of 2*pixels+1 (per frame)."""
+    m = np.asarray(masks, bool)
+    if pixels <= 0:
+        return m.copy()
+    st = np.ones((2 * pixels + 1, 2 * pixels + 1), bool)
+    if m.ndim == 2:
+        return ndimage.binary_dilation(m, structure=st)
+    return np.stack([ndimage.binary_dilation(f, structure=st) for f in m])
+
+
+def masked_psnr(edited, source, edit_region=None) -> float:
+    """PSNR (dB, peak 1) over the pixels outside `edit_region` ([F,H,W] or [H,W], True = edited).
+    inf when those pixels are identical; nan when there are none."""
+    e, s = _np(edited), _np(source)
+    keep = _keep_mask(e, edit_region)
+    n = keep.sum() * e.shape[-1]
+    if n == 0:
+        return float("nan")
+    mse = float((((e - s) ** 2) * keep[..., None]).sum() / n)
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def masked_ssim(edited, source, edit_region=None, window: int = 11) -> float:
+    """Mean SSIM (kornia's map, window 11) over the pixels outside `edit_region`."""
+    import kornia
+    import torch
+
+    e, s = _np(edited), _np(source)
+    keep = _keep_mask(e, edit_region)
+    if keep.sum() == 0:
+        return float("nan")
+    te = torch.from_numpy(e).permute(0, 3, 1, 2).contiguous()
+    ts = torch.from_numpy(s).permute(0, 3, 1, 2).contiguous()
+    smap = kornia.metrics.ssim(te, ts, window, max_val=1.0).mean(1).numpy()  # [F, H, W]
+    return float((smap * keep).sum() / keep.sum())
+
+
+def source_flows(source) -> list[np.ndarray]:
+    """Farneback flow from frame t to t+1 of the source frames, [H, W, 2] (dx, dy) per pair."""
+    import cv2
+
+    s = _np(source)
+    gray = [cv2.cvtColor((np.clip(f, 0, 1) * 255).round().astype(np.uint8), cv2.COLOR_RGB2GRAY) for f in s]
+    return [
+        cv2.calcOpticalFlowFarneback(gray[t], gray[t + 1], None, 0.5, 3, 15, 3, 5, 1.2, 0)
+        for t in range(len(gray) - 1)
+    ]
+
+
+def warp_error(edited, source, flows: list[np.ndarray] | None = None) -> float:
+    """Mean over consecutive pairs of the mean squared difference between edited frame t and edited frame t+1
+    warped back to t with the source flow t->t+1 (pixels whose flow leaves the image are ignored).
+    0 for a static video; small when the edit moves the way the source moves."""
+    import cv2
+
+    e = _np(edited)
+    if len(e) < 2:
+        return 0.0
+    flows = flows if flows is not None else source_flows(source)
+    h, w = e.shape[1:3]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    errs = []
+    for t, fl in enumerate(flows):
+        mx, my = xx + fl[..., 0], yy + fl[..., 1]
+        warped = cv2.remap(e[t + 1], mx, my, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        valid = (mx >= 0) & (mx <= w - 1) & (my >= 0) & (my <= h - 1)
+        if valid.sum() == 0:
+            continue
+        errs.append(float((((warped - e[t]) ** 2).mean(-1) * valid).sum() / valid.sum()))
+    return float(np.mean(errs)) if errs else float("nan")
+
+
+def frame_change(frames) -> float:
+    """Mean absolute frame-to-frame change."""
+    f = _np(frames)
+    if len(f) < 2:
+        return 0.0
+    return float(np.abs(f[1:] - f[:-1]).mean())
+
+
+def relative_frame_change(edited, source) -> float:
+    """Mean frame-to-frame change of the edit divided by the source's (1 = moves as much as the source;
+    >1 = flicker). inf if the source is static and the edit is not."""
+    fe, fs = frame_change(edited), frame_change(source)
+    if fs == 0:
+        return 0.0 if fe == 0 else float("inf")
+    return fe / fs
+
+
+# --- toy-only ---------------------------------------------------------------------------------------
+
+
+def detect_background(img, objects_region=None) -> Background | None:
+    """The toy background outside `objects_region` ([H,W] bool): plain black/gray/white, <colour>
+    stripes/dots, or the gradient. None when unclear."""
+    a = _np(img)
+    keep = np.ones(a.shape[:2], bool) if objects_region is None else ~np.asarray(objects_region, bool)
+    if keep.sum() < 64:
+        return None
+    mx, mn = a.max(-1), a.min(-1)
+    sat = (mx - mn) > 0.15
+    colored = sat & keep
+    if colored.sum() > 0.08 * keep.sum():
+        cname = det.classify_color(a[colored])
+        # stripes are vertical: a coloured pixel's column is coloured almost all the way down.
+        cols = colored.sum(0).astype(np.float32) / np.maximum(1, keep.sum(0))
+        col_frac = float((cols[np.nonzero(colored)[1]]).mean())
+        return Background("stripes" if col_frac > 0.75 else "dots", cname)
+    v = np.where(keep, mx, np.nan)
+    colmean = np.nanmean(v, 0)
+    ok = ~np.isnan(colmean)
+    if ok.sum() >= 8:
+        xs = np.arange(len(colmean))[ok]
+        slope = np.polyfit(xs, colmean[ok], 1)[0] * len(colmean)
+        if slope > 0.2:
+            return Background("gradient")
+    m = float(np.nanmean(v))
+    return Background("plain", "black" if m < 0.18 else ("gray" if m < 0.43 else "white"))
+
+
+def object_success(edited, region_masks, shape: str | None, color: str | None, dilate_px: int = 8) -> dict:
+    """Per frame, the detector inside the (dilated) ground-truth region: fractions of frames with the
+    requested colour, shape and both."""
+    e = _np(edited)
+    reg = dilate(region_masks, dilate_px)
+    cok = sok = both = 0
+    for f in range(len(e)):
+        d = det.detect(e[f], reg[f])
+        c = color is None or d.color == color
+        s = shape is None or d.shape == shape
+        cok += c
+        sok += s
+        both += c and s
+    n = max(1, len(e))
+    return {"color": cok / n, "shape": sok / n, "both": both / n}
+
+
+def background_success(edited, objects_masks, expect: Background, dilate_px: int = 8) -> float:
+    e = _np(edited)
+    reg = dilate(objects_masks, dilate_px)
+    return float(np.mean([detect_background(e[f], reg[f]) == expect for f in range(len(e))]))
+
+
+def changed_fraction(edited, source, region=None, threshold: float = 0.1) -> float:
+    """Fraction of pixels (inside `region` if given) whose max-channel absolute change exceeds threshold."""
+    d = np.abs(_np(edited) - _np(source)).max(-1) > threshold
+    if region is None:
+        return float(d.mean())
+    r = np.asarray(region, bool)
+    return float(d[r].mean()) if r.any() else float("nan")
+
+
+def toy_scores(edited, clip, spec, dilate_px: int = 8) -> dict:
+    """All metrics of one toy benchmark item. `clip` is a toy Clip (source frames + masks), `spec` an
+    EditSpec."""
+    src = clip.frames
+    masks = clip.masks  # [F, n, H, W]
+    all_obj = masks.any(1)
+    if spec.target is None:  # global edit: background changes, objects must stay
+        edit_region = ~dilate(all_obj, dilate_px)  # everything but the objects is "edited"
+        keep_region = dilate(all_obj, 0)
+    else:
+        edit_region = dilate(masks[:, spec.target], dilate_px)
+        keep_region = ~edit_region
+    out = {
+        "psnr_bg": masked_psnr(edited, src, edit_region),
+        "ssim_bg": masked_ssim(edited, src, edit_region),
+        "warp_err": warp_error(edited, src),
+        "rel_change": relative_frame_change(edited, src),
+        "leak": changed_fraction(edited, src, keep_region),
+    }
+    if spec.target is None:
+        out["success"] = background_success(edited, all_obj, spec.edit_background, dilate_px)
+        kept = [object_success(edited, masks[:, i], m.shape, m.color, dilate_px)["both"]
+                for i, m in enumerate(spec.motions)]
+        out["others_kept"] = float(np.mean(kept))
+    else:
+        s = object_success(edited, masks[:, spec.target], spec.expect_shape, spec.expect_color, dilate_px)
+        out["success"] = s["both"]
+        out["success_color"], out["success_shape"] = s["color"], s["shape"]
+        others = [i for i in range(masks.shape[1]) if i != spec.target]
+        kept = [object_success(edited, masks[:, i], spec.motions[i].shape, spec.motions[i].color, dilate_px)["both"]
+                for i in others]
+        bg = background_success(edited, all_obj, spec.background, dilate_px)
+        out["others_kept"] = float(np.mean(kept + [bg]))
+    return out
+
+
+__all__ = [
+    "COLORS",
+    "masked_psnr",
+    "masked_ssim",
+    "warp_error",
+    "relative_frame_change",
+    "frame_change",
+    "source_flows",
+    "detect_background",
+    "object_success",
+    "background_success",
+    "changed_fraction",
+    "toy_scores",
+]

@@ -1,0 +1,116 @@
+"""Measure the toy model's prompt following on HELD-OUT prompts (shape/colour/background combinations never
+seen in training), the way a user would generate: CLIPTextEncode -> KSampler -> VAEDecode (ComfyUI's own
+node classes), then the toy detector on every decoded image.
+
+    cd <pack root> && python -m toy.quality [--weights PATH] [--per-prompt 8] [--steps 20] [--cfg 5]
+
+Prints one line per prompt and the totals; --json writes the numbers to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from . import boot
+
+
+def generate(model, clip, vae, prompt: str, n: int, seed: int, steps: int, cfg: float,
+             sampler: str = "euler", scheduler: str = "normal", negative_text: str = ""):
+    """n images [n, H, W, 3] for one prompt through ComfyUI's node classes."""
+    import nodes
+
+    pos = nodes.CLIPTextEncode().encode(clip, prompt)[0]
+    neg = nodes.CLIPTextEncode().encode(clip, negative_text)[0]
+    from .scenes import SIZE
+
+    latent = nodes.EmptyLatentImage().generate(SIZE, SIZE, n)[0]
+    out = nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent)[0]
+    return nodes.VAEDecode().decode(vae, out)[0]
+
+
+def measure(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, cfg: float = 5.0, seed: int = 1234,
+            sampler: str = "euler", scheduler: str = "normal", verbose: bool = True, background: bool = True) -> dict:
+    import numpy as np
+
+    from . import detect as det
+    from . import metrics, scenes
+
+    rows = []
+    tot = {"color": 0, "shape": 0, "both": 0, "background": 0, "n": 0}
+    for i, (shape, color, bg) in enumerate(specs):
+        prompt = scenes.caption_of([f"a {color} {shape}"], bg)
+        imgs = generate(model, clip, vae, prompt, per_prompt, seed + i, steps, cfg, sampler, scheduler).numpy()
+        c = s = b = g = 0
+        for img in imgs:
+            d = det.detect(img)
+            c += d.color == color
+            s += d.shape == shape
+            b += d.color == color and d.shape == shape
+            if background:
+                fg = det.object_pixels(img)
+                fg = metrics.dilate(fg, 8) if fg.any() else fg
+                g += metrics.detect_background(img, fg) == bg
+        rows.append({"prompt": prompt, "color": c / len(imgs), "shape": s / len(imgs), "both": b / len(imgs),
+                     "background": g / len(imgs)})
+        for k, v in (("color", c), ("shape", s), ("both", b), ("background", g)):
+            tot[k] += v
+        tot["n"] += len(imgs)
+        if verbose:
+            print(f"{prompt:45s} colour {c}/{len(imgs)} shape {s}/{len(imgs)} both {b}/{len(imgs)} "
+                  f"background {g}/{len(imgs)}", flush=True)
+    n = max(1, tot["n"])
+    return {
+        "color_acc": tot["color"] / n,
+        "shape_acc": tot["shape"] / n,
+        "both_acc": tot["both"] / n,
+        "background_acc": tot["background"] / n,
+        "samples": tot["n"],
+        "prompts": len(specs),
+        "rows": rows,
+        "settings": {"steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "seed": seed,
+                     "per_prompt": per_prompt},
+        "chance": {"color": 1 / 4, "shape": 1 / 3},
+        "_np": np.__name__,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=None)
+    p.add_argument("--per-prompt", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default="normal")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--train-prompts", action="store_true", help="measure on (a sample of) training prompts instead")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    boot.boot(threads=a.threads, load_nodes=False)
+    import torch
+
+    from . import model as tm
+    from . import scenes
+
+    t0 = time.time()
+    model, clip, vae, info = tm.load(a.weights or tm.WEIGHTS)
+    specs = scenes.train_specs()[::5] if a.train_prompts else scenes.heldout_specs()
+    with torch.inference_mode():
+        res = measure(model, clip, vae, specs, a.per_prompt, a.steps, a.cfg, a.seed, a.sampler, a.scheduler)
+    res.pop("_np")
+    res["train"] = info["train"]
+    res["seconds"] = round(time.time() - t0, 1)
+    which = "training" if a.train_prompts else "held-out"
+    print(f"{which} prompts: {res['prompts']}, samples: {res['samples']} | colour {res['color_acc']:.1%} shape "
+          f"{res['shape_acc']:.1%} both {res['both_acc']:.1%} background {res['background_acc']:.1%} | "
+          f"model steps {info['train'].get('steps')} | {res['seconds']} s")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Procedural toy scenes, captions, clips with ground-truth masks, and the fixed benchmark set.
+
+Images are float32 numpy arrays [H, W, 3] in 0..1 (videos [F, H, W, 3]); masks are bool [H, W]
+(videos [F, H, W]). Everything is deterministic given a seed (numpy Generator).
+
+The world is deliberately small so a tiny model can learn it on 2 CPU cores (see toy/README in
+RESULTS.md): objects are big, saturated, fully bright colours; backgrounds are dim (max channel <= 0.5),
+so a simple detector can separate object from background on the decoded (8x8-blocky) image.
+
+This module does not import ComfyUI or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+SIZE = 128  # image side in pixels (16x16 latents with the 8x toy VAE)
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+}
+COLOR_NAMES = tuple(COLORS)
+# Dim background colours (never brighter than 0.5 in any channel).
+DIM = {name: tuple(0.5 * c for c in rgb) for name, rgb in COLORS.items()}
+PLAIN = {"black": (0.0, 0.0, 0.0), "gray": (0.35, 0.35, 0.35), "white": (0.5, 0.5, 0.5)}
+# NB: "white" is rendered as a light gray 0.5 so that it stays dimmer than any object colour.
+PATTERN_BG = (0.08, 0.08, 0.08)  # the dark ground under stripes and dots
+STRIPE_PERIOD = 32
+DOT_PERIOD = 32
+DOT_RADIUS = 7
+
+
+@dataclass(frozen=True)
+class Background:
+    kind: str  # "plain", "stripes", "dots", "gradient"
+    color: str = ""  # plain: black/gray/white; stripes/dots: a COLORS name; gradient: ""
+
+    def caption(self) -> str:
+        if self.kind == "plain":
+            return self.color
+        if self.kind == "gradient":
+            return "a gradient"
+        return f"{self.color} {self.kind}"
+
+
+def all_backgrounds() -> list[Background]:
+    out = [Background("plain", c) for c in PLAIN]
+    out += [Background("stripes", c) for c in COLOR_NAMES]
+    out += [Background("dots", c) for c in COLOR_NAMES]
+    out.append(Background("gradient"))
+    return out
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    cx: float  # centre, pixels
+    cy: float
+    r: float  # half size, pixels (circle radius, half side of square, half base/height of triangle)
+
+    def phrase(self) -> str:
+        return f"a {self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+    background: Background
+    phase: float = 0.0  # stripes/dots/gradient offset in pixels
+
+    def caption(self) -> str:
+        return caption_of([o.phrase() for o in self.objects], self.background)
+
+
+def caption_of(phrases: list[str], background: Background) -> str:
+    return " and ".join(phrases) + " on " + background.caption()
+
+
+# --- rendering ----------------------------------------------------------------------------------------
+
+_YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = SIZE) -> np.ndarray:
+    yy, xx = (_YY, _XX) if size == SIZE else (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5)
+    if shape == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+    if shape == "triangle":  # apex up, base 2r at cy + r, height 2r
+        top, bottom = cy - r, cy + r
+        frac = (yy - top) / (2 * r)  # 0 at apex, 1 at base
+        return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= frac * r)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render_background(bg: Background, phase: float = 0.0, size: int = SIZE) -> np.ndarray:
+    yy, xx = (_YY, _XX) if size == SIZE else (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5)
+    img = np.empty((size, size, 3), np.float32)
+    if bg.kind == "plain":
+        img[:] = PLAIN[bg.color]
+    elif bg.kind == "stripes":  # vertical stripes, half period on
+        img[:] = PATTERN_BG
+        on = ((xx + phase) % STRIPE_PERIOD) < STRIPE_PERIOD / 2
+        img[on] = DIM[bg.color]
+    elif bg.kind == "dots":
+        img[:] = PATTERN_BG
+        px = (xx + phase) % DOT_PERIOD - DOT_PERIOD / 2
+        py = (yy + phase) % DOT_PERIOD - DOT_PERIOD / 2
+        img[px * px + py * py <= DOT_RADIUS**2] = DIM[bg.color]
+    elif bg.kind == "gradient":  # dark to light gray, left to right
+        v = 0.05 + 0.45 * (xx / size)
+        img[:] = v[..., None]
+    else:
+        raise ValueError(f"unknown background {bg.kind!r}")
+    return img
+
+
+def render(scene: Scene, size: int = SIZE) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The image [H,W,3] and one visible-region mask per object (later objects are drawn on top)."""
+    img = render_background(scene.background, scene.phase, size)
+    masks = []
+    for o in scene.objects:
+        m = shape_mask(o.shape, o.cx, o.cy, o.r, size)
+        img[m] = COLORS[o.color]
+        masks = [prev & ~m for prev in masks]
+        masks.append(m)
+    return img, masks
+
+
+# --- captions and splits ------------------------------------------------------------------------------
+
+
+def allowed(color: str, bg: Background) -> bool:
+    """Objects never share their colour word with a stripes/dots background (keeps captions unambiguous)."""
+    return not (bg.kind in ("stripes", "dots") and bg.color == color)
+
+
+def single_specs() -> list[tuple[str, str, Background]]:
+    return [(s, c, b) for b in all_backgrounds() for c in COLOR_NAMES for s in SHAPES if allowed(c, b)]
+
+
+def heldout_specs() -> list[tuple[str, str, Background]]:
+    """The held-out single-object (shape, colour, background) combinations: never seen in training.
+
+    Every 7th combination in a fixed order (7 is coprime to the 3 shapes and 4 colours, so all shapes
+    and colours are held out somewhere); every shape, colour and background also appears in
+    training, only not in this combination."""
+    specs = single_specs()
+    return [s for i, s in enumerate(specs) if i % 7 == 3]
+
+
+def train_specs() -> list[tuple[str, str, Background]]:
+    held = set(heldout_specs())
+    return [s for s in single_specs() if s not in held]
+
+
+def random_object(rng: np.random.Generator, shape: str, color: str, r_range=(20.0, 30.0), x_range=None) -> Obj:
+    r = float(rng.uniform(*r_range))
+    lo, hi = r + 2, SIZE - r - 2
+    if x_range is not None:
+        lo, hi = max(lo, x_range[0]), min(hi, x_range[1])
+    return Obj(shape, color, float(rng.uniform(lo, hi)), float(rng.uniform(r + 2, SIZE - r - 2)), r)
+
+
+def random_scene(rng: np.random.Generator, two_object_p: float = 0.15, heldout_ok: bool = False) -> Scene:
+    """A training scene: one object from the training combinations, or (with two_object_p) two
+    objects of different colours side by side (left one named first)."""
+    phase = float(rng.uniform(0, STRIPE_PERIOD))
+    if rng.uniform() < two_object_p:
+        bgs = all_backgrounds()
+        while True:
+            bg = bgs[rng.integers(len(bgs))]
+            c1, c2 = rng.choice(COLOR_NAMES, 2, replace=False)
+            if allowed(c1, bg) and allowed(c2, bg):
+                break
+        s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
+        o1 = random_object(rng, str(s1), str(c1), (16.0, 22.0), (0, SIZE / 2 - 2))
+        o2 = random_object(rng, str(s2), str(c2), (16.0, 22.0), (SIZE / 2 + 2, SIZE))
+        return Scene((o1, o2), bg, phase)
+    specs = single_specs() if heldout_ok else train_specs()
+    shape, color, bg = specs[rng.integers(len(specs))]
+    return Scene((random_object(rng, shape, color),), bg, phase)
+
+
+# --- clips --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Motion:
+    """Linear motion of one object over the clip: centre from start to end, half size from r0 to r1."""
+
+    shape: str
+    color: str
+    start: tuple[float, float]
+    end: tuple[float, float]
+    r0: float
+    r1: float
+
+    def at(self, u: float) -> Obj:
+        cx = self.start[0] + (self.end[0] - self.start[0]) * u
+        cy = self.start[1] + (self.end[1] - self.start[1]) * u
+        return Obj(self.shape, self.color, cx, cy, self.r0 + (self.r1 - self.r0) * u)
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray  # [F, H, W, 3] float32 0..1
+    masks: np.ndarray  # [F, n_objects, H, W] bool (visible region of each object)
+    prompt: str
+    motions: tuple[Motion, ...]
+    background: Background
+    phase_speed: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def render_clip(motions: tuple[Motion, ...], background: Background, frames: int = 8, phase: float = 0.0,
+                phase_speed: float = 0.0) -> Clip:
+    imgs, masks = [], []
+    for f in range(frames):
+        u = f / max(1, frames - 1)
+        scene = Scene(tuple(m.at(u) for m in motions), background, phase + phase_speed * f)
+        img, ms = render(scene)
+        imgs.append(img)
+        masks.append(np.stack(ms))
+    prompt = caption_of([f"a {m.color} {m.shape}" for m in motions], background)
+    return Clip(np.stack(imgs), np.stack(masks), prompt, tuple(motions), background, phase_speed)
+
+
+def random_clip(seed: int, frames: int = 8, two_objects: bool = False) -> Clip:
+    """A clip from a seed: 1 or 2 objects translating (and resizing by up to 25%) over a background."""
+    rng = np.random.default_rng(seed)
+    scene = random_scene(rng, two_object_p=1.0 if two_objects else 0.0, heldout_ok=True)
+    motions = []
+    for o in scene.objects:
+        r1 = float(np.clip(o.r * rng.uniform(0.8, 1.25), 14, 30))
+        half = SIZE / 2
+        if len(scene.objects) == 2:  # stay on own half
+            xlo, xhi = (r1 + 2, half - 2) if o.cx < half else (half + 2, SIZE - r1 - 2)
+        else:
+            xlo, xhi = r1 + 2, SIZE - r1 - 2
+        dx = float(rng.uniform(-24, 24))
+        dy = float(rng.uniform(-24, 24))
+        ex = float(np.clip(o.cx + dx, max(xlo, r1 + 2), xhi))
+        ey = float(np.clip(o.cy + dy, r1 + 2, SIZE - r1 - 2))
+        sx = float(np.clip(o.cx, max(xlo, o.r + 2), min(xhi, SIZE - o.r - 2)))
+        motions.append(Motion(o.shape, o.color, (sx, o.cy), (ex, ey), o.r, r1))
+    return render_clip(tuple(motions), scene.background, frames, phase=scene.phase)
+
+
+# --- the benchmark set --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """One benchmark item. `target` is the index of the edited object (None for a global edit);
+    `expect` says what the edited object should look like (shape, colour) and `expect_background` the
+    background after the edit."""
+
+    name: str
+    kind: str  # "color", "shape", "background", "two_object"
+    motions: tuple[Motion, ...]
+    background: Background
+    edit_background: Background
+    target: int | None
+    expect_shape: str | None
+    expect_color: str | None
+    frames: int = 8
+    phase: float = 0.0
+
+    def clip(self) -> Clip:
+        return render_clip(self.motions, self.background, self.frames, self.phase)
+
+    @property
+    def source_prompt(self) -> str:
+        return caption_of([f"a {m.color} {m.shape}" for m in self.motions], self.background)
+
+    @property
+    def edit_prompt(self) -> str:
+        phrases = []
+        for i, m in enumerate(self.motions):
+            if i == self.target:
+                phrases.append(f"a {self.expect_color} {self.expect_shape}")
+            else:
+                phrases.append(f"a {m.color} {m.shape}")
+        return caption_of(phrases, self.edit_background)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["source_prompt"], d["edit_prompt"] = self.source_prompt, self.edit_prompt
+        return d
+
+
+def benchmark_set(frames: int = 8) -> list[EditSpec]:
+    """The fixed benchmark: colour swap, shape swap, background change, two-object (edit one only)."""
+    circle = Motion("circle", "red", (40.0, 50.0), (86.0, 76.0), 24.0, 24.0)
+    square = Motion("square", "blue", (80.0, 40.0), (48.0, 84.0), 22.0, 27.0)
+    tri = Motion("triangle", "yellow", (44.0, 80.0), (84.0, 56.0), 26.0, 22.0)
+    left = Motion("circle", "green", (30.0, 40.0), (40.0, 86.0), 18.0, 18.0)
+    right = Motion("square", "red", (98.0, 84.0), (90.0, 42.0), 18.0, 20.0)
+    gray, black = Background("plain", "gray"), Background("plain", "black")
+    blue_stripes, green_dots = Background("stripes", "blue"), Background("dots", "green")
+    specs = [
+        EditSpec("color_swap", "color", (circle,), gray, gray, 0, "circle", "blue", frames),
+        EditSpec("color_swap_stripes", "color", (tri,), blue_stripes, blue_stripes, 0, "triangle", "red", frames),
+        EditSpec("shape_swap", "shape", (square,), black, black, 0, "circle", "blue", frames),
+        EditSpec("background_change", "background", (circle,), blue_stripes, green_dots, None, None, None, frames),
+        EditSpec("two_object", "two_object", (left, right), gray, gray, 1, "square", "yellow", frames),
+    ]
+    return [replace(s) for s in specs]

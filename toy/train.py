@@ -1,0 +1,185 @@
+"""Train the toy model's UNet (v- or eps-prediction, ComfyUI's SD1.5 noise schedule) on fresh procedural scenes.
+
+    cd <pack root> && python -m toy.train --steps 4000            # start (or resume) a run
+    python -m toy.train --steps 8000 --resume                    # continue the same run to 8000 steps
+
+Deterministic: the scenes and the noise of step k come from generators seeded with (seed, k), so a
+resumed run is identical to an uninterrupted one (up to floating-point reduction order); the resume state
+(optimizer, raw and EMA weights, step) is kept next to the checkpoint in `<weights>.state.pt`, which is
+not committed. One CPU thread by default (the machine is shared).
+
+What is trained: the UNet only. The text encoder (SD1 tokenizer + a 2-layer width-64 CLIP-L-architecture
+transformer) is random and frozen, and its outputs are computed through comfy.sd.CLIP exactly as
+CLIPTextEncode does (cached per caption, since it is frozen). The VAE is hand-set (toy/model.py), so the
+training latents are its closed-form encoding of the rendered scenes. The EMA weights go to the
+checkpoint every --save-every steps (atomic write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from . import boot
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=4000, help="train until this global step")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--uncond-p", type=float, default=0.1, help="caption dropout (empty prompt) for CFG")
+    p.add_argument("--two-object-p", type=float, default=0.15)
+    p.add_argument("--prediction", choices=["v", "eps"], default="v")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="eps only: Min-SNR loss weighting (0 = plain MSE)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--out", type=Path, default=None, help="checkpoint path (default toy/weights/toy_sd15.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
+    return p.parse_args()
+
+
+def main():
+    a = parse()
+    boot.boot(threads=a.threads)
+    import numpy as np
+    import torch
+
+    from . import model as tm
+    from . import scenes
+
+    out = a.out or tm.WEIGHTS
+    state_path = Path(str(out) + ".state.pt")
+    config = json.loads(json.dumps(tm.DEFAULT_CONFIG))
+    config["seed"] = a.seed
+    config["prediction"] = a.prediction
+    torch.manual_seed(a.seed)
+    model = tm.build_unet(config, init_seed=a.seed)
+    clip = tm.build_clip(config, init_seed=a.seed + 1)
+    dm = model.model.diffusion_model
+    ms = model.model.model_sampling
+    latent_format = model.model.latent_format
+    gain = float(config["latent_gain"])
+    opt = torch.optim.AdamW(dm.parameters(), lr=a.lr, weight_decay=0.0)
+    ema = {k: v.detach().clone() for k, v in dm.state_dict().items()}
+    step, elapsed, loss_hist = 0, 0.0, []
+    if a.resume and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        config["prediction"] = st["args"].get("prediction", "eps")
+        dm.load_state_dict(st["unet"])
+        opt.load_state_dict(st["opt"])
+        ema = st["ema"]
+        clip.cond_stage_model.load_state_dict(st["clip"])
+        step, elapsed, loss_hist = st["step"], st["elapsed"], st.get("loss_hist", [])
+        print(f"resumed at step {step} ({elapsed / 60:.1f} min so far)", flush=True)
+    dm.train()
+
+    cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def cond_of(text: str) -> torch.Tensor:
+        if text not in cache:
+            tokens = clip.tokenize(text)
+            cache[text] = clip.encode_from_tokens(tokens).float().cpu()
+        return cache[text]
+
+    n_train = len(ms.sigmas)
+    train_info = {}
+
+    def write(final=False):
+        train_info.update(
+            {
+                "steps": step,
+                "batch": a.batch,
+                "lr": a.lr,
+                "ema": a.ema,
+                "seed": a.seed,
+                "threads": a.threads,
+                "uncond_p": a.uncond_p,
+                "two_object_p": a.two_object_p,
+                "min_snr_gamma": a.min_snr_gamma,
+                "train_minutes": round(elapsed / 60, 2),
+                "loss_last100": float(np.mean(loss_hist[-100:])) if loss_hist else None,
+                "weights": "ema",
+                "script": "python -m toy.train",
+            }
+        )
+        tm.save(out, model, clip, config, train_info, unet_state=ema)
+        torch.save(
+            {"unet": dm.state_dict(), "opt": opt.state_dict(), "ema": ema, "clip": clip.cond_stage_model.state_dict(),
+             "step": step, "elapsed": elapsed, "loss_hist": loss_hist, "args": vars(a)},
+            str(state_path) + ".tmp",
+        )
+        Path(str(state_path) + ".tmp").replace(state_path)
+
+    t_last = time.time()
+    while step < a.steps:
+        rng = np.random.default_rng([a.seed, step])
+        g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
+        imgs, texts = [], []
+        for _ in range(a.batch):
+            sc = scenes.random_scene(rng, two_object_p=a.two_object_p)
+            img, _ = scenes.render(sc)
+            imgs.append(img)
+            texts.append("" if rng.uniform() < a.uncond_p else sc.caption())
+        x = torch.from_numpy(np.stack(imgs))
+        x0 = latent_format.process_in(tm.pixels_to_latent(x, gain))
+        ctx = torch.cat([cond_of(t) for t in texts])
+        t_idx = torch.randint(0, n_train, (a.batch,), generator=g)
+        sigma = ms.sigmas[t_idx].float()
+        eps = torch.randn(x0.shape, generator=g)
+        x_noisy = x0 + eps * sigma.view(-1, 1, 1, 1)  # ComfyUI's EPS noise_scaling
+        xc = ms.calculate_input(sigma, x_noisy)  # x / sqrt(sigma^2 + 1)
+        timestep = ms.timestep(sigma).float()
+        lr = a.lr * min(1.0, (step + 1) / a.warmup)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        pred = dm(xc, timestep, context=ctx)
+        # Min-SNR-gamma weighting (Hang et al. 2023) for eps prediction: w = min(SNR, gamma) / SNR with
+        # SNR = 1 / sigma^2, i.e. min(1, gamma * sigma^2): the nearly clean timesteps (whose eps loss is
+        # large but matters little) no longer dominate the gradient over the noisy ones.
+        if config["prediction"] == "v":
+            # v = alpha * eps - sigma_vp * x0 in the VP parameterisation; ComfyUI's V_PREDICTION turns it back
+            # with denoised = x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1). Plain v-MSE.
+            s4 = sigma.view(-1, 1, 1, 1)
+            target = (eps - s4 * x0) / (s4**2 + 1) ** 0.5
+            loss = torch.nn.functional.mse_loss(pred, target)
+        else:
+            w = torch.clamp(a.min_snr_gamma * sigma**2, max=1.0) if a.min_snr_gamma > 0 else torch.ones_like(sigma)
+            loss = (((pred - eps) ** 2).mean((1, 2, 3)) * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dm.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(a.ema, (1 + step) / (10 + step))
+            for k, v in dm.state_dict().items():
+                if v.is_floating_point():
+                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+                else:
+                    ema[k].copy_(v)
+        step += 1
+        now = time.time()
+        elapsed += now - t_last
+        t_last = now
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise SystemExit(f"loss is {lv} at step {step}")
+        loss_hist.append(lv)
+        if step % 20 == 0:
+            print(f"step {step} loss {np.mean(loss_hist[-20:]):.4f} lr {lr:.2e} {elapsed / step:.2f} s/step "
+                  f"{elapsed / 60:.1f} min", flush=True)
+        if step % a.save_every == 0 or step == a.steps:
+            write()
+            t_last = time.time()
+    print(f"done: {step} steps in {elapsed / 60:.1f} min -> {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
