@@ -20,15 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def child(frames: int, window: int, steps: int, size: int) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
+    import importlib
     import resource
 
-    import comfy.sample
-    import nodes
+    importlib.import_module("zsve_boot")  # boots ComfyUI before any comfy import
     import torch
-    import zsve_boot  # noqa: F401
 
-    import zsve.nodes._comfy as glue
     from zsve_harness import encode_text, make_tiny_clip, make_tiny_model
+
+    comfy_sample = importlib.import_module("comfy.sample")
+    nodes = importlib.import_module("nodes")
+    glue = importlib.import_module("zsve.nodes._comfy")
 
     model, clip = make_tiny_model(0), make_tiny_clip(0)
     if window:
@@ -39,7 +41,7 @@ def child(frames: int, window: int, steps: int, size: int) -> dict:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     lat = {"samples": torch.randn(frames, 4, size, size, generator=torch.Generator().manual_seed(0))}
     z, inv = glue.run_inversion(model, lat, pos, None, steps, 1.0, disable_pbar=True)
-    comfy.sample.sample(model, torch.zeros_like(z["samples"]), steps, 1.0, "ddim", "ddim_uniform", pos, neg,
+    comfy_sample.sample(model, torch.zeros_like(z["samples"]), steps, 1.0, "ddim", "ddim_uniform", pos, neg,
                         z["samples"], disable_noise=True, seed=0, disable_pbar=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"frames": frames, "window": window, "peak_rss_mib": peak / 1024, "peak_over_boot_mib": (peak - base) / 1024,

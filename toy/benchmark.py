@@ -17,8 +17,8 @@ The first rows:
   (VideoDDIMInvert's run_inversion) and re-sampled with the edit prompt (KSamplerAdvanced semantics:
   add_noise disabled, ddim sampler, ddim_uniform scheduler, same steps);
 - "inversion + edit prompt, no control": the same on the whole clip at once (frames = latent batch);
-- "reconstruction (source prompt)": the whole clip inverted and re-sampled with the SOURCE prompt, i.e.
-  the preservation ceiling of inversion (edit success is expected to be ~0 except where the edit is a no-op).
+- "reconstruction (source prompt)": the whole clip inverted and re-sampled with the SOURCE prompt at guidance
+  1, i.e. the preservation ceiling of inversion (edit success is expected to be ~0 except where the edit is a no-op).
 """
 
 from __future__ import annotations
@@ -126,7 +126,10 @@ def inversion_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec):
 
 @register("reconstruction (source prompt)")
 def reconstruction(model, clip, vae, frames, source_prompt, edit_prompt, spec):
-    return invert_and_sample(model, clip, vae, frames, source_prompt, source_prompt, spec)
+    """Inversion + source prompt at guidance 1 (the inversion's own): how much inversion alone preserves."""
+    from dataclasses import replace
+
+    return invert_and_sample(model, clip, vae, frames, source_prompt, source_prompt, replace(spec, cfg=1.0))
 
 
 # --- running --------------------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""InFusion on the trained toy model: a two-object clip with both objects edited by their own word pair (each
+concept gets its own mask from the recorded source cross-attention), and the benchmark row against the
+no-control baseline. The toy weights are rewritten by a training job now and then; see the xfail below."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zsve.toy.benchmark as bench
+import zsve.toy.model as toy_model
+import zsve.toy.scenes as sc
+from zsve.attention import align
+from zsve.attention.fatezero import mask_layers
+from zsve.attention.masks import cross_attention_mask
+from zsve.toy.methods_infusion import concepts_of, infusion_edit
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_model.load()[:3]
+
+
+def test_concepts_of_prompt_pairs():
+    assert concepts_of("a red circle on gray", "a blue circle on gray") == "red->blue"
+    assert concepts_of("a green circle and a red square on gray",
+                       "a green triangle and a red circle on gray") == "circle->triangle, square->circle"
+    assert concepts_of("a red circle", "a big red circle") == ""
+
+
+def _two_concept_soft_maps(toy):
+    """Edit both objects of the two-object clip; return (edited frames, node masks, soft source maps per concept
+    [F, 16, 16] averaged over the fusion steps, gt object masks at 16x16)."""
+    model, clip, vae = toy
+    es = {s.name: s for s in sc.benchmark_set(2)}["two_object"]  # left: green circle, right: red square
+    clip_ = es.clip()
+    src = es.source_prompt
+    edit = src.replace("circle", "triangle").replace("square", "circle")
+    assert concepts_of(src, edit) == "circle->triangle, square->circle"
+    spec = bench.BenchSpec(es, clip_, steps=5, cfg=5.0)
+    frames = torch.from_numpy(clip_.frames)
+    with torch.inference_mode():
+        # masks from both 8x8 decoder layers (attention_blocks 0-3; the row's default 1-3 records only one)
+        out, masks, inv = infusion_edit(model, clip, vae, frames, src, edit, spec, return_masks=True,
+                                        attention_blocks="0-3")
+    assert out.shape == frames.shape and torch.isfinite(out).all()
+    assert masks.shape == (2 * 2, 128, 128)  # concept 1's frames, then concept 2's
+    rec = inv.records["infusion"]
+    assert rec.nbytes > 0 and rec.frames == 2
+    att = rec.attention
+    layers = mask_layers(att, 4)
+    assert layers == ["output_0_0", "output_1_0"]
+    tok = clip.tokenizer.clip_l.tokenizer
+    gt = torch.nn.functional.avg_pool2d(torch.from_numpy(clip_.masks).float(), 8)  # [F, 2 objects, 16, 16]
+    soft = {}
+    for j, word in enumerate(("circle", "square")):
+        idx = align.word_indices(src, word, tok)
+        soft[j] = sum(cross_attention_mask([att.cross_mean(t, lay) for lay in layers],
+                                           [att.layers[lay].hw for lay in layers], idx, (16, 16), threshold=None)
+                      for t in att.timesteps) / len(att.timesteps)
+    return out, masks, soft, gt
+
+
+@pytest.fixture(scope="module")
+def two_concepts(toy):
+    return _two_concept_soft_maps(toy)
+
+
+def test_two_concepts_get_their_own_masks(two_concepts):
+    out, masks, soft, gt = two_concepts
+    assert not torch.allclose(soft[0], soft[1], atol=1e-2)  # each concept has its own map (and mask)
+    assert soft[0].amax() > 0 and soft[1].amax() > 0
+
+
+def test_two_concept_maps_lie_on_their_own_objects(two_concepts):
+    _, _, soft, gt = two_concepts
+    inside = torch.tensor([[(soft[j] * gt[:, o]).sum() / gt[:, o].sum() for o in range(2)] for j in range(2)])
+    # concept 0 (circle, the left object) and concept 1 (square, the right object)
+    assert inside[0, 0] > inside[0, 1] and inside[1, 1] > inside[1, 0], inside
+
+
+def test_infusion_row_beats_no_control_on_leak_and_background(toy):
+    """The benchmark's own items (all five), small settings: InFusion keeps more of what should not change."""
+    import zsve.toy.methods_infusion  # noqa: F401  (registers the row)
+
+    model, clip, vae = toy
+    names = ["inversion + edit prompt, no control", "InFusion"]
+    res = bench.run(model, clip, vae, names, steps=5, cfg=5.0, frames=2, verbose=False)
+    base, inf = res[names[0]]["mean"], res[names[1]]["mean"]
+    assert inf["leak"] < base["leak"], (inf, base)
+    assert inf["psnr_bg"] > base["psnr_bg"], (inf, base)
