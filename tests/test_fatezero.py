@@ -121,36 +121,6 @@ def _toy():
     return tm, model, clip, info
 
 
-def test_source_prompt_with_attention_fusion_reconstructs_far_better_than_plain_ddim():
-    """FateZero's premise on the toy model: edit with the source prompt at guidance 7.5 from z_T. Plain DDIM
-    drifts away from the video; fusing the inversion's attention (FateZero's 0.8/0.8 windows) keeps it closer."""
-    import zsve.toy.scenes as sc
-
-    tm, model, clip, info = _toy()
-    c = sc.random_clip(3, frames=2)
-    latent = {"samples": tm.pixels_to_latent(torch.from_numpy(c.frames), info["config"]["latent_gain"])}
-    positive, negative = encode_text(clip, c.prompt), encode_text(clip, "")
-    m = _temporal(model, "middle")
-    steps = 10
-    z_T, inv = glue.run_inversion(_store_model(m, record_window=0.8, skip_full_res=True), latent, positive, None,
-                                  steps, 1.0, disable_pbar=True)
-    plain = _sample(m, z_T, positive, negative, steps=steps)
-    fused_model = _blend(m, inv, clip, edit=c.prompt, source_prompt=c.prompt, cross_replace=0.8,
-                         self_replace_end=0.8)[0]
-    fused = _sample(fused_model, z_T, positive, negative, steps=steps)
-    src = latent["samples"]
-    err_plain = (plain - src).pow(2).mean().item()
-    err_fused = (fused - src).pow(2).mean().item()
-    print(f"\ntoy model ({info['train'].get('steps')} training steps), reconstruction MSE at cfg 7.5: plain DDIM "
-          f"{err_plain:.4f}, FateZero fusion {err_fused:.4f} (latent variance {src.var().item():.2f})")
-    # Measured (fused vs plain): 0.84 vs 2.20 (first toy run, 1100 training steps), 2.74 vs 4.35 and 5.45 vs 6.76
-    # (second run, 500 and 300 steps). The gap depends on the toy checkpoint on disk, which was still training
-    # when this was written: only "better" is asserted; tighten once the toy model is final (docs/fatezero.md).
-    assert err_fused < err_plain
-
-
-# --- graphs through ComfyUI's executor ---------------------------------------------------------------
-
 def _graph(edit=SRC, steps=STEPS, edit_steps=None, scheduler="ddim_uniform", **blend):
     b = dict(source_prompt=SRC, edit_prompt=edit, mode="refine", cross_replace=0.8, cross_replace_words="",
              self_replace_start=0.0, self_replace_end=0.8, reweight="", blend_words="", blend_threshold=0.3,
