@@ -5,10 +5,10 @@ Default: the toy model (toy/weights, loaded with the pack's ToyModelLoader) on a
 a real video. Writes the output video, a side-by-side comparison (source | result [| mask]) and a metrics
 JSON, and prints their paths.
 
-    bash scripts/demo.sh                       # toy model, toy clip
+    bash scripts/demo.sh                       # toy model, toy clip, blended-latent local edit
     bash scripts/demo.sh --workflow invert_and_reconstruct
     bash scripts/demo.sh --checkpoint ~/models/v1-5.safetensors --video in.mp4 \
-        --source-prompt "a silver jeep driving" --edit-prompt "a red jeep driving"
+        --source-prompt "a silver jeep driving" --edit-prompt "a red jeep driving" --words "red jeep"
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-DEFAULT_WORKFLOW = "invert_and_reconstruct"
+DEFAULT_WORKFLOW = "bld_local_edit_attention_mask"
 
 
 def parse_args(argv=None):
@@ -35,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--video", help="a video file instead of the toy clip")
     p.add_argument("--source-prompt", help="text describing the input video")
     p.add_argument("--edit-prompt", help="the edited text")
+    p.add_argument("--words", help="the edited words of the edit prompt, for masks (default: from the toy clip)")
     p.add_argument("--steps", type=int, help="DDIM steps for inversion and editing (default: the workflow's)")
     p.add_argument("--frames", type=int, default=8, help="frames of the toy clip")
     p.add_argument("--clip", default="color_swap", help="toy benchmark clip name (toy.scenes.benchmark_set)")
@@ -45,14 +46,17 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
-    import folder_paths
+    import importlib
+
+    importlib.import_module("zsve_boot")  # boots ComfyUI on CPU and loads the pack through ComfyUI's loader
     import numpy as np
     import torch
-    import zsve_boot  # noqa: F401  (boots ComfyUI on CPU and loads the pack through ComfyUI's loader)
-    from comfy_api.latest import InputImpl
-    from zsve_workflows import load_ui, ui_to_api
 
     from zsve_harness import run_prompt, write_video
+    from zsve_workflows import load_ui, ui_to_api
+
+    folder_paths = importlib.import_module("folder_paths")
+    InputImpl = importlib.import_module("comfy_api.latest").InputImpl
 
     wf_path = ROOT / "workflows" / f"{args.workflow}.json"
     if not wf_path.is_file():
@@ -89,6 +93,9 @@ def main(argv=None) -> int:
         masks = clip.masks
     source_prompt = args.source_prompt or (spec.source_prompt if spec else None)
     edit_prompt = args.edit_prompt or (spec.edit_prompt if spec else None)
+    words = args.words
+    if words is None and spec is not None:
+        words = " ".join(w for w in (spec.expect_color, spec.expect_shape) if w) or None
     if source_prompt is None:
         print("--source-prompt is required with --video", file=sys.stderr)
         return 2
@@ -120,6 +127,11 @@ def main(argv=None) -> int:
             inputs["text"] = edit_prompt
         if args.steps and "steps" in inputs and isinstance(inputs["steps"], int):
             inputs["steps"] = args.steps
+        if ct == "LatentBlendWithInversion":
+            if edit_prompt:
+                inputs["prompt"] = edit_prompt
+            if words:
+                inputs["words"] = words
         for key in ("source_prompt", "edit_prompt"):
             if key in inputs and isinstance(inputs[key], str):
                 inputs[key] = source_prompt if key == "source_prompt" else (edit_prompt or source_prompt)
@@ -141,7 +153,13 @@ def main(argv=None) -> int:
         res_frames = torch.nn.functional.interpolate(res_frames.movedim(-1, 1), size=src_frames.shape[1:3],
                                                      mode="bilinear").movedim(1, -1)
     panels = [src_frames, res_frames]
-    mask_pngs = sorted(p for p in out.rglob("*.png") if "mask" in p.name)
+    mask_pngs = []
+    for nid, outs in (result["ui"].get("outputs") or {}).items():
+        title = prompt.get(nid, {}).get("_meta", {}).get("title", "").lower()
+        if "mask" in title:
+            for im in outs.get("images", []):
+                base = folder_paths.get_directory_by_type(im.get("type", "temp")) or folder_paths.get_temp_directory()
+                mask_pngs.append(Path(base) / im.get("subfolder", "") / im["filename"])
     if mask_pngs:
         from PIL import Image
 

@@ -30,11 +30,11 @@ def main():
     import numpy as np
     import torch
     from PIL import Image
-    from zsve_workflows import load_ui, ui_to_api
 
     import zsve.toy.model as tm
     import zsve.toy.scenes as sc
     from zsve_harness import CAPTURED, OBJECTS, run_prompt, write_video
+    from zsve_workflows import load_ui, ui_to_api
 
     tmp = Path(tempfile.mkdtemp(prefix="zsve-thumbs-"))
     model, clip, vae, info = tm.load(shutil.copy(tm.WEIGHTS, tmp))

@@ -8,8 +8,8 @@ holds this checkout, or ~/comfy/ComfyUI (see scripts/env.sh, which the test comm
 from __future__ import annotations
 
 import pytest
-from zsve_boot import PACK, PACK_NODE_IDS  # boots ComfyUI before anything imports comfy
 
+from zsve_boot import PACK, PACK_NODE_IDS  # boots ComfyUI before anything imports comfy
 from zsve_harness import make_tiny_clip, make_tiny_model, make_tiny_vae, run_prompt
 
 

@@ -578,9 +578,8 @@ def io_dirs(tmp_path):
 def _run_bld_workflow(name, io_dirs, tiny_model, tiny_clip, tiny_vae, blend_inputs=None):
     from pathlib import Path
 
-    from zsve_workflows import load_ui, ui_to_api
-
     from zsve_harness import moving_square_frames, write_video
+    from zsve_workflows import load_ui, ui_to_api
 
     ui = load_ui(Path(__file__).resolve().parents[1] / "workflows" / f"{name}.json")
     write_video(moving_square_frames(frames=4, size=64), io_dirs / "in" / "input.mp4")

@@ -7,9 +7,9 @@ from pathlib import Path
 import folder_paths
 import pytest
 import torch
-from zsve_workflows import load_ui, ui_to_api
 
 from zsve_harness import CAPTURED, OBJECTS, moving_square_frames, run_prompt, write_video
+from zsve_workflows import load_ui, ui_to_api
 
 STEPS = 4
 

@@ -12,13 +12,13 @@ import comfy.utils
 import folder_paths
 import pytest
 import torch
-from zsve_workflows import load_ui, ui_to_api
 
 import zsve.nodes._comfy as glue
 from zsve.attention.infusion import InFusionController, InFusionRecord
 from zsve.nodes._attn_patch import PROCESSORS_KEY
 from zsve.nodes.infusion import InFusionInject, InFusionSource
 from zsve_harness import CAPTURED, OBJECTS, encode_text, moving_square_frames, run_prompt, write_video
+from zsve_workflows import load_ui, ui_to_api
 
 SRC = "a red circle and a green square"
 EDIT = "a blue circle and a yellow square"

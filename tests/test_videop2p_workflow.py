@@ -8,9 +8,9 @@ from pathlib import Path
 import folder_paths
 import pytest
 import torch
-from zsve_workflows import load_ui, ui_to_api
 
 from zsve_harness import CAPTURED, OBJECTS, moving_square_frames, run_prompt, write_video
+from zsve_workflows import load_ui, ui_to_api
 
 WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "videop2p_word_swap_null_text_local_blend.json"
 

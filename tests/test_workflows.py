@@ -9,9 +9,9 @@ import folder_paths
 import nodes
 import pytest
 import torch
-from zsve_workflows import load_ui, ui_to_api
 
 from zsve_harness import CAPTURED, OBJECTS, moving_square_frames, run_prompt, write_video
+from zsve_workflows import load_ui, ui_to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 
