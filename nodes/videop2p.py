@@ -108,9 +108,18 @@ class _NullTextSampler(comfy.samplers.Sampler):
         def den_cond(x, s):
             return comfy.samplers.calc_cond_batch(inner, [pos, None], x, x.new_full((x.shape[0],), s), mo)[0]
 
+        # ComfyUI adds ControlNet residuals to UNet activations in place (`h += ctrl`), which autograd refuses
+        # when those activations were saved for backward. With a ControlNet on the conditioning, saved tensors
+        # are cloned when saved (extra memory: one copy of the activations backward keeps), so the in-place
+        # add no longer touches what backward reads.
+        has_control = any(c.get("control") is not None for c in list(pos or []) + [neg_entry])
+
         def den_uncond(x, s, emb):
             e = _with_crossattn(neg_entry, emb.to(_crossattn(neg_entry).dtype))
-            return comfy.samplers.calc_cond_batch(inner, [None, [e]], x, x.new_full((x.shape[0],), s), mo)[1]
+            if not has_control:
+                return comfy.samplers.calc_cond_batch(inner, [None, [e]], x, x.new_full((x.shape[0],), s), mo)[1]
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+                return comfy.samplers.calc_cond_batch(inner, [None, [e]], x, x.new_full((x.shape[0],), s), mo)[1]
 
         def on_step(i, loss, iters):
             pbar.update_absolute(i + 1, n)
