@@ -296,7 +296,7 @@ class FateZeroController:
             return None
         out = probs.clone()
         if call.kind == "cross":
-            base = self.store.cross_probs(t, call.layer, frames, device=probs.device)
+            base = self.store.cross_probs(t, call.layer, frames, device=probs.device, window=frames)
             if base.shape[-1] != probs.shape[-1]:
                 raise ValueError(
                     f"AttentionBlend: the edit's text context has {probs.shape[-1]} tokens, the inversion's "
@@ -307,7 +307,7 @@ class FateZeroController:
                 out[s] = p2p.cross_control(base, probs[s], a, plan.cross_mode, plan.mapper, plan.refine_alphas,
                                            plan.equalizer)
         else:
-            base = self.store.self_probs(t, call.layer, frames, device=probs.device)
+            base = self.store.self_probs(t, call.layer, frames, device=probs.device, window=frames)
             if base.shape != probs[chunks[0][1]].shape:
                 raise ValueError(
                     f"AttentionBlend: self-attention of layer {call.layer} has {probs.shape[-1]} keys at the edit but "

@@ -109,16 +109,18 @@ class AttentionStore:
 
     @property
     def timesteps(self) -> list[int]:
-        return sorted({t for t, _, _ in self.entries}, reverse=True)
+        return sorted({key[0] for key in self.entries}, reverse=True)
 
     def has_step(self, timestep: int) -> bool:
-        return any(t == timestep for t, _, _ in self.entries)
+        return any(key[0] == timestep for key in self.entries)
 
     def layer_names(self, kind: str) -> list[str]:
-        return sorted({lay for _, lay, k in self.entries if k == kind})
+        return sorted({key[1] for key in self.entries if key[2] == kind})
 
-    def add(self, timestep: int, layer: str, kind: str, data: dict) -> None:
-        key = (int(timestep), layer, kind)
+    def add(self, timestep: int, layer: str, kind: str, data: dict, window: tuple | None = None) -> None:
+        """`window`: the absolute frame indices of a context window; self-attention recorded under context
+        windows is kept per window (its keys depend on the window's frames) and read back by the same window."""
+        key = (int(timestep), layer, kind) if window is None else (int(timestep), layer, kind, tuple(window))
         old = self.entries.get(key)
         if old is not None:
             self._nbytes -= sum(_nbytes(v) for v in old.values() if isinstance(v, torch.Tensor))
@@ -132,9 +134,21 @@ class AttentionStore:
         return e
 
     def self_probs(self, timestep: int, layer: str, frames: Sequence[int] | None = None,
-                   device=None) -> torch.Tensor:
-        """Per-head self-attention probabilities of the inversion, recomputed: [F, heads, Nq, Nk] float32."""
-        e = self._entry(timestep, layer, "self")
+                   device=None, window: Sequence[int] | None = None) -> torch.Tensor:
+        """Per-head self-attention probabilities of the inversion, recomputed: [F, heads, Nq, Nk] float32.
+        With `window` (a context window's frames) the entry recorded for that very window is used."""
+        if window is not None:
+            e = self.entries.get((int(timestep), layer, "self", tuple(window)))
+            if e is not None:
+                frames = None
+            elif (int(timestep), layer, "self") not in self.entries:
+                raise StoreLookupError(
+                    f"no stored self-attention for layer {layer} at timestep {timestep} for the context window "
+                    f"{list(window)}: sample the edit with the same context windows as the inversion")
+            else:
+                e = self._entry(timestep, layer, "self")
+        else:
+            e = self._entry(timestep, layer, "self")
         q, k = e["q"], e["k"]
         if frames is not None:
             idx = torch.as_tensor(list(frames))
@@ -147,8 +161,12 @@ class AttentionStore:
         return attention_probs(q.float(), k.float(), self.layers[layer].heads)
 
     def cross_probs(self, timestep: int, layer: str, frames: Sequence[int] | None = None,
-                    device=None) -> torch.Tensor:
+                    device=None, window: Sequence[int] | None = None) -> torch.Tensor:
         """Per-head cross-attention probabilities of the inversion: [F, heads, Nq, T] float32."""
+        if window is not None:
+            e = self.entries.get((int(timestep), layer, "cross", tuple(window)))
+            if e is not None:
+                return e["p"].to(device=device, dtype=torch.float32)
         p = self._entry(timestep, layer, "cross")["p"]
         if frames is not None:
             p = p[torch.as_tensor(list(frames))]
@@ -222,15 +240,15 @@ class AttentionRecorder:
 
     def __call__(self, call, probs):
         cfg = self.config
-        if call.frame_index is not None:
-            raise ValueError("AttentionStore does not support context windows during the inversion yet: invert all "
-                             "frames in one batch (remove the context-window node from the inversion's model).")
+        window = tuple(call.frame_index) if call.frame_index is not None else None
         latent_hw = _latent_hw(call)
         if self.store is None:
-            self.store = AttentionStore(config=cfg, frames=call.frames, latent_hw=latent_hw,
-                                        num_steps=call.total_steps)
+            self.store = AttentionStore(config=cfg, frames=call.frames if window is None else max(window) + 1,
+                                        latent_hw=latent_hw, num_steps=call.total_steps)
         st = self.store
-        if call.frames != st.frames:
+        if window is not None:
+            st.frames = max(st.frames, max(window) + 1)
+        elif call.frames != st.frames:
             raise ValueError(f"attention store: a call with {call.frames} frames in a recording of {st.frames}")
         # Step bookkeeping: project the total after the first recorded step.
         if call.timestep != self._step_t:
@@ -260,10 +278,23 @@ class AttentionRecorder:
         if info is None:
             st.layers[call.layer] = LayerInfo(hw=tuple(call.hw), heads=call.heads, channels=int(channels),
                                               factor=layer_factor(latent_hw, call.hw))
+        if window is not None and call.kind == "cross":
+            # cross-attention under context windows: kept per window (read back by the same window, exact) and
+            # merged into one full-frame tensor for the blend masks (each window writing its frames)
+            key = (int(call.timestep), call.layer, "cross")
+            old = st.entries.get(key, {}).get("p")
+            n = max(st.frames, max(window) + 1)
+            full = torch.zeros((n,) + tuple(data["p"].shape[1:]), dtype=data["p"].dtype)
+            if old is not None:
+                full[: old.shape[0]] = old
+            full[torch.as_tensor(window)] = data["p"]
+            st.add(call.timestep, call.layer, "cross", {"p": full})
         new = sum(_nbytes(v) for v in data.values())
+        key = (int(call.timestep), call.layer, call.kind) + ((window,) if window is not None else ())
+        new -= sum(_nbytes(v) for v in st.entries.get(key, {}).values() if isinstance(v, torch.Tensor))
         if cfg.budget_bytes and st.nbytes + new > cfg.budget_bytes:
             raise self._budget_error(st.nbytes + new)
-        st.add(call.timestep, call.layer, call.kind, data)
+        st.add(call.timestep, call.layer, call.kind, data, window=window)
         if self._steps_seen == 0:
             self._first_step_bytes += new
         return None

@@ -355,3 +355,38 @@ def test_blend_mask_of_the_object_words_lies_on_the_object_on_the_toy_model():
     print(f"\nsoft blend mask of 'red circle' per step: on the object {[round(v, 2) for v in ins]}, "
           f"on the background {[round(v, 2) for v in outs]}")
     assert all(i > o for i, o in zip(ins, outs))
+
+
+def test_store_and_fusion_under_context_windows_are_exact(tiny_model, tiny_clip, conds):
+    """With frame context windows (overlapping) on the model for inversion and edit, the store keeps every
+    window's attention and the fusion at the inversion's own inputs gives the unfused output again."""
+    from zsve.nodes.context import VideoContextWindows
+
+    positive, negative = conds
+    model = VideoContextWindows.execute(_temporal(tiny_model, "previous+first"), context_length=2,
+                                        context_overlap=1, context_schedule="standard_static", context_stride=1,
+                                        closed_loop=False, fuse_method="pyramid").result[0]
+    _, inv = glue.run_inversion(_store_model(model), _latent(frames=4), positive, None, 3, 1.0, disable_pbar=True)
+    st = inv.records["attention"]
+    assert st.frames == 4
+    windows = {key[3] for key in st.entries if len(key) == 4}
+    assert len(windows) >= 3 and all(len(w) == 2 for w in windows)
+    fused = _blend(model, inv, tiny_clip)[0]
+    seen = {k: inv.latents[k - 1] * ((1 + inv.sigmas[k] ** 2) / (1 + inv.sigmas[k - 1] ** 2)) ** 0.5
+            for k in range(1, len(inv.sigmas))}
+    a = _eval_at_inversion_sigmas(model, inv, seen, positive, negative)
+    b = _eval_at_inversion_sigmas(fused, inv, seen, positive, negative)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    scale = max(a[k].abs().max().item() for k in a)
+    assert diff < 1e-3 * scale, (diff, scale)
+    g = torch.Generator().manual_seed(1)
+    other = {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in seen.items()}
+    a = _eval_at_inversion_sigmas(model, inv, other, positive, negative)
+    b = _eval_at_inversion_sigmas(fused, inv, other, positive, negative)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 100 * diff
+    # the blend mask (from the merged full-frame cross-attention) covers every frame
+    from zsve.attention.fatezero import preview_mask
+
+    ctl = next(p for p in fused.model_options["transformer_options"]["zsve_processors"]
+               if isinstance(p, FateZeroController))
+    assert preview_mask(st, ctl.plan, (16, 16)).shape[0] == 4
