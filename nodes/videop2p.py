@@ -435,6 +435,11 @@ class VideoP2PGuiderNode(io.ComfyNode):
                 blend_threshold, target_uncond, null_text=None) -> io.NodeOutput:
         node = "VideoP2PGuider"
         check_diffusion_model(model, node)
+        if model.model_options.get("context_handler") is not None:
+            raise ZSVEInputError(
+                f"{node}: context windows are not supported by the two-branch guider yet (its batch holds the source "
+                "and the target frames, which a frame window would mix). Remove Video Context Windows from this "
+                "model, or edit the clip in chunks of frames that fit one batch.")
         if null_text is not None and not isinstance(null_text, NullText):
             raise ZSVEInputError(f"{node}: 'null_text' must come from Null-Text Optimize.")
         if null_text is None and target_uncond == TARGET_UNCOND[1]:

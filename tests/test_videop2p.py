@@ -352,3 +352,13 @@ def test_api_graph_null_text_and_guider_through_sampler_custom_advanced(inf_mode
     p["guider"]["inputs"]["blend_threshold"] = 0.4
     res2 = run_prompt(p)
     assert "nt" not in res2["executed"] and "inv" not in res2["executed"] and "sca" in res2["executed"]
+
+
+def test_context_windows_are_refused_with_a_clear_message(tiny_model, tiny_clip, conds):
+    from zsve.nodes.context import VideoContextWindows
+
+    windowed = VideoContextWindows.execute(tiny_model, context_length=2, context_overlap=1,
+                                           context_schedule="standard_static", context_stride=1, closed_loop=False,
+                                           fuse_method="pyramid").result[0]
+    with pytest.raises(vp.ZSVEInputError, match="context windows are not supported by the two-branch guider"):
+        _guider(windowed, tiny_clip, conds)
