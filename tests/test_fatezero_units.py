@@ -96,8 +96,9 @@ def test_temporal_attention_equals_attention_over_key_frames():
 
 # --- store ---------------------------------------------------------------------------------------------
 
-def _call(kind, q, k, t=500, frames=2, hw=(2, 2), heads=2, cou=(0,), step=None, total=None, latent=(4, 4)):
-    return AttnCall(kind=kind, layer="input_4_0", hw=hw, frames=frames, cond_or_uncond=list(cou), sigma=1.0,
+def _call(kind, q, k, t=500, frames=2, hw=(2, 2), heads=2, cou=(0,), step=None, total=None, latent=(4, 4),
+          layer="input_4_0"):
+    return AttnCall(kind=kind, layer=layer, hw=hw, frames=frames, cond_or_uncond=list(cou), sigma=1.0,
                     timestep=t, heads=heads, step_index=step, total_steps=total,
                     extra={"original_shape": [frames, 4, *latent]}, q=q, k=k)
 
@@ -148,8 +149,10 @@ def test_budget_raises_before_exceeding():
     rec = store.AttentionRecorder(cfg)
     q = torch.randn(2, 4, 8)
     rec(_call("self", q, q, t=900), None)  # 256 bytes
+    rec(_call("self", q, q, t=900), None)  # the same entry again (a re-run of the step) replaces, not adds
+    assert rec.store.nbytes == 256
     with pytest.raises(store.StoreBudgetError, match="memory_budget_gb"):
-        rec(_call("self", q, q, t=900), None)
+        rec(_call("self", q, q, t=900, layer="input_5_0"), None)  # another layer: 512 > 300
     assert rec.finalize().nbytes == 256  # nothing beyond the budget was stored
 
 
