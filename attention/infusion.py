@@ -207,9 +207,13 @@ def _nbytes(t: torch.Tensor) -> int:
 class InFusionRecord:
     """Read-only after recording; lives in `Inversion.records["infusion"]`, shared, never copied.
 
-    features[(timestep, block)]: the ResBlock output of output block `block`, conditional rows [F, C, H, W];
-    kv[(timestep, layer)]: {"k", "v"} self-attention keys/values [F (or 1 if shared), Nk, C];
-    attention: an AttentionStore (attention/store.py) with the fusion steps' self q/k and cross maps."""
+    features[(timestep, block, window)]: the ResBlock output of output block `block`, conditional rows
+    [F, C, H, W];
+    kv[(timestep, layer, window)]: {"k", "v"} self-attention keys/values [F (or 1 if shared), Nk, C];
+    attention: an AttentionStore (attention/store.py) with the fusion steps' self q/k and cross maps.
+    `window` is None for a whole-clip recording, else the absolute frame indices of a context window: under
+    context windows every window's features and keys/values are kept (they depend on the window's frames
+    through temporal attention) and the edit reads the entry of the same window, as the attention store does."""
 
     config: InFusionRecordConfig
     frames: int | None = None
@@ -243,32 +247,34 @@ class InFusionRecord:
         table[key] = value
         self._own_bytes += new
 
-    def add_feature(self, timestep: int, block: int, feat: torch.Tensor) -> None:
-        self._put(self.features, (int(timestep), int(block)), feat)
+    def add_feature(self, timestep: int, block: int, feat: torch.Tensor, window=None) -> None:
+        self._put(self.features, (int(timestep), int(block), _win(window)), feat)
 
-    def add_kv(self, timestep: int, layer: str, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._put(self.kv, (int(timestep), layer), {"k": k, "v": v})
+    def add_kv(self, timestep: int, layer: str, k: torch.Tensor, v: torch.Tensor, window=None) -> None:
+        self._put(self.kv, (int(timestep), layer, _win(window)), {"k": k, "v": v})
 
-    def feature(self, timestep: int, block: int) -> torch.Tensor:
-        f = self.features.get((int(timestep), int(block)))
+    def feature(self, timestep: int, block: int, window=None) -> torch.Tensor:
+        f = self.features.get((int(timestep), int(block), _win(window)))
         if f is None:
-            raise StoreLookupError(f"no recorded ResBlock feature of output block {block} at timestep {timestep}")
+            raise StoreLookupError(f"no recorded ResBlock feature of output block {block} at timestep {timestep}"
+                                   + _window_hint(window))
         return f
 
-    def kv_at(self, timestep: int, layer: str) -> dict:
-        e = self.kv.get((int(timestep), layer))
+    def kv_at(self, timestep: int, layer: str, window=None) -> dict:
+        e = self.kv.get((int(timestep), layer, _win(window)))
         if e is None:
-            raise StoreLookupError(f"no recorded self-attention keys/values for layer {layer} at timestep {timestep}")
+            raise StoreLookupError(f"no recorded self-attention keys/values for layer {layer} at timestep {timestep}"
+                                   + _window_hint(window))
         return e
 
     def feature_timesteps(self) -> set[int]:
-        return {t for t, _ in self.features}
+        return {k[0] for k in self.features}
 
     def kv_layers(self) -> set[str]:
-        return {lay for _, lay in self.kv}
+        return {k[1] for k in self.kv}
 
     def kv_timesteps(self) -> set[int]:
-        return {t for t, _ in self.kv}
+        return {k[0] for k in self.kv}
 
     def summary(self) -> str:
         att = self.attention.nbytes if self.attention is not None else 0
@@ -279,6 +285,17 @@ class InFusionRecord:
             f"{len(self.kv_layers())} layer(s), fusion attention {n_att} step(s); {self.nbytes} bytes "
             f"({self.nbytes / 2**20:.2f} MiB, fp16 on CPU; attention store {att} bytes)"
         )
+
+
+def _win(window) -> tuple[int, ...] | None:
+    return None if window is None else tuple(int(i) for i in window)
+
+
+def _window_hint(window) -> str:
+    if window is None:
+        return ""
+    return (f" for the context window {list(window)}: sample the edit with the same context windows as the "
+            "inversion")
 
 
 class InFusionRecorder:
@@ -292,9 +309,11 @@ class InFusionRecorder:
         self._attn = AttentionRecorder(StoreConfig(record_window=1.0, min_factor=config.fusion_min_factor,
                                                    budget_bytes=0, dtype=config.dtype))
 
-    def _frames(self, frames: int, total: int | None) -> None:
+    def _frames(self, frames: int, total: int | None, window=None) -> None:
         r = self.record
-        if r.frames is None:
+        if window is not None:  # the clip's length: the largest frame index seen by a window
+            r.frames, r.num_steps = max(r.frames or 0, max(window) + 1), total
+        elif r.frames is None:
             r.frames, r.num_steps = int(frames), total
         elif r.frames != frames:
             raise ValueError(f"InFusion record: a call with {frames} frames in a recording of {r.frames}")
@@ -310,17 +329,15 @@ class InFusionRecorder:
         """{block: fn(output) -> None} for the ResBlocks to read in this evaluation (empty: no hooks)."""
         if 0 not in cond_or_uncond or self._phase(step, total) != "feature":
             return {}
-        if frame_index is not None:
-            raise ValueError("InFusion does not support context windows during the inversion: invert all frames in "
-                             "one batch.")
         frames = batch // max(1, len(cond_or_uncond))
         rows = [i * frames + f for i, c in enumerate(cond_or_uncond) if c == 0 for f in range(frames)]
 
         def make(block):
             def read(out):
-                self._frames(frames, total)
+                self._frames(frames, total, frame_index)
                 idx = torch.as_tensor(rows, device=out.device)
-                self.record.add_feature(timestep, block, out.index_select(0, idx).detach().to("cpu", self.config.dtype))
+                self.record.add_feature(timestep, block, out.index_select(0, idx).detach().to("cpu", self.config.dtype),
+                                        window=frame_index)
                 return None
             return read
 
@@ -332,16 +349,13 @@ class InFusionRecorder:
             return None
         if self._phase(call_step(call), call.total_steps) != "kv":
             return None
-        if call.frame_index is not None:
-            raise ValueError("InFusion does not support context windows during the inversion: invert all frames in "
-                             "one batch.")
-        self._frames(call.frames, call.total_steps)
+        self._frames(call.frames, call.total_steps, call.frame_index)
         idx = torch.as_tensor(call.rows(0), device=k.device)
         ks = k.index_select(0, idx).detach().to("cpu", self.config.dtype)
         vs = v.index_select(0, idx).detach().to("cpu", self.config.dtype)
         if ks.shape[0] > 1 and torch.equal(ks, ks[:1].expand_as(ks)) and torch.equal(vs, vs[:1].expand_as(vs)):
             ks, vs = ks[:1].clone(), vs[:1].clone()  # every frame attends to the same key frames
-        self.record.add_kv(call.timestep, call.layer, ks, vs)
+        self.record.add_kv(call.timestep, call.layer, ks, vs, window=call.frame_index)
         return None
 
     def active(self, call) -> bool:
@@ -352,7 +366,7 @@ class InFusionRecorder:
         return self._attn.active(call)
 
     def __call__(self, call, probs):
-        self._frames(call.frames, call.total_steps)
+        self._frames(call.frames, call.total_steps, call.frame_index)
         out = self._attn(call, probs)
         self.record.attention = self._attn.store  # counted in the record's bytes (and budget) from now on
         self.record._check_budget(0)
@@ -536,7 +550,12 @@ class InFusionController:
             )
         return i
 
-    def _check_frames(self, frames: int) -> None:
+    def _check_frames(self, frames: int, frame_index=None) -> None:
+        if frame_index is not None:
+            if self.record.frames is not None and max(frame_index) >= self.record.frames:
+                raise ValueError(f"InFusionInject: frame {max(frame_index)} requested, the inversion recorded "
+                                 f"{self.record.frames} frame(s).")
+            return
         if self.record.frames is not None and frames != self.record.frames:
             raise ValueError(
                 f"InFusionInject: the edit samples {frames} frame(s) but the inversion recorded {self.record.frames}. "
@@ -554,16 +573,13 @@ class InFusionController:
         if phase_of(i, self.plan.bounds) != "feature" or self.plan.strength == 0.0:
             return {}
         frames = batch // max(1, len(cond_or_uncond))
-        if frame_index is None:
-            self._check_frames(frames)
+        self._check_frames(frames, frame_index)
         chunks = self._chunks(cond_or_uncond, frames, fusion=False)
         if not chunks:
             return {}
 
         def make(block):
-            src = self.record.feature(timestep, block)
-            if frame_index is not None:  # a context window: the source features of its frames
-                src = src[torch.as_tensor(list(frame_index))]
+            src = self.record.feature(timestep, block, window=frame_index)  # a context window's own entry
 
             def inject(out):
                 new = out.clone()
@@ -587,15 +603,12 @@ class InFusionController:
         i = self.step(call.timestep)
         if phase_of(i, self.plan.bounds) != "kv":
             return None
-        self._check_frames(call.frames)
+        self._check_frames(call.frames, call.frame_index)
         chunks = self._chunks(call.cond_or_uncond, call.frames, fusion=False)
         if not chunks:
             return None
-        e = self.record.kv_at(call.timestep, call.layer)
+        e = self.record.kv_at(call.timestep, call.layer, window=call.frame_index)
         ks, vs = e["k"].to(k.device, k.dtype), e["v"].to(v.device, v.dtype)
-        if call.frame_index is not None:
-            ks = ks if ks.shape[0] == 1 else ks[torch.as_tensor(call.frame_index)]
-            vs = vs if vs.shape[0] == 1 else vs[torch.as_tensor(call.frame_index)]
         if ks.shape[1:] != k.shape[1:]:
             raise ValueError(
                 f"InFusionInject: self-attention of layer {call.layer} has {k.shape[1]} keys at the edit but "
@@ -660,13 +673,21 @@ class InFusionController:
 
     def __call__(self, call, probs: torch.Tensor) -> torch.Tensor | None:
         i = self.step(call.timestep)
-        self._check_frames(call.frames)
+        self._check_frames(call.frames, call.frame_index)
         b = self.plan.bounds[1]
         t = call.timestep
+        win = call.frame_index
         chunks = self._chunks(call.cond_or_uncond, call.frames, fusion=True)
         if call.kind == "cross" and call.layer in self._mask_layers and i >= b - 1:
             maps = self._edit_maps.setdefault(i, {})
-            maps[call.layer] = probs[chunks[0]].float().mean(1).detach()
+            m = probs[chunks[0]].float().mean(1).detach()
+            if win is not None:  # a context window writes its frames into the clip's map
+                full = maps.get(call.layer)
+                if full is None:
+                    full = m.new_zeros((self.record.frames,) + tuple(m.shape[1:]))
+                full[torch.as_tensor(list(win), device=m.device)] = m
+                m = full
+            maps[call.layer] = m
             for old in [s for s in self._edit_maps if s < i - 1]:
                 del self._edit_maps[old]
             # masks of step i+1 depend on these maps: never reuse ones cached by an earlier run
@@ -678,7 +699,7 @@ class InFusionController:
         if call.kind == "cross":
             if call.layer not in self._cross_layers:
                 return None
-            base = att.cross_probs(t, call.layer, device=probs.device)
+            base = att.cross_probs(t, call.layer, device=probs.device, window=win)
             if base.shape[-1] != probs.shape[-1]:
                 raise ValueError(f"InFusionInject: the edit's text context has {probs.shape[-1]} tokens, the "
                                  f"inversion's {base.shape[-1]}; keep both prompts within 75 tokens")
@@ -689,13 +710,16 @@ class InFusionController:
                                             self.plan.refine_alphas)
             self.counts["fusion_cross"] += 1
             return out
-        base = att.self_probs(t, call.layer, device=probs.device)
+        base = att.self_probs(t, call.layer, device=probs.device, window=win)
         if base.shape != probs[chunks[0]].shape:
             raise ValueError(
                 f"InFusionInject: self-attention of layer {call.layer} has {probs.shape[-1]} keys at the edit but "
                 f"{base.shape[-1]} at the inversion. Apply the same Temporal Self-Attention to both models."
             )
         me, ms = self.masks(i, t, call.hw)
+        if win is not None:
+            sel = torch.as_tensor(list(win), device=me.device)
+            me, ms = me[sel], ms[sel]
         for sl in chunks:
             out[sl] = fuse_self(probs[sl], base, me, ms)
         self.counts["fusion_self"] += 1

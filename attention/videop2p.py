@@ -324,8 +324,10 @@ class VideoP2PController:
         self.branch = branch
         self.frames = int(frames)
         self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
-        # layer -> (hw, running sum [2, F, Nq, 1] of the head-mean attention of the blend words)
-        self.sums: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+        # layer -> (hw, running sum [2, F, Nq, 1] of the head-mean attention of the blend words, and the number
+        # of calls that recorded each frame [F]: under context windows a frame may be seen by several windows
+        # in a step, so the mask is made from the per-frame mean)
+        self.sums: dict[str, tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = {}
         self.calls = 0
 
     def __deepcopy__(self, memo):
@@ -347,8 +349,9 @@ class VideoP2PController:
     def active(self, call) -> bool:
         if not self._mine(call):
             return False
-        if call.frames != 2 * self.frames:
-            raise ValueError(f"Video-P2P: a call with {call.frames} rows per chunk, expected 2 x {self.frames} frames")
+        local = self.frames if call.frame_index is None else len(call.frame_index)
+        if call.frames != 2 * local:
+            raise ValueError(f"Video-P2P: a call with {call.frames} rows per chunk, expected 2 x {local} frames")
         i = self.step(call)
         if call.kind == "cross":
             return self._records(call) or bool(self.plan.cross_alphas[i].any())
@@ -357,7 +360,7 @@ class VideoP2PController:
 
     def __call__(self, call, probs: torch.Tensor) -> torch.Tensor | None:
         i = self.step(call)
-        f = self.frames
+        f = call.frames // 2  # the frames of this call (a context window's, or all)
         out = None
         for j, c in enumerate(call.cond_or_uncond):
             if c != 0:
@@ -391,15 +394,21 @@ class VideoP2PController:
             return m.mean(1)[..., idx].sum(-1, keepdim=True).float()
 
         cur = torch.stack([word(src, self.branch.blend_source), word(tgt, self.branch.blend_target)])
+        idx = torch.arange(self.frames) if call.frame_index is None else torch.as_tensor(list(call.frame_index))
         prev = self.sums.get(call.layer)
-        self.sums[call.layer] = (tuple(call.hw), cur if prev is None else prev[1] + cur)
+        if prev is None:
+            prev = (tuple(call.hw), cur.new_zeros((2, self.frames) + tuple(cur.shape[2:])), torch.zeros(self.frames))
+        _, total, count = prev
+        total.index_add_(1, idx.to(total.device), cur)
+        count.index_add_(0, idx, torch.ones(len(idx)))
+        self.sums[call.layer] = (tuple(call.hw), total, count)
 
     def mask_layers(self) -> list[str]:
         if not self.sums:
             return []
-        factors = sorted({self.factor(hw) for hw, _ in self.sums.values()})
+        factors = sorted({self.factor(hw) for hw, _, _ in self.sums.values()})
         best = min(factors, key=lambda fa: (abs(math.log(fa / self.branch.mask_factor)), -fa))
-        return [name for name, (hw, _) in self.sums.items() if self.factor(hw) == best]
+        return [name for name, (hw, _, _) in self.sums.items() if self.factor(hw) == best]
 
     def mask(self, out_hw=None) -> torch.Tensor | None:
         """Local Blend mask [F, H, W] (0/1) from the running attention: union of the source branch's blend
@@ -412,6 +421,7 @@ class VideoP2PController:
         masks = []
         for b, idx in ((0, self.branch.blend_source), (1, self.branch.blend_target)):
             if idx:
-                maps = [self.sums[name][1][b] for name in layers]
+                maps = [self.sums[name][1][b] / self.sums[name][2].clamp(min=1).view(-1, 1, 1).to(self.sums[name][1])
+                        for name in layers]
                 masks.append(cross_attention_mask(maps, hws, [0], out_hw, threshold=self.branch.blend_threshold))
         return union(*masks) if masks else None

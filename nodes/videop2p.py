@@ -19,6 +19,11 @@ target rows (`transformer_options["zsve_branches"] = 2` tells the attention patc
 two videos). The guider computes each step's next latent itself (DDIM = Euler in sigma space, plus Local
 Blend) and returns the denoised prediction that makes the sampler's Euler step land on it; it checks
 that the sampler did so, so the sampler must be `euler` or `ddim` on the ddim_uniform schedule.
+
+Long clips: with Video Context Windows on the model, the guider lays the windows over the frames itself and
+evaluates each window with both branches' rows of its frames (a frame window over the [2F] batch would mix
+the branches); the window results are fused per branch with the handler's fuse method, and Local Blend's
+running attention is kept per absolute frame (mean over the windows that saw the frame).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import logging
 import math
 
 import comfy.conds
+import comfy.context_windows as cw
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
@@ -321,18 +327,24 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
                 raise ZSVEInputError(f"VideoP2PGuider: {e}") from None
         u_tgt = u_src if s["target_uncond"] == TARGET_UNCOND[1] else c_neg
 
-        def rows(a, b):
-            return torch.cat([a[:1].expand(f, -1, -1), b[:1].expand(f, -1, -1)])
+        def rows(a, b, n=f):
+            return torch.cat([a[:1].expand(n, -1, -1), b[:1].expand(n, -1, -1)])
 
-        cond = [_with_crossattn(tgt, rows(c_src, c_tgt))]
-        uncond = [_with_crossattn(neg, rows(u_src, u_tgt))]
+        def conds(n=f):
+            return [[_with_crossattn(tgt, rows(c_src, c_tgt, n))], [_with_crossattn(neg, rows(u_src, u_tgt, n))]]
+
         mo = dict(model_options)
+        # A frame context handler must not see this batch (its rows are two videos): the windows are laid over
+        # the frames here, each window evaluated with both branches (_windowed).
+        handler = mo.pop("context_handler", None)
         to = dict(to)
         to[BRANCHES_KEY] = 2
         to[PROCESSORS_KEY] = list(to.get(PROCESSORS_KEY, [])) + [run.controller]
         mo["transformer_options"] = to
-        out = comfy.samplers.calc_cond_batch(self.inner_model, [cond, uncond], x, timestep, mo)
-        dc, du = out[0], out[1]
+        if handler is not None and handler.should_use_context(self.inner_model, [], x[:f], timestep[:f], mo):
+            dc, du = _windowed_eval(self, handler, conds, x, timestep, mo, f)
+        else:
+            dc, du = comfy.samplers.calc_cond_batch(self.inner_model, conds(), x, timestep, mo)
         src_guidance = None if self.null_text is None else self.null_text.guidance
         den_src = dc[:f] if src_guidance is None else cfg(du[:f], dc[:f], src_guidance)
         den_tgt = comfy.samplers.cfg_function(self.inner_model, dc[f:], du[f:], self.cfg, x[f:], timestep[f:],
@@ -348,6 +360,35 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
                 run.mask = mask
         run.expect = euler_step(x.float(), den.float(), sigma, s_next)
         return den
+
+
+def _windowed_eval(guider, handler, conds, x, timestep, mo, f):
+    """Both branches under the frame context windows of `handler` (ComfyUI's IndexListContextHandler): the
+    windows are laid over the F frames, each window is evaluated for the source and the target rows of its
+    frames together (so P2P control and Local Blend see matching frames), and the results are fused per
+    branch with the handler's own fuse method and weights, identical for both branches."""
+    handler.set_step(timestep[:1], mo)
+    windows = handler.get_context_windows(guider.inner_model, x[:f], mo)
+    relative = handler.fuse_method.name == cw.ContextFuseMethods.RELATIVE
+    finals = [torch.zeros_like(x[:f]) for _ in range(4)]  # cond src, cond tgt, uncond src, uncond tgt
+    shape = cw.get_shape_for_dim(x[:f], handler.dim)
+    counts = [torch.ones(shape, device=x.device) if relative else torch.zeros(shape, device=x.device)
+              for _ in range(4)]
+    biases = [[0.0] * f for _ in range(4)]
+    to = mo["transformer_options"]
+    for wi, window in enumerate(windows):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        idx = [int(i) for i in window.index_list]
+        n = len(idx)
+        sel = torch.as_tensor(idx + [f + i for i in idx], device=x.device)
+        mo_w = dict(mo)
+        mo_w["transformer_options"] = dict(to, context_window=window)
+        c, u = comfy.samplers.calc_cond_batch(guider.inner_model, conds(n), x[sel], timestep[sel], mo_w)
+        handler.combine_context_window_results(x[:f], [c[:n], c[n:], u[:n], u[n:]], None, window, wi, len(windows),
+                                               timestep[:f], finals, counts, biases)
+    if not relative:
+        finals = [v / counts[k].to(v) for k, v in enumerate(finals)]
+    return torch.cat(finals[:2]), torch.cat(finals[2:])
 
 
 def _check_unit(v: float, name: str):
@@ -373,7 +414,8 @@ class VideoP2PGuiderNode(io.ComfyNode):
                 "DisableNoise, sampler ddim or euler, BasicScheduler ddim_uniform with the inversion's steps, latent "
                 "= z_T. The sampler's output is the edited video; 'Video-P2P Branch Outputs' gives the source "
                 "branch and the blend mask. For Video-P2P's frame attention put Temporal Self-Attention (mode "
-                "first) on the model of the inversion, the null text and this guider."
+                "first) on the model of the inversion, the null text and this guider. Under Video Context "
+                "Windows the guider evaluates each window with both branches' rows of its frames."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model (with the same Temporal Self-Attention as the inversion)."),
@@ -435,11 +477,11 @@ class VideoP2PGuiderNode(io.ComfyNode):
                 blend_threshold, target_uncond, null_text=None) -> io.NodeOutput:
         node = "VideoP2PGuider"
         check_diffusion_model(model, node)
-        if model.model_options.get("context_handler") is not None:
+        handler = model.model_options.get("context_handler")
+        if handler is not None and not (isinstance(handler, cw.IndexListContextHandler) and handler.dim == 0):
             raise ZSVEInputError(
-                f"{node}: context windows are not supported by the two-branch guider yet (its batch holds the source "
-                "and the target frames, which a frame window would mix). Remove Video Context Windows from this "
-                "model, or edit the clip in chunks of frames that fit one batch.")
+                f"{node}: the model carries a context handler the two-branch guider cannot split by frames "
+                f"({type(handler).__name__}); use Video Context Windows (frames) from this pack.")
         if null_text is not None and not isinstance(null_text, NullText):
             raise ZSVEInputError(f"{node}: 'null_text' must come from Null-Text Optimize.")
         if null_text is None and target_uncond == TARGET_UNCOND[1]:

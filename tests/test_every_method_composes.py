@@ -159,3 +159,54 @@ def test_workflow_with_lora_and_controlnet(world, path):
         assert ours <= executed_v, f"{path.name} with {what}: the pack's nodes did not run"
         diff = (out_v - out).abs().mean().item()
         assert diff > 1e-4, f"{path.name}: the {what} did not change the result ({diff:.2e})"
+
+
+def _with_windows(prompt: dict, length: int = 2, overlap: int = 1) -> dict:
+    """Video Context Windows (frames) on the checkpoint's MODEL: every model use (inversion, stores, null text,
+    edit) runs per window."""
+    p = copy.deepcopy(prompt)
+    ckpt = next(k for k, v in p.items() if v["class_type"] == "ZSVETestCheckpoint")
+    for node in p.values():
+        for name, val in node["inputs"].items():
+            if isinstance(val, list) and val[0] == ckpt and val[1] == 0:
+                node["inputs"][name] = ["windows", 0]
+    p["windows"] = {"class_type": "VideoContextWindows", "inputs": {
+        "model": [ckpt, 0], "context_length": length, "context_overlap": overlap,
+        "context_schedule": "standard_static", "context_stride": 1, "closed_loop": False, "fuse_method": "pyramid"}}
+    return p
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_under_context_windows(world, path):
+    """Every shipped workflow runs with Video Context Windows on its model (3 frames, windows of 2 overlapping
+    by 1). With temporal attention set to per-frame the frames are independent, so the windowed result must
+    equal the unwindowed one: every stored attention map, trajectory latent, feature, mask and branch is then
+    keyed by absolute frame correctly. With the workflow's own temporal mode it runs and stays finite."""
+    work, mask = world
+    if not (work / "in" / "input3.mp4").exists():
+        write_video(moving_square_frames(frames=3, size=128, seed=1), work / "in" / "input3.mp4")
+    base = _base_prompt(path, work, mask)
+    own_temporal = False
+    for node in base.values():
+        if node["class_type"] == "LoadVideo":
+            node["inputs"]["file"] = "input3.mp4"
+    ours = {v["class_type"] for v in base.values()} & PACK_TYPES
+    own = copy.deepcopy(base)
+    for node in own.values():
+        if node["class_type"] == "TemporalSelfAttentionPatch":
+            node["inputs"]["min_channels"] = 0  # the tiny UNet's layers are narrower than SD1.5's 640 default
+    windowed_own, executed_own = _run(_with_windows(own))
+    assert (ours | {"VideoContextWindows"}) <= executed_own
+    assert windowed_own.shape[0] == 3 and torch.isfinite(windowed_own).all()
+    for node in base.values():
+        if node["class_type"] == "TemporalSelfAttentionPatch":
+            own_temporal = own_temporal or node["inputs"]["mode"] != "per-frame"
+            node["inputs"]["mode"] = "per-frame"
+    plain, _ = _run(base)
+    windowed, executed = _run(_with_windows(base))
+    assert (ours | {"VideoContextWindows"}) <= executed
+    diff = float((windowed - plain).abs().max())
+    print(f"\n[windows] {path.stem}: max |windowed - unwindowed| per-frame {diff:.2e}; with the workflow's temporal "
+          f"attention the windowed edit differs by {float((windowed_own - plain).abs().max()):.2e}"
+          f"{'' if own_temporal else ' (no temporal node)'}")
+    assert diff < 1e-4, f"{path.name}: context windows changed a per-frame edit by {diff:.2e}"

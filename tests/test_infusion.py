@@ -84,14 +84,14 @@ def test_source_record_is_bounded_exact_in_bytes_and_changes_nothing(tiny_model,
     rec = inv.records["infusion"]
     assert isinstance(rec, InFusionRecord) and rec.frames == 2 and rec.num_steps == STEPS
     t_of = {STEPS - k: inv.timesteps[k] for k in range(1, STEPS + 1)}  # edit step -> timestep
-    assert set(rec.features) == {(t_of[0], 1), (t_of[1], 1)}  # feature phase only, chosen block only
+    assert set(rec.features) == {(t_of[0], 1, None), (t_of[1], 1, None)}  # feature phase only, chosen block only
     assert rec.kv_timesteps() == {t_of[2], t_of[3]}  # key/value phase only
     assert rec.kv_layers() == {"output_0_0", "output_1_0", "output_2_0", "output_3_0"}
     assert rec.attention.timesteps == [t_of[4]]  # fusion phase only
     assert set(rec.attention.layer_names("self")) == {"output_0_0", "output_1_0"}  # skip_full_res: 8x8 only
     tensors = list(rec.features.values()) + [t for e in rec.kv.values() for t in e.values()]
     assert all(t.dtype == torch.float16 and t.device.type == "cpu" for t in tensors)
-    assert rec.features[(t_of[0], 1)].shape == (2, 64, 8, 8)
+    assert rec.feature(t_of[0], 1).shape == (2, 64, 8, 8)
     own = sum(t.numel() * 2 for t in tensors)
     assert rec.nbytes == own + rec.attention.nbytes and rec.attention.nbytes > 0
     assert inv.nbytes >= rec.nbytes + sum(x.numel() * 4 for x in inv.latents)

@@ -167,8 +167,26 @@ def test_feature_injection_rows_chunks_and_context_windows():
     new = fns[1](out)
     assert torch.allclose(new[:3], src.float(), atol=1e-6) and torch.allclose(new[3:], src.float(), atol=1e-6)
     assert ctl.feature_targets(401, [1, 0], 6) == {}  # key/value phase: no hooks at all
+    # context windows: the edit reads the entry the same window recorded (not a slice of another recording)
+    src_w = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(2)).half()
+    rec.add_feature(801, 1, src_w, window=(1, 2))
     win = ctl.feature_targets(801, [0], 2, frame_index=[1, 2])[1](torch.zeros(2, 4, 2, 2))
-    assert torch.allclose(win, src[1:3].float(), atol=1e-6)
+    assert torch.allclose(win, src_w.float(), atol=1e-6)
+    with pytest.raises(Exception, match=r"context window \[0, 1\]: sample the edit with the same context windows"):
+        ctl.feature_targets(801, [0], 2, frame_index=[0, 1])
+    with pytest.raises(ValueError, match="recorded 3"):
+        ctl.feature_targets(801, [0], 2, frame_index=[2, 3])
     with pytest.raises(ValueError, match="recorded 3"):
         ctl.feature_targets(801, [0], 2)
     assert ctl.counts["feature"] == 2
+
+
+def test_recorder_keeps_one_entry_per_context_window():
+    cfg = inf.InFusionRecordConfig(feature_blocks=(1,), attention_blocks=(0, 1, 2, 3), s1=0.4, s2=0.8)
+    r = inf.InFusionRecorder(cfg)
+    for window in ([0, 1], [1, 2]):
+        fns = r.feature_targets(801, 0, 5, [0], 2, frame_index=window)
+        fns[1](torch.full((2, 4, 2, 2), float(window[0])))
+    rec = r.finalize()
+    assert rec.frames == 3 and set(rec.features) == {(801, 1, (0, 1)), (801, 1, (1, 2))}
+    assert float(rec.feature(801, 1, window=[1, 2]).float().mean()) == 1.0

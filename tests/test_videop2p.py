@@ -354,11 +354,63 @@ def test_api_graph_null_text_and_guider_through_sampler_custom_advanced(inf_mode
     assert "nt" not in res2["executed"] and "inv" not in res2["executed"] and "sca" in res2["executed"]
 
 
-def test_context_windows_are_refused_with_a_clear_message(tiny_model, tiny_clip, conds):
+def _windowed(model, length=2, overlap=1, fuse="pyramid"):
     from zsve.nodes.context import VideoContextWindows
 
-    windowed = VideoContextWindows.execute(tiny_model, context_length=2, context_overlap=1,
-                                           context_schedule="standard_static", context_stride=1, closed_loop=False,
-                                           fuse_method="pyramid").result[0]
-    with pytest.raises(vp.ZSVEInputError, match="context windows are not supported by the two-branch guider"):
-        _guider(windowed, tiny_clip, conds)
+    return VideoContextWindows.execute(model, context_length=length, context_overlap=overlap,
+                                       context_schedule="standard_static", context_stride=1, closed_loop=False,
+                                       fuse_method=fuse).result[0]
+
+
+@pytest.mark.parametrize("fuse", ["pyramid", "relative"])
+def test_context_windows_give_the_unwindowed_edit_without_temporal_attention(tiny_model, tiny_clip, conds, fuse):
+    """Frames are independent without temporal attention, so any fusion of per-window results must give the
+    unwindowed edit exactly: P2P control, Local Blend's mask (mean over the windows that saw a frame) and the
+    branch layout must all be per absolute frame. 5 frames in windows of 3 (overlap 1)."""
+    z = _latent(frames=5, h=16, w=16, seed=7)
+    kw = dict(blend_words="circle", blend_words_edit="square", blend_start=0.2, blend_threshold=0.85)
+    ref_g = _guider(tiny_model, tiny_clip, conds, **kw)
+    ref = _sample(ref_g, z)
+    win_g = _guider(_windowed(tiny_model, 3, 1, fuse), tiny_clip, conds, **kw)
+    out = _sample(win_g, z)
+    assert ref_g.last_mask is not None and 0 < float(ref_g.last_mask.mean()) < 1
+    assert torch.equal(win_g.last_mask, ref_g.last_mask)
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(win_g.last_source, ref_g.last_source, atol=1e-5)
+
+
+def test_context_windows_with_frame_attention_keep_the_branches_paired(tiny_model, tiny_clip, conds, null_texts,
+                                                                       inf_model, inverted):
+    """With Video-P2P's frame attention the windows change the result (each window attends to its own first
+    frame), but both branches are windowed and fused alike: identical prompts with the null text as the
+    target's unconditional give identical branches, and the windowed edit differs from the unwindowed one."""
+    _, z_T, _ = inverted
+    opt, _ = null_texts
+    m = inf_model.clone()
+    m.set_model_attn1_patch(TemporalKV("first"))
+    kw = dict(target_uncond=vp.TARGET_UNCOND[1])
+    g = _guider(_windowed(m, 1, 0), tiny_clip, conds, null_text=opt, edit=SRC, **kw)
+    out = _sample(g, z_T)
+    assert torch.allclose(out, g.last_source, atol=1e-6)
+    ref = _sample(_guider(m, tiny_clip, conds, null_text=opt, edit=SRC, **kw), z_T)
+    assert float((out - ref).abs().max()) > 1e-4
+
+
+def test_null_text_and_edit_under_context_windows_run_headless(tiny_model, tiny_clip, conds):
+    """Inversion, null-text optimisation and the guider all under the same frame windows (4 frames, windows
+    of 2), through ComfyUI's sampler: finite results, one null text per step."""
+    m = _windowed(tiny_model, 2, 1)
+    lat = _latent(frames=4, seed=5)
+    with torch.inference_mode():
+        z_T, inv = glue.run_inversion(m, lat, conds["src"], None, STEPS, 1.0, disable_pbar=True)
+        nt = vp.run_null_text(m, inv, conds["src"], conds["empty"], 7.5, 2, 1e-5, disable_pbar=True)
+    assert nt.steps == STEPS
+    g = _guider(m, tiny_clip, conds, null_text=nt, blend_words="circle", blend_words_edit="square")
+    out = _sample(g, z_T)
+    assert out.shape == (4, 4, 8, 8) and torch.isfinite(out).all() and g.last_mask.shape[0] == 4
+
+
+def test_foreign_context_handler_is_refused(tiny_model, tiny_clip, conds):
+    m = tiny_model.clone()
+    m.model_options["context_handler"] = object()
+    with pytest.raises(vp.ZSVEInputError, match="Video Context Windows"):
+        _guider(m, tiny_clip, conds)

@@ -32,6 +32,8 @@ def parse():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--cosine-from", type=int, default=None,
+                   help="cosine-decay the learning rate from this step to 2%% of --lr at --steps (default: constant)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond-p", type=float, default=0.1, help="caption dropout (empty prompt) for CFG")
     p.add_argument("--two-object-p", type=float, default=0.15)
@@ -98,6 +100,7 @@ def main():
                 "steps": step,
                 "batch": a.batch,
                 "lr": a.lr,
+                "cosine_from": a.cosine_from,
                 "ema": a.ema,
                 "seed": a.seed,
                 "threads": a.threads,
@@ -138,6 +141,9 @@ def main():
         xc = ms.calculate_input(sigma, x_noisy)  # x / sqrt(sigma^2 + 1)
         timestep = ms.timestep(sigma).float()
         lr = a.lr * min(1.0, (step + 1) / a.warmup)
+        if a.cosine_from is not None and step >= a.cosine_from:
+            frac = (step - a.cosine_from) / max(1, a.steps - a.cosine_from)
+            lr *= 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
         for pg in opt.param_groups:
             pg["lr"] = lr
         pred = dm(xc, timestep, context=ctx)
