@@ -15,7 +15,9 @@ attention output unchanged, as in Tune-A-Video where frame 0's "previous" frame 
 
 With context windows, `frame_ids` are the absolute frame indices of the frames in the call; key frames
 are chosen among them ("first" = the smallest index in the window, "previous" = the frame whose index is
-one less if present, else the frame itself). Frames outside the call cannot be reached.
+one less if present, else the frame itself, "middle" = the clip's middle frame if the window holds it and
+says how long the clip is, else the window's middle). Frames outside the call cannot be reached, which is
+why Video Context Windows adds the clip's first and middle frames to every window by default.
 
 This module does not import ComfyUI.
 """
@@ -30,8 +32,10 @@ MODES = ("per-frame", "first", "middle", "previous+first", "all")
 
 
 def key_frames(mode: str, frames: int, include_self: bool = False,
-               frame_ids: Sequence[int] | None = None) -> list[list[int]]:
-    """For every local frame, the local indices of its key/value frames (equal length for all frames)."""
+               frame_ids: Sequence[int] | None = None, total_frames: int | None = None) -> list[list[int]]:
+    """For every local frame, the local indices of its key/value frames (equal length for all frames).
+    `total_frames` (the clip's length, with context windows): "middle" is the clip's middle frame
+    (total_frames - 1) // 2 when the window holds it."""
     if mode not in MODES:
         raise ValueError(f"unknown temporal attention mode {mode!r}; choose one of {', '.join(MODES)}")
     ids = list(range(frames)) if frame_ids is None else [int(i) for i in frame_ids]
@@ -41,6 +45,8 @@ def key_frames(mode: str, frames: int, include_self: bool = False,
     first = order[0]
     middle = order[(frames - 1) // 2]
     pos = {a: i for i, a in enumerate(ids)}
+    if total_frames is not None and (int(total_frames) - 1) // 2 in pos:
+        middle = pos[(int(total_frames) - 1) // 2]
     out: list[list[int]] = []
     for i in range(frames):
         if mode == "per-frame":
@@ -115,7 +121,8 @@ class TemporalKV:
             return n, context, value
         window = extra_options.get("context_window")
         ids = list(window.index_list) if window is not None and hasattr(window, "index_list") else None
-        keys = key_frames(self.mode, frames, self.include_self, ids)
+        total = getattr(window, "zsve_total_frames", None) if ids is not None else None
+        keys = key_frames(self.mode, frames, self.include_self, ids, total)
         ctx = gather_frames(context, chunks, keys)
         val = ctx if value is context else gather_frames(value, chunks, keys)
         return n, ctx, val

@@ -643,7 +643,7 @@ def test_context_windows_give_every_frame_its_mask(tiny_model, tiny_clip, setup)
 
     win = VideoContextWindows.execute(tiny_model, context_length=2, context_overlap=1,
                                       context_schedule="standard_static", context_stride=1, closed_loop=False,
-                                      fuse_method="pyramid").result[0]
+                                      fuse_method="pyramid", key_frames="none").result[0]
     z_T, inv = glue.run_inversion(win, setup["latent"], setup["src_pos"], None, STEPS, 1.0, disable_pbar=True)
     m, state, _ = blend_nodes.apply_latent_blend(win, inv, mask_source="cross-attention", clip=tiny_clip,
                                                  prompt=EDIT, words="green square", threshold=0.5, dilation=1)

@@ -79,7 +79,7 @@ def test_inversion_and_reconstruction_under_core_context_windows(tiny_model, tin
     frames = 6
     win = nodes.NODE_CLASS_MAPPINGS["VideoContextWindows"]
     m = win.execute(tiny_model, context_length=4, context_overlap=2, context_schedule="standard_static",
-                    context_stride=1, closed_loop=False, fuse_method="pyramid").args[0]
+                    context_stride=1, closed_loop=False, fuse_method="pyramid", key_frames="none").args[0]
     rec = CountingRecorder()
     add_processor(m, rec)
     seen_windows = []
@@ -101,3 +101,32 @@ def test_inversion_and_reconstruction_under_core_context_windows(tiny_model, tin
     assert (out - x).abs().mean() < 0.1 * x.abs().mean()
     assert seen_windows and all(len(w) == 4 for w in seen_windows), "processors see absolute frame indices"
     assert {w[0] for w in seen_windows} >= {0}
+
+
+def test_key_frames_join_every_window_and_are_fused_only_from_their_own(tiny_model):
+    """Video Context Windows adds the clip's first and middle frames to every window (so temporal attention
+    reaches the same key frames everywhere) and fuses each window's own frames only: 9 frames, windows of 3
+    without overlap; a fake model marks each result with its window's length."""
+    from zsve.attention.temporal import key_frames
+    from zsve.nodes.context import VideoContextWindows
+
+    m = VideoContextWindows.execute(tiny_model, context_length=3, context_overlap=0,
+                                    context_schedule="standard_static", context_stride=1, closed_loop=False,
+                                    fuse_method="pyramid", key_frames="first and middle").result[0]
+    h = m.model_options["context_handler"]
+    x = torch.arange(9.0).view(9, 1, 1, 1).expand(9, 4, 2, 2).clone()
+    mo = {"transformer_options": {"sample_sigmas": torch.tensor([5.0, 0.0])}}
+    wins = h.get_context_windows(None, x, mo)
+    assert [w.index_list for w in wins] == [[0, 1, 2, 4], [0, 3, 4, 5], [0, 4, 6, 7, 8]]
+    assert [w.zsve_anchors for w in wins] == [[4], [0], [0, 4]] and wins[0].zsve_total_frames == 9
+
+    def calc(model, conds, sub_x, sub_t, model_options):
+        return [sub_x + 100.0 * sub_x.shape[0]]
+
+    out = h.execute(calc, None, [[{}]], x, torch.full((9,), 5.0), mo)[0]
+    expect = torch.tensor([400.0, 401, 402, 403, 404, 405, 506, 507, 508])
+    assert torch.allclose(out[:, 0, 0, 0], expect), out[:, 0, 0, 0]
+    # temporal attention in a window holding the clip's middle frame uses it (not the window's middle)
+    assert key_frames("middle", 5, frame_ids=[0, 4, 6, 7, 8], total_frames=9) == [[1]] * 5
+    assert key_frames("middle", 5, frame_ids=[0, 4, 6, 7, 8]) == [[2]] * 5
+    assert key_frames("first", 4, frame_ids=[0, 3, 4, 5], total_frames=9) == [[0]] * 4

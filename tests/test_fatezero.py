@@ -365,7 +365,7 @@ def test_store_and_fusion_under_context_windows_are_exact(tiny_model, tiny_clip,
     positive, negative = conds
     model = VideoContextWindows.execute(_temporal(tiny_model, "previous+first"), context_length=2,
                                         context_overlap=1, context_schedule="standard_static", context_stride=1,
-                                        closed_loop=False, fuse_method="pyramid").result[0]
+                                        closed_loop=False, fuse_method="pyramid", key_frames="none").result[0]
     _, inv = glue.run_inversion(_store_model(model), _latent(frames=4), positive, None, 3, 1.0, disable_pbar=True)
     st = inv.records["attention"]
     assert st.frames == 4

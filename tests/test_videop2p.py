@@ -354,12 +354,12 @@ def test_api_graph_null_text_and_guider_through_sampler_custom_advanced(inf_mode
     assert "nt" not in res2["executed"] and "inv" not in res2["executed"] and "sca" in res2["executed"]
 
 
-def _windowed(model, length=2, overlap=1, fuse="pyramid"):
+def _windowed(model, length=2, overlap=1, fuse="pyramid", key_frames="first and middle"):
     from zsve.nodes.context import VideoContextWindows
 
     return VideoContextWindows.execute(model, context_length=length, context_overlap=overlap,
                                        context_schedule="standard_static", context_stride=1, closed_loop=False,
-                                       fuse_method=fuse).result[0]
+                                       fuse_method=fuse, key_frames=key_frames).result[0]
 
 
 @pytest.mark.parametrize("fuse", ["pyramid", "relative"])
@@ -380,19 +380,26 @@ def test_context_windows_give_the_unwindowed_edit_without_temporal_attention(tin
 
 def test_context_windows_with_frame_attention_keep_the_branches_paired(tiny_model, tiny_clip, conds, null_texts,
                                                                        inf_model, inverted):
-    """With Video-P2P's frame attention the windows change the result (each window attends to its own first
-    frame), but both branches are windowed and fused alike: identical prompts with the null text as the
-    target's unconditional give identical branches, and the windowed edit differs from the unwindowed one."""
+    """With Video-P2P's frame attention both branches are windowed and fused alike: identical prompts with the
+    null text as the target's unconditional give identical branches. Windows of one frame without key frames
+    change the edit (each window attends to its own frame); with the clip's first frame added to every window
+    (key_frames) frame attention reaches the global first frame and the windowed edit is the unwindowed one."""
     _, z_T, _ = inverted
     opt, _ = null_texts
     m = inf_model.clone()
     m.set_model_attn1_patch(TemporalKV("first"))
     kw = dict(target_uncond=vp.TARGET_UNCOND[1])
-    g = _guider(_windowed(m, 1, 0), tiny_clip, conds, null_text=opt, edit=SRC, **kw)
+    ref = _sample(_guider(m, tiny_clip, conds, null_text=opt, edit=SRC, **kw), z_T)
+    g = _guider(_windowed(m, 1, 0, key_frames="none"), tiny_clip, conds, null_text=opt, edit=SRC, **kw)
     out = _sample(g, z_T)
     assert torch.allclose(out, g.last_source, atol=1e-6)
-    ref = _sample(_guider(m, tiny_clip, conds, null_text=opt, edit=SRC, **kw), z_T)
     assert float((out - ref).abs().max()) > 1e-4
+    g = _guider(_windowed(m, 1, 0, key_frames="first"), tiny_clip, conds, null_text=opt, edit=EDIT,
+                blend_words="circle", blend_words_edit="square")
+    out = _sample(g, z_T)
+    ref = _sample(_guider(m, tiny_clip, conds, null_text=opt, edit=EDIT, blend_words="circle",
+                          blend_words_edit="square"), z_T)
+    assert torch.allclose(out, ref, atol=1e-5), float((out - ref).abs().max())
 
 
 def test_null_text_and_edit_under_context_windows_run_headless(tiny_model, tiny_clip, conds):
