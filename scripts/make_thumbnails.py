@@ -64,7 +64,7 @@ def main():
                            replace={"CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint",
                                                               "inputs": {"key": "ckpt"}}})
         previews = []
-        for nid, node in list(prompt.items()):
+        for node in list(prompt.values()):
             ct, inputs = node["class_type"], node["inputs"]
             if "steps" in inputs and isinstance(inputs["steps"], int):
                 inputs["steps"] = a.steps

@@ -86,3 +86,32 @@ def test_loader_node_generates_through_the_executor(loader_cls):
     # the trained model follows the prompt's colour (chance would be 1/4 per image)
     colors = [det.detect(im).color for im in imgs]
     assert colors.count("red") >= 3, colors
+
+
+def test_attention_localisation_loss_targets_and_bounds():
+    """toy/attn_loss.py: the words of each object map to its mask, the background words (not "a") to the rest;
+    the loss is 0 when a token's attention lies inside its region and 1 when it lies outside."""
+    from zsve.toy import attn_loss
+
+    words = "a red circle and a green square on a gradient".split()
+    spans = [(w, [i + 1]) for i, w in enumerate(words)]  # one token per word, BOS at 0
+    regions = attn_loss.token_regions(" ".join(words), 2, spans)
+    assert regions == [([2], 0), ([3], 0), ([6], 1), ([7], 1), ([10], -1)]
+    m0 = np.zeros((8, 8), bool)
+    m0[:4, :4] = True
+    m1 = np.zeros((8, 8), bool)
+    m1[4:, 4:] = True
+    maps, used = attn_loss.token_targets([regions], [[m0, m1]], 8, tokens=12)
+    assert used[0].nonzero().flatten().tolist() == [2, 3, 6, 7, 10]
+    assert torch.equal(maps[0, 2], torch.from_numpy(m0).float()) and float(maps[0, 10].sum()) == 32.0
+    probs = torch.zeros(1, 2, 16, 12)  # a 4x4 query map: cell (r, c) covers mask pixels 2r..2r+1, 2c..2c+1
+    inside = torch.zeros(4, 4)
+    inside[:2, :2] = 1.0
+    probs[0, :, :, 2] = inside.flatten() / 4
+    probs[0, :, :, 3] = inside.flatten() / 4
+    probs[0, :, :, 6] = inside.flip(0, 1).flatten() / 4
+    probs[0, :, :, 7] = inside.flip(0, 1).flatten() / 4
+    probs[0, :, :, 10] = (1 - inside - inside.flip(0, 1)).flatten() / 8
+    assert float(attn_loss.localisation_loss(probs, maps, used)) < 1e-6
+    probs[0, :, :, 2] = inside.flip(0, 1).flatten() / 4  # object 0's colour word on object 1
+    assert abs(float(attn_loss.localisation_loss(probs, maps, used)) - 1 / 5) < 1e-6

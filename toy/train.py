@@ -39,6 +39,8 @@ def parse():
     p.add_argument("--two-object-p", type=float, default=0.15)
     p.add_argument("--prediction", choices=["v", "eps"], default="v")
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="eps only: Min-SNR loss weighting (0 = plain MSE)")
+    p.add_argument("--attn-loss", type=float, default=0.0,
+                   help="weight of the cross-attention localisation loss (toy/attn_loss.py; 0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100)
@@ -92,6 +94,27 @@ def main():
         return cache[text]
 
     n_train = len(ms.sigmas)
+
+    # Optional cross-attention localisation loss: record every cross-attention's probabilities through an
+    # attn2 replace patch (the same computation as the default attention, kept differentiable).
+    from . import attn_loss
+
+    recorded: list = []
+    transformer_options: dict = {}
+    span_cache: dict = {}
+    if a.attn_loss > 0:
+        pack = boot.load_pack()
+        attention_probs, apply_probs = pack.attention.attn.attention_probs, pack.attention.attn.apply_probs
+        word_spans = pack.attention.align.word_spans
+        tok = clip.tokenizer.clip_l.tokenizer
+
+        def record(q, k, v, extra):
+            probs = attention_probs(q, k, extra["n_heads"])
+            recorded.append(probs)
+            return apply_probs(probs, v, extra["n_heads"])
+
+        keys = pack.nodes._attn_patch.transformer_block_keys(model)
+        transformer_options = {"patches_replace": {"attn2": {key: record for key in keys}}}
     train_info = {}
 
     def write(final=False):
@@ -107,6 +130,7 @@ def main():
                 "uncond_p": a.uncond_p,
                 "two_object_p": a.two_object_p,
                 "min_snr_gamma": a.min_snr_gamma,
+                "attn_loss": a.attn_loss,
                 "train_minutes": round(elapsed / 60, 2),
                 "loss_last100": float(np.mean(loss_hist[-100:])) if loss_hist else None,
                 "weights": "ema",
@@ -121,16 +145,23 @@ def main():
         )
         Path(str(state_path) + ".tmp").replace(state_path)
 
+    loc_hist: list[float] = []
     t_last = time.time()
     while step < a.steps:
         rng = np.random.default_rng([a.seed, step])
         g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
-        imgs, texts = [], []
+        imgs, texts, regions, obj_masks = [], [], [], []
         for _ in range(a.batch):
             sc = scenes.random_scene(rng, two_object_p=a.two_object_p)
-            img, _ = scenes.render(sc)
+            img, masks = scenes.render(sc)
             imgs.append(img)
             texts.append("" if rng.uniform() < a.uncond_p else sc.caption())
+            if a.attn_loss > 0:
+                if texts[-1] and texts[-1] not in span_cache:
+                    span_cache[texts[-1]] = attn_loss.token_regions(texts[-1], len(sc.objects),
+                                                                    word_spans(texts[-1], tok))
+                regions.append(span_cache.get(texts[-1], []))
+                obj_masks.append(masks)
         x = torch.from_numpy(np.stack(imgs))
         x0 = latent_format.process_in(tm.pixels_to_latent(x, gain))
         ctx = torch.cat([cond_of(t) for t in texts])
@@ -146,7 +177,8 @@ def main():
             lr *= 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
         for pg in opt.param_groups:
             pg["lr"] = lr
-        pred = dm(xc, timestep, context=ctx)
+        recorded.clear()
+        pred = dm(xc, timestep, context=ctx, transformer_options=transformer_options)
         # Min-SNR-gamma weighting (Hang et al. 2023) for eps prediction: w = min(SNR, gamma) / SNR with
         # SNR = 1 / sigma^2, i.e. min(1, gamma * sigma^2): the nearly clean timesteps (whose eps loss is
         # large but matters little) no longer dominate the gradient over the noisy ones.
@@ -159,6 +191,13 @@ def main():
         else:
             w = torch.clamp(a.min_snr_gamma * sigma**2, max=1.0) if a.min_snr_gamma > 0 else torch.ones_like(sigma)
             loss = (((pred - eps) ** 2).mean((1, 2, 3)) * w).mean()
+        diffusion_loss = loss.detach()
+        if a.attn_loss > 0:
+            maps, used = attn_loss.token_targets(regions, obj_masks, scenes.SIZE)
+            loc = torch.stack([attn_loss.localisation_loss(p, maps, used) for p in recorded]).mean()
+            loc_hist.append(float(loc.detach()))
+            loss = loss + a.attn_loss * loc
+            recorded.clear()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dm.parameters(), 1.0)
@@ -174,12 +213,13 @@ def main():
         now = time.time()
         elapsed += now - t_last
         t_last = now
-        lv = float(loss.detach())
+        lv = float(diffusion_loss)
         if not math.isfinite(lv):
             raise SystemExit(f"loss is {lv} at step {step}")
         loss_hist.append(lv)
         if step % 20 == 0:
-            print(f"step {step} loss {np.mean(loss_hist[-20:]):.4f} lr {lr:.2e} {elapsed / step:.2f} s/step "
+            extra = f" attn-loc {np.mean(loc_hist[-20:]):.3f}" if loc_hist else ""
+            print(f"step {step} loss {np.mean(loss_hist[-20:]):.4f}{extra} lr {lr:.2e} {elapsed / step:.2f} s/step "
                   f"{elapsed / 60:.1f} min", flush=True)
         if step % a.save_every == 0 or step == a.steps:
             write()
