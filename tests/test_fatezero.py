@@ -362,7 +362,7 @@ def test_full_attention_replacement_reconstructs_better_than_plain_ddim_at_cfg_7
     guidance 7.5 drifts from the source; replacing every step's attention by the inversion's keeps it closer.
     Measured on the trained toy model (toy.fatezero_recon: 3 clips, 2 frames, 10 steps). On a random tiny UNet
     attention carries nothing and the effect cannot show. The toy UNet's attention carries less than SD1.5's, so
-    the gap is smaller than in the paper (README: 19.2 -> 21.0 dB at 20 steps, 5 clips, 4 frames)."""
+    the gap is smaller than in the paper (README: 18.9 -> 21.4 dB at 20 steps, 5 clips, 4 frames)."""
     import shutil
     import tempfile
 
