@@ -281,14 +281,16 @@ class AttentionRecorder:
         if window is not None and call.kind == "cross":
             # cross-attention under context windows: kept per window (read back by the same window, exact) and
             # merged into one full-frame tensor for the blend masks (each window writing its frames)
-            key = (int(call.timestep), call.layer, "cross")
-            old = st.entries.get(key, {}).get("p")
+            old = st.entries.get((int(call.timestep), call.layer, "cross"), {}).get("p")
             n = max(st.frames, max(window) + 1)
-            full = torch.zeros((n,) + tuple(data["p"].shape[1:]), dtype=data["p"].dtype)
-            if old is not None:
-                full[: old.shape[0]] = old
-            full[torch.as_tensor(window)] = data["p"]
-            st.add(call.timestep, call.layer, "cross", {"p": full})
+            if old is not None and old.shape[0] >= n:
+                old[torch.as_tensor(window)] = data["p"]  # in place: the merged entry's size is unchanged
+            else:
+                full = torch.zeros((n,) + tuple(data["p"].shape[1:]), dtype=data["p"].dtype)
+                if old is not None:
+                    full[: old.shape[0]] = old
+                full[torch.as_tensor(window)] = data["p"]
+                st.add(call.timestep, call.layer, "cross", {"p": full})
         new = sum(_nbytes(v) for v in data.values())
         key = (int(call.timestep), call.layer, call.kind) + ((window,) if window is not None else ())
         new -= sum(_nbytes(v) for v in st.entries.get(key, {}).values() if isinstance(v, torch.Tensor))

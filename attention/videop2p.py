@@ -403,6 +403,11 @@ class VideoP2PController:
         count.index_add_(0, idx, torch.ones(len(idx)))
         self.sums[call.layer] = (tuple(call.hw), total, count)
 
+    def _mean(self, layer: str) -> torch.Tensor:
+        """[2, F, Nq, 1]: the running sum of a layer divided by the number of calls that saw each frame."""
+        _, total, count = self.sums[layer]
+        return total / count.clamp(min=1).view(-1, 1, 1).to(total)
+
     def mask_layers(self) -> list[str]:
         if not self.sums:
             return []
@@ -421,7 +426,6 @@ class VideoP2PController:
         masks = []
         for b, idx in ((0, self.branch.blend_source), (1, self.branch.blend_target)):
             if idx:
-                maps = [self.sums[name][1][b] / self.sums[name][2].clamp(min=1).view(-1, 1, 1).to(self.sums[name][1])
-                        for name in layers]
+                maps = [self._mean(name)[b] for name in layers]
                 masks.append(cross_attention_mask(maps, hws, [0], out_hw, threshold=self.branch.blend_threshold))
         return union(*masks) if masks else None

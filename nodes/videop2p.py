@@ -28,6 +28,7 @@ running attention is kept per absolute frame (mean over the windows that saw the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -122,9 +123,9 @@ class _NullTextSampler(comfy.samplers.Sampler):
 
         def den_uncond(x, s, emb):
             e = _with_crossattn(neg_entry, emb.to(_crossattn(neg_entry).dtype))
-            if not has_control:
-                return comfy.samplers.calc_cond_batch(inner, [None, [e]], x, x.new_full((x.shape[0],), s), mo)[1]
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            saved = (torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t) if has_control
+                     else contextlib.nullcontext())
+            with saved:
                 return comfy.samplers.calc_cond_batch(inner, [None, [e]], x, x.new_full((x.shape[0],), s), mo)[1]
 
         def on_step(i, loss, iters):
@@ -342,7 +343,7 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
         to[PROCESSORS_KEY] = list(to.get(PROCESSORS_KEY, [])) + [run.controller]
         mo["transformer_options"] = to
         if handler is not None and handler.should_use_context(self.inner_model, [], x[:f], timestep[:f], mo):
-            dc, du = _windowed_eval(self, handler, conds, x, timestep, mo, f)
+            dc, du = _windowed_eval(self.inner_model, handler, conds, x, timestep, mo, f)
         else:
             dc, du = comfy.samplers.calc_cond_batch(self.inner_model, conds(), x, timestep, mo)
         src_guidance = None if self.null_text is None else self.null_text.guidance
@@ -362,13 +363,13 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
         return den
 
 
-def _windowed_eval(guider, handler, conds, x, timestep, mo, f):
+def _windowed_eval(inner_model, handler, conds, x, timestep, mo, f):
     """Both branches under the frame context windows of `handler` (ComfyUI's IndexListContextHandler): the
     windows are laid over the F frames, each window is evaluated for the source and the target rows of its
     frames together (so P2P control and Local Blend see matching frames), and the results are fused per
     branch with the handler's own fuse method and weights, identical for both branches."""
     handler.set_step(timestep[:1], mo)
-    windows = handler.get_context_windows(guider.inner_model, x[:f], mo)
+    windows = handler.get_context_windows(inner_model, x[:f], mo)
     relative = handler.fuse_method.name == cw.ContextFuseMethods.RELATIVE
     finals = [torch.zeros_like(x[:f]) for _ in range(4)]  # cond src, cond tgt, uncond src, uncond tgt
     shape = cw.get_shape_for_dim(x[:f], handler.dim)
@@ -383,7 +384,7 @@ def _windowed_eval(guider, handler, conds, x, timestep, mo, f):
         sel = torch.as_tensor(idx + [f + i for i in idx], device=x.device)
         mo_w = dict(mo)
         mo_w["transformer_options"] = dict(to, context_window=window)
-        c, u = comfy.samplers.calc_cond_batch(guider.inner_model, conds(n), x[sel], timestep[sel], mo_w)
+        c, u = comfy.samplers.calc_cond_batch(inner_model, conds(n), x[sel], timestep[sel], mo_w)
         handler.combine_context_window_results(x[:f], [c[:n], c[n:], u[:n], u[n:]], None, window, wi, len(windows),
                                                timestep[:f], finals, counts, biases)
     if not relative:
