@@ -33,6 +33,25 @@ def test_registry_and_table_with_a_registered_method():
     assert t.count("\n") == 2 and "test: copy the source" in t and "| inf |" in t
 
 
+def test_item_table_marks_reference_rows_and_ranks_methods_on_local_edits():
+    def row(bg):
+        return {"seconds": 1.0, "mean": {}, "items": {n: {"psnr_bg": v} for n, v in bg.items()}}
+
+    names = ["color_swap", "shape_swap", "background_change"]
+    res = {
+        "A": row(dict(zip(names, [20.0, 30.0, 10.0]))),  # local mean 25
+        "B": row(dict(zip(names, [22.0, 32.0, 0.0]))),  # local mean 27, worst on the global edit
+        "Blended latent (ground-truth mask)": row(dict(zip(names, [60.0, 60.0, 60.0]))),
+    }
+    assert bench.local_items(res) == ["color_swap", "shape_swap"]
+    assert bench.best_local(res) == "B"
+    assert bench.best_local(res, methods_only=False) == "Blended latent (ground-truth mask)"
+    t = bench.item_table(res).splitlines()
+    assert t[0] == "| method | color_swap | shape_swap | mean (local) | background_change |"
+    assert t[3] == "| B | 22.0 | 32.0 | 27.0 | 0.0 |"
+    assert t[4].startswith("| Blended latent (ground-truth mask) *(ref)* |")
+
+
 def test_first_rows_run_on_the_toy_model():
     model, clip, vae, _ = toy_model.load()
     names = ["per-frame edit without attention control", "inversion + edit prompt, no control",

@@ -115,3 +115,17 @@ def test_attention_localisation_loss_targets_and_bounds():
     assert float(attn_loss.localisation_loss(probs, maps, used)) < 1e-6
     probs[0, :, :, 2] = inside.flip(0, 1).flatten() / 4  # object 0's colour word on object 1
     assert abs(float(attn_loss.localisation_loss(probs, maps, used)) - 1 / 5) < 1e-6
+
+
+def test_object_weight_map_covers_the_object_and_its_one_pixel_ring():
+    """toy/train.py --object-weight: per latent pixel, the objects' pixel coverage, grown by one latent pixel."""
+    from zsve.toy.train import object_weight_map
+
+    m = np.zeros((128, 128), bool)
+    m[36:60, 36:60] = True  # latent pixels 4.5..7.5 (8 px per latent pixel)
+    w = object_weight_map([m, np.zeros_like(m)], 16)
+    assert w.shape == (2, 1, 16, 16) and float(w[1].max()) == 0.0
+    w0 = w[0, 0]
+    assert float(w0[5, 5]) == 1.0 and float(w0[4, 4]) == 1.0  # inside (4 is half covered, raised by its neighbour)
+    assert float(w0[3, 5]) == 0.5 and float(w0[8, 8]) == 0.25  # the ring takes its neighbours' coverage
+    assert float(w0[2, 5]) == 0.0 and float(w0[5, 9]) == 0.0 and float(w0[9, 9]) == 0.0
