@@ -129,3 +129,14 @@ def test_object_weight_map_covers_the_object_and_its_one_pixel_ring():
     assert float(w0[5, 5]) == 1.0 and float(w0[4, 4]) == 1.0  # inside (4 is half covered, raised by its neighbour)
     assert float(w0[3, 5]) == 0.5 and float(w0[8, 8]) == 0.25  # the ring takes its neighbours' coverage
     assert float(w0[2, 5]) == 0.0 and float(w0[5, 9]) == 0.0 and float(w0[9, 9]) == 0.0
+
+
+def test_trained_toy_model_uses_the_shape_word_at_high_noise():
+    """toy.quality.shape_word_gap: with the true caption the v-loss at t=800 is lower than with the shape word
+    swapped (the denoiser reads the shape word; CFG amplifies that weak signal)."""
+    from zsve.toy import quality
+
+    model, clip, vae, _ = toy_model.load()
+    with torch.inference_mode():
+        (row,) = quality.shape_word_gap(model, clip, t_indices=(800,), n=12)
+    assert row["shape_swapped"] > row["true_caption"] * 1.02, row

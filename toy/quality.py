@@ -2,7 +2,8 @@
 seen in training), the way a user would generate: CLIPTextEncode -> KSampler -> VAEDecode (ComfyUI's own
 node classes), then the toy detector on every decoded image.
 
-    cd <pack root> && python -m toy.quality [--weights PATH] [--per-prompt 8] [--steps 20] [--cfg 5]
+    cd <pack root> && python -m toy.quality [--weights PATH] [--per-prompt 8] [--steps 20] [--cfg 5[,12,...]]
+                                            [--shape-gap]
 
 Prints one line per prompt and the totals; --json writes the numbers to a file.
 """
@@ -77,18 +78,64 @@ def measure(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, cfg: 
     }
 
 
+def shape_word_gap(model, clip, t_indices=(999, 800, 600, 400, 200, 100), n: int = 48, seed: int = 3) -> list[dict]:
+    """Does the trained denoiser use the shape word? For fresh single-object training scenes, the v-prediction
+    loss with the true caption and with the shape word swapped (circle <-> square, triangle -> circle), at a
+    few timesteps, same noise. A positive gap means the shape word helps the prediction."""
+    import numpy as np
+    import torch
+
+    from . import model as tm
+    from . import scenes
+
+    dm, ms = model.model.diffusion_model, model.model.model_sampling
+    lf, gain = model.model.latent_format, float(tm.DEFAULT_CONFIG["latent_gain"])
+    other = {"circle": "square", "square": "circle", "triangle": "circle"}
+    cache: dict = {}
+
+    def enc(text):
+        if text not in cache:
+            cache[text] = clip.encode_from_tokens(clip.tokenize(text)).float()
+        return cache[text]
+
+    rows = []
+    for t in t_indices:
+        rng = np.random.default_rng(seed)
+        true_loss = swapped_loss = 0.0
+        for k in range(n):
+            sc = scenes.random_scene(rng, two_object_p=0.0)
+            img, _ = scenes.render(sc)
+            x0 = lf.process_in(tm.pixels_to_latent(torch.from_numpy(img)[None], gain))
+            shape = sc.objects[0].shape
+            sigma = ms.sigmas[t].float().view(1)
+            eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(k))
+            xc, ts = ms.calculate_input(sigma, x0 + eps * sigma), ms.timestep(sigma).float()
+            target = (eps - sigma * x0) / (sigma**2 + 1) ** 0.5
+            for cap, which in ((sc.caption(), 0), (sc.caption().replace(shape, other[shape]), 1)):
+                err = float(((dm(xc, ts, context=enc(cap)) - target) ** 2).mean())
+                if which == 0:
+                    true_loss += err / n
+                else:
+                    swapped_loss += err / n
+        rows.append({"t": t, "true_caption": true_loss, "shape_swapped": swapped_loss})
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=None)
     p.add_argument("--per-prompt", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--cfg", type=str, default="5",
+                   help="guidance; several comma-separated values give one line (and JSON entry) per value")
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--train-prompts", action="store_true", help="measure on (a sample of) training prompts instead")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--shape-gap", action="store_true",
+                   help="also print the v-loss with the true caption vs the shape word swapped, per timestep")
     a = p.parse_args()
     boot.boot(threads=a.threads, load_nodes=False)
     import torch
@@ -96,20 +143,31 @@ def main():
     from . import model as tm
     from . import scenes
 
-    t0 = time.time()
     model, clip, vae, info = tm.load(a.weights or tm.WEIGHTS)
     specs = scenes.train_specs()[::5] if a.train_prompts else scenes.heldout_specs()
-    with torch.inference_mode():
-        res = measure(model, clip, vae, specs, a.per_prompt, a.steps, a.cfg, a.seed, a.sampler, a.scheduler)
-    res.pop("_np")
-    res["train"] = info["train"]
-    res["seconds"] = round(time.time() - t0, 1)
     which = "training" if a.train_prompts else "held-out"
-    print(f"{which} prompts: {res['prompts']}, samples: {res['samples']} | colour {res['color_acc']:.1%} shape "
-          f"{res['shape_acc']:.1%} both {res['both_acc']:.1%} background {res['background_acc']:.1%} | "
-          f"model steps {info['train'].get('steps')} | {res['seconds']} s")
+    results = []
+    for cfg in [float(c) for c in a.cfg.split(",")]:
+        t0 = time.time()
+        with torch.inference_mode():
+            res = measure(model, clip, vae, specs, a.per_prompt, a.steps, cfg, a.seed, a.sampler, a.scheduler)
+        res.pop("_np")
+        res["train"] = info["train"]
+        res["seconds"] = round(time.time() - t0, 1)
+        results.append(res)
+        print(f"{which} prompts: {res['prompts']}, samples: {res['samples']}, cfg {cfg:g} | colour {res['color_acc']:.1%} "
+              f"shape {res['shape_acc']:.1%} both {res['both_acc']:.1%} background {res['background_acc']:.1%} | "
+              f"model steps {info['train'].get('steps')} | {res['seconds']} s", flush=True)
+    out = results[0] if len(results) == 1 else {"by_cfg": results}
+    if a.shape_gap:
+        with torch.inference_mode():
+            gap = shape_word_gap(model, clip)
+        for r in gap:
+            print(f"t={r['t']:4d}: v-loss true caption {r['true_caption']:.4f}, shape word swapped "
+                  f"{r['shape_swapped']:.4f} (gap {r['shape_swapped'] - r['true_caption']:+.4f})")
+        out["shape_gap"] = gap
     if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+        a.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
