@@ -71,3 +71,16 @@ def test_first_rows_run_on_the_toy_model():
         ref = bench.decode(vae, bench.encode_frames(vae, frames))
     # (28 dB measured on the committed checkpoint; a sample that ignored the source scores ~15 dB)
     assert tmetrics.masked_psnr(rec, ref) > 25
+
+
+def test_fatezero_latent_blend_row_composes_attention_blend_and_latent_blend():
+    """"FateZero (local + latent blend)" = the local row + Latent Blend With Inversion in [0.2, 0.8): it runs on the
+    toy model and the latent blending changes the result."""
+    import zsve.toy.methods_fatezero  # noqa: F401  (registers the rows)
+
+    model, clip, vae, _ = toy_model.load()
+    names = ["FateZero (local blended)", "FateZero (local + latent blend)"]
+    res = bench.run(model, clip, vae, names, steps=5, cfg=5.0, frames=2, items=["color_swap"], verbose=False)
+    a, b = (res[n]["items"]["color_swap"]["_frames"] for n in names)
+    assert a.shape == b.shape == (2, 128, 128, 3)
+    assert abs(a - b).max() > 1e-2
