@@ -84,3 +84,9 @@ def test_fatezero_latent_blend_row_composes_attention_blend_and_latent_blend():
     a, b = (res[n]["items"]["color_swap"]["_frames"] for n in names)
     assert a.shape == b.shape == (2, 128, 128, 3)
     assert abs(a - b).max() > 1e-2
+
+
+def test_item_table_without_local_items():
+    res = {"A": {"seconds": 1.0, "mean": {}, "items": {"background_change": {"psnr_bg": 40.0}}}}
+    assert bench.item_table(res).splitlines() == ["| method | background_change |", "|---|---|", "| A | 40.0 |"]
+    assert bench.best_local(res) is None

@@ -85,6 +85,8 @@ def test_toy_scores_background_and_two_object_edits():
     edited = sc.render_clip(bgspec.motions, bgspec.edit_background, 6).frames
     s = tm.toy_scores(edited, clip, bgspec)
     assert s["success"] == 1.0 and s["others_kept"] == 1.0
+    assert s["psnr_bg"] == math.inf  # on a global edit "bg" is what must stay: the objects (inside their outline)
+    assert tm.toy_scores(np.clip(edited * 0.8, 0, 1), clip, bgspec)["psnr_bg"] < 30  # dimmed objects are caught
     assert tm.toy_scores(clip.frames, clip, bgspec)["success"] == 0.0
     two = specs["two_object"]
     clip2 = two.clip()

@@ -235,13 +235,13 @@ def item_table(results: dict, key: str = "psnr_bg", fmt: str = "{:.1f}") -> str:
     names = list(next(iter(results.values()))["items"])
     loc = local_items(results)
     order = loc + [n for n in names if n not in loc]
-    lines = ["| method | " + " | ".join(loc) + " | mean (local) | " + " | ".join(n for n in order if n not in loc)
-             + " |", "|---|" + "---|" * (len(order) + 1)]
+    heads = loc + (["mean (local)"] if loc else []) + [n for n in order if n not in loc]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for m, r in results.items():
-        vals = [r["items"][n][key] for n in order]
-        mean = float(np.mean([r["items"][n][key] for n in loc])) if loc else float("nan")
-        cells = [_cell(v, fmt) for v in vals[: len(loc)]] + [_cell(mean, fmt)] + [_cell(v, fmt) for v in vals[len(loc):]]
-        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+        vals = [_cell(r["items"][n][key], fmt) for n in order]
+        if loc:
+            vals.insert(len(loc), _cell(float(np.mean([r["items"][n][key] for n in loc])), fmt))
+        lines.append(f"| {label(m)} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 

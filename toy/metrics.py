@@ -196,7 +196,9 @@ def toy_scores(edited, clip, spec, dilate_px: int = 8) -> dict:
     masks = clip.masks  # [F, n, H, W]
     all_obj = masks.any(1)
     if spec.target is None:  # global edit: background changes, objects must stay
-        edit_region = ~dilate(all_obj, dilate_px)  # everything but the objects is "edited"
+        # preservation is measured on the objects shrunk by dilate_px: the band along their outline mixes
+        # object and (changing) background, just as the band around an edited object does in a local edit
+        edit_region = dilate(~all_obj, dilate_px)
         keep_region = dilate(all_obj, 0)
     else:
         edit_region = dilate(masks[:, spec.target], dilate_px)

@@ -303,7 +303,8 @@ class EditSpec:
 
 
 def benchmark_set(frames: int = 8) -> list[EditSpec]:
-    """The fixed benchmark: colour swap, shape swap, background change, two-object (edit one only)."""
+    """The fixed benchmark: colour swap (x2), shape swap, background change (stripes -> dots), two-object (edit
+    one only), background recolour (green -> blue stripes, the style-like edit)."""
     circle = Motion("circle", "red", (40.0, 50.0), (86.0, 76.0), 24.0, 24.0)
     square = Motion("square", "blue", (80.0, 40.0), (48.0, 84.0), 22.0, 27.0)
     tri = Motion("triangle", "yellow", (44.0, 80.0), (84.0, 56.0), 26.0, 22.0)
@@ -311,11 +312,14 @@ def benchmark_set(frames: int = 8) -> list[EditSpec]:
     right = Motion("square", "red", (98.0, 84.0), (90.0, 42.0), 18.0, 20.0)
     gray, black = Background("plain", "gray"), Background("plain", "black")
     blue_stripes, green_dots = Background("stripes", "blue"), Background("dots", "green")
+    green_stripes = Background("stripes", "green")
     specs = [
         EditSpec("color_swap", "color", (circle,), gray, gray, 0, "circle", "blue", frames),
         EditSpec("color_swap_stripes", "color", (tri,), blue_stripes, blue_stripes, 0, "triangle", "red", frames),
         EditSpec("shape_swap", "shape", (square,), black, black, 0, "circle", "blue", frames),
         EditSpec("background_change", "background", (circle,), blue_stripes, green_dots, None, None, None, frames),
         EditSpec("two_object", "two_object", (left, right), gray, gray, 1, "square", "yellow", frames),
+        # the style-like global edit: the background's colour changes, its layout (the stripes) stays
+        EditSpec("background_recolor", "background", (tri,), green_stripes, blue_stripes, None, None, None, frames),
     ]
     return [replace(s) for s in specs]
