@@ -44,6 +44,8 @@ def parse():
     p.add_argument("--object-weight", type=float, default=0.0,
                    help="extra loss weight on the latent pixels of the objects and their 1-pixel ring (0 = plain "
                         "loss); shapes differ only near their outlines, which the plain loss barely weighs")
+    p.add_argument("--model-channels", type=int, default=None,
+                   help="UNet width (default: toy/model.py's 32); a wider UNet is a different model: give it its own --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100)
@@ -77,6 +79,8 @@ def main():
     config = json.loads(json.dumps(tm.DEFAULT_CONFIG))
     config["seed"] = a.seed
     config["prediction"] = a.prediction
+    if a.model_channels:
+        config["unet"]["model_channels"] = a.model_channels
     torch.manual_seed(a.seed)
     model = tm.build_unet(config, init_seed=a.seed)
     clip = tm.build_clip(config, init_seed=a.seed + 1)
