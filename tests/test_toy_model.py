@@ -123,7 +123,7 @@ def test_object_weight_map_covers_the_object_and_its_one_pixel_ring():
 
     m = np.zeros((128, 128), bool)
     m[36:60, 36:60] = True  # latent pixels 4.5..7.5 (8 px per latent pixel)
-    w = object_weight_map([m, np.zeros_like(m)], 16)
+    w = object_weight_map([[m], [np.zeros_like(m)]], 16)
     assert w.shape == (2, 1, 16, 16) and float(w[1].max()) == 0.0
     w0 = w[0, 0]
     assert float(w0[5, 5]) == 1.0 and float(w0[4, 4]) == 1.0  # inside (4 is half covered, raised by its neighbour)

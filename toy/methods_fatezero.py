@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 from .benchmark import BenchSpec, _pack, decode, encode_frames, encode_text, invert, register, sample_from
+from .methods_bld import edit_words
 
 TEMPORAL_MODE = "middle"
 
@@ -30,12 +31,6 @@ def source_words(spec: BenchSpec) -> str:
         return e.background.caption()
     m = e.motions[e.target]
     return f"{m.color} {m.shape}"
-
-
-def edited_words(spec: BenchSpec) -> str:
-    """Words of the edit prompt naming what the edit creates."""
-    e = spec.edit
-    return e.edit_background.caption() if e.target is None else f"{e.expect_color} {e.expect_shape}"
 
 
 def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: BenchSpec, blend: dict):
@@ -53,7 +48,7 @@ def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     if blend.get("latent_blend"):
         edit_model, _, _ = _pack().nodes.blend.apply_latent_blend(
             edit_model, inv, mask_source="cross-attention", start=0.2, end=0.8, threshold=0.3, dilation=1,
-            clip=clip, prompt=edit_prompt, words=edited_words(spec))
+            clip=clip, prompt=edit_prompt, words=edit_words(spec))
     pos, neg = encode_text(clip, edit_prompt), encode_text(clip, spec.negative_prompt)
     return decode(vae, sample_from(edit_model, z_T, pos, neg, spec))
 

@@ -87,6 +87,7 @@ def shape_word_gap(model, clip, t_indices=(999, 800, 600, 400, 200, 100), n: int
 
     from . import model as tm
     from . import scenes
+    from .train import v_training_pair
 
     dm, ms = model.model.diffusion_model, model.model.model_sampling
     lf, gain = model.model.latent_format, float(tm.DEFAULT_CONFIG["latent_gain"])
@@ -101,22 +102,17 @@ def shape_word_gap(model, clip, t_indices=(999, 800, 600, 400, 200, 100), n: int
     rows = []
     for t in t_indices:
         rng = np.random.default_rng(seed)
-        true_loss = swapped_loss = 0.0
+        losses = np.zeros(2)  # true caption, shape word swapped
         for k in range(n):
             sc = scenes.random_scene(rng, two_object_p=0.0)
             img, _ = scenes.render(sc)
             x0 = lf.process_in(tm.pixels_to_latent(torch.from_numpy(img)[None], gain))
-            shape = sc.objects[0].shape
-            sigma = ms.sigmas[t].float().view(1)
             eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(k))
-            xc, ts = ms.calculate_input(sigma, x0 + eps * sigma), ms.timestep(sigma).float()
-            target = (eps - sigma * x0) / (sigma**2 + 1) ** 0.5
-            for cap, which in ((sc.caption(), 0), (sc.caption().replace(shape, other[shape]), 1)):
-                err = float(((dm(xc, ts, context=enc(cap)) - target) ** 2).mean())
-                if which == 0:
-                    true_loss += err / n
-                else:
-                    swapped_loss += err / n
+            xc, ts, target = v_training_pair(ms, x0, ms.sigmas[t].float().view(1), eps)
+            shape = sc.objects[0].shape
+            for i, cap in enumerate((sc.caption(), sc.caption().replace(shape, other[shape]))):
+                losses[i] += float(((dm(xc, ts, context=enc(cap)) - target) ** 2).mean()) / n
+        true_loss, swapped_loss = (float(v) for v in losses)
         rows.append({"t": t, "true_caption": true_loss, "shape_swapped": swapped_loss})
     return rows
 

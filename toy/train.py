@@ -54,15 +54,25 @@ def parse():
     return p.parse_args()
 
 
-def object_weight_map(masks, latent_size: int):
-    """[B, 1, h, w] in 0..1: the objects' pixel coverage per latent pixel, grown by one latent pixel (3x3 max)
-    so that the ring just outside an outline, where a circle and a square differ, is weighted too."""
+def object_weight_map(scene_masks, latent_size: int):
+    """[B, 1, h, w] in 0..1 from each scene's object masks (a list of [H, W] per scene): the objects' pixel
+    coverage per latent pixel, grown by one latent pixel (3x3 max) so that the ring just outside an outline,
+    where a circle and a square differ, is weighted too."""
     import numpy as np
     import torch
 
-    m = torch.from_numpy(np.stack(masks).astype(np.float32))[:, None]
+    m = torch.from_numpy(np.stack([np.any(np.stack(ms), 0) for ms in scene_masks]).astype(np.float32))[:, None]
     m = torch.nn.functional.adaptive_avg_pool2d(m, latent_size)
     return torch.nn.functional.max_pool2d(m, 3, stride=1, padding=1)
+
+
+def v_training_pair(model_sampling, x0, sigma, eps):
+    """(UNet input, timestep, v target) for x0 noised to `sigma` with `eps` (ComfyUI's EPS noise scaling,
+    x0 + eps * sigma, then x / sqrt(sigma^2 + 1)). v = alpha * eps - sigma_vp * x0 in the VP parameterisation;
+    ComfyUI's V_PREDICTION turns it back with denoised = x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1)."""
+    s4 = sigma.view(-1, 1, 1, 1)
+    xc = model_sampling.calculate_input(sigma, x0 + eps * s4)
+    return xc, model_sampling.timestep(sigma).float(), (eps - s4 * x0) / (s4**2 + 1) ** 0.5
 
 
 def main():
@@ -169,29 +179,26 @@ def main():
     while step < a.steps:
         rng = np.random.default_rng([a.seed, step])
         g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
-        imgs, texts, regions, obj_masks, obj_masks_all = [], [], [], [], []
+        imgs, texts, regions, obj_masks = [], [], [], []
         for _ in range(a.batch):
             sc = scenes.random_scene(rng, two_object_p=a.two_object_p)
             img, masks = scenes.render(sc)
             imgs.append(img)
             texts.append("" if rng.uniform() < a.uncond_p else sc.caption())
-            if a.object_weight > 0:
-                obj_masks_all.append(np.any(np.stack(masks), 0) if masks else np.zeros(img.shape[:2], bool))
+            if a.attn_loss > 0 or a.object_weight > 0:
+                obj_masks.append(masks)
             if a.attn_loss > 0:
                 if texts[-1] and texts[-1] not in span_cache:
                     span_cache[texts[-1]] = attn_loss.token_regions(texts[-1], len(sc.objects),
                                                                     word_spans(texts[-1], tok))
                 regions.append(span_cache.get(texts[-1], []))
-                obj_masks.append(masks)
         x = torch.from_numpy(np.stack(imgs))
         x0 = latent_format.process_in(tm.pixels_to_latent(x, gain))
         ctx = torch.cat([cond_of(t) for t in texts])
         t_idx = torch.randint(0, n_train, (a.batch,), generator=g)
         sigma = ms.sigmas[t_idx].float()
         eps = torch.randn(x0.shape, generator=g)
-        x_noisy = x0 + eps * sigma.view(-1, 1, 1, 1)  # ComfyUI's EPS noise_scaling
-        xc = ms.calculate_input(sigma, x_noisy)  # x / sqrt(sigma^2 + 1)
-        timestep = ms.timestep(sigma).float()
+        xc, timestep, v_target = v_training_pair(ms, x0, sigma, eps)
         lr = a.lr * min(1.0, (step + 1) / a.warmup)
         if a.cosine_from is not None and step >= a.cosine_from:
             frac = (step - a.cosine_from) / max(1, a.steps - a.cosine_from)
@@ -204,15 +211,11 @@ def main():
         # SNR = 1 / sigma^2, i.e. min(1, gamma * sigma^2): the nearly clean timesteps (whose eps loss is
         # large but matters little) no longer dominate the gradient over the noisy ones.
         if config["prediction"] == "v":
-            # v = alpha * eps - sigma_vp * x0 in the VP parameterisation; ComfyUI's V_PREDICTION turns it back
-            # with denoised = x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1). Plain v-MSE.
-            s4 = sigma.view(-1, 1, 1, 1)
-            target = (eps - s4 * x0) / (s4**2 + 1) ** 0.5
             if a.object_weight > 0:
-                wmap = 1.0 + a.object_weight * object_weight_map(obj_masks_all, x0.shape[-1])
-                loss = (wmap * (pred - target) ** 2).sum() / (wmap.sum() * pred.shape[1])
+                wmap = 1.0 + a.object_weight * object_weight_map(obj_masks, x0.shape[-1])
+                loss = (wmap * (pred - v_target) ** 2).sum() / (wmap.sum() * pred.shape[1])
             else:
-                loss = torch.nn.functional.mse_loss(pred, target)
+                loss = torch.nn.functional.mse_loss(pred, v_target)  # plain v-MSE
         else:
             w = torch.clamp(a.min_snr_gamma * sigma**2, max=1.0) if a.min_snr_gamma > 0 else torch.ones_like(sigma)
             loss = (((pred - eps) ** 2).mean((1, 2, 3)) * w).mean()
