@@ -53,6 +53,26 @@ def test_save_load_roundtrip(tmp_path):
     assert path.stat().st_size < 20 * 2**20
 
 
+def test_fp16_unet_storage_halves_the_unet_and_loads_in_fp32(tmp_path):
+    m = toy_model.build_unet(init_seed=3)
+    c = toy_model.build_clip(init_seed=4)
+    config = json.loads(json.dumps(toy_model.DEFAULT_CONFIG))
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    toy_model.save(full, m, c, config, {})
+    config["unet_storage"] = "fp16"
+    toy_model.save(half, m, c, config, {})
+    tensors, _, _ = toy_model.read(half)
+    unet = {k: v for k, v in tensors.items() if k.startswith("unet.")}
+    assert unet and all(v.dtype == torch.float16 for v in unet.values() if v.is_floating_point())
+    n_unet = sum(p.numel() for p in m.model.diffusion_model.parameters())
+    saved = full.stat().st_size - half.stat().st_size
+    assert saved >= 2 * n_unet * 0.99  # two bytes per UNet parameter fewer
+    m2, _, _, _ = toy_model.load(half)
+    for (k, a), (_, b) in zip(m.model.diffusion_model.state_dict().items(), m2.model.diffusion_model.state_dict().items()):
+        assert b.dtype == a.dtype == torch.float32, k
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4) and torch.equal(b, a.half().float()), k
+
+
 def test_committed_weights_exist_and_are_small():
     assert toy_model.WEIGHTS.is_file(), "toy weights missing: run `python -m toy.train`"
     assert toy_model.WEIGHTS.stat().st_size < 20 * 2**20

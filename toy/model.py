@@ -203,7 +203,10 @@ def save(path: str | Path, model, clip, config: dict, train_info: dict | None = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     us = unet_state if unet_state is not None else model.model.diffusion_model.state_dict()
-    tensors = {"unet." + k: v.detach().float().contiguous().clone() for k, v in us.items()}
+    # config["unet_storage"] == "fp16" stores the UNet in half precision (a wider UNet stays under the 20 MB
+    # the committed file may take); load() computes in fp32 either way.
+    dtype = torch.float16 if config.get("unet_storage") == "fp16" else torch.float32
+    tensors = {"unet." + k: v.detach().to(dtype).contiguous().clone() for k, v in us.items()}
     for k, v in clip.cond_stage_model.state_dict().items():
         if v.is_floating_point():
             tensors["clip." + k] = v.detach().half().contiguous().clone()

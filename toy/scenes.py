@@ -34,6 +34,9 @@ PATTERN_BG = (0.08, 0.08, 0.08)  # the dark ground under stripes and dots
 STRIPE_PERIOD = 32
 DOT_PERIOD = 32
 DOT_RADIUS = 7
+OBJECT_R = (20.0, 30.0)  # half size (px) of the one object of a scene
+TWO_OBJECT_R = (16.0, 22.0)  # half size of each of two objects side by side
+CLIP_R = (14.0, 30.0)  # bounds of an object's half size at the end of a random clip
 
 
 @dataclass(frozen=True)
@@ -162,8 +165,8 @@ def train_specs() -> list[tuple[str, str, Background]]:
     return [s for s in single_specs() if s not in held]
 
 
-def random_object(rng: np.random.Generator, shape: str, color: str, r_range=(20.0, 30.0), x_range=None) -> Obj:
-    r = float(rng.uniform(*r_range))
+def random_object(rng: np.random.Generator, shape: str, color: str, r_range=None, x_range=None) -> Obj:
+    r = float(rng.uniform(*(r_range or OBJECT_R)))
     lo, hi = r + 2, SIZE - r - 2
     if x_range is not None:
         lo, hi = max(lo, x_range[0]), min(hi, x_range[1])
@@ -182,8 +185,8 @@ def random_scene(rng: np.random.Generator, two_object_p: float = 0.15, heldout_o
             if allowed(c1, bg) and allowed(c2, bg):
                 break
         s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
-        o1 = random_object(rng, str(s1), str(c1), (16.0, 22.0), (0, SIZE / 2 - 2))
-        o2 = random_object(rng, str(s2), str(c2), (16.0, 22.0), (SIZE / 2 + 2, SIZE))
+        o1 = random_object(rng, str(s1), str(c1), TWO_OBJECT_R, (0, SIZE / 2 - 2))
+        o2 = random_object(rng, str(s2), str(c2), TWO_OBJECT_R, (SIZE / 2 + 2, SIZE))
         return Scene((o1, o2), bg, phase)
     specs = single_specs() if heldout_ok else train_specs()
     shape, color, bg = specs[rng.integers(len(specs))]
@@ -244,7 +247,7 @@ def random_clip(seed: int, frames: int = 8, two_objects: bool = False) -> Clip:
     scene = random_scene(rng, two_object_p=1.0 if two_objects else 0.0, heldout_ok=True)
     motions = []
     for o in scene.objects:
-        r1 = float(np.clip(o.r * rng.uniform(0.8, 1.25), 14, 30))
+        r1 = float(np.clip(o.r * rng.uniform(0.8, 1.25), *CLIP_R))
         half = SIZE / 2
         if len(scene.objects) == 2:  # stay on own half
             xlo, xhi = (r1 + 2, half - 2) if o.cx < half else (half + 2, SIZE - r1 - 2)

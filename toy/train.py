@@ -46,6 +46,8 @@ def parse():
                         "loss); shapes differ only near their outlines, which the plain loss barely weighs")
     p.add_argument("--model-channels", type=int, default=None,
                    help="UNet width (default: toy/model.py's 32); a wider UNet is a different model: give it its own --out")
+    p.add_argument("--unet-fp16", action="store_true",
+                   help="store the checkpoint's UNet in fp16 (training stays fp32); keeps a wider UNet's file small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100)
@@ -91,6 +93,8 @@ def main():
     config["prediction"] = a.prediction
     if a.model_channels:
         config["unet"]["model_channels"] = a.model_channels
+    if a.unet_fp16:
+        config["unet_storage"] = "fp16"
     torch.manual_seed(a.seed)
     model = tm.build_unet(config, init_seed=a.seed)
     clip = tm.build_clip(config, init_seed=a.seed + 1)
