@@ -48,6 +48,10 @@ def parse():
                    help="UNet width (default: toy/model.py's 32); a wider UNet is a different model: give it its own --out")
     p.add_argument("--unet-fp16", action="store_true",
                    help="store the checkpoint's UNet in fp16 (training stays fp32); keeps a wider UNet's file small")
+    p.add_argument("--object-r", type=str, default=None,
+                   help="half-size range of the one object of a scene, 'lo,hi' px (default scenes.OBJECT_R); "
+                        "with --two-object-r, an experiment with bigger objects (give it its own --out)")
+    p.add_argument("--two-object-r", type=str, default=None, help="half-size range of each of two objects, 'lo,hi'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100)
@@ -87,6 +91,10 @@ def main():
     from . import scenes
 
     out = a.out or tm.WEIGHTS
+    if a.object_r:
+        scenes.OBJECT_R = tuple(float(v) for v in a.object_r.split(","))
+    if a.two_object_r:
+        scenes.TWO_OBJECT_R = tuple(float(v) for v in a.two_object_r.split(","))
     state_path = Path(str(out) + ".state.pt")
     config = json.loads(json.dumps(tm.DEFAULT_CONFIG))
     config["seed"] = a.seed
@@ -164,6 +172,8 @@ def main():
                 "min_snr_gamma": a.min_snr_gamma,
                 "attn_loss": a.attn_loss,
                 "object_weight": a.object_weight,
+                "object_r": list(scenes.OBJECT_R),
+                "two_object_r": list(scenes.TWO_OBJECT_R),
                 "train_minutes": round(elapsed / 60, 2),
                 "loss_last100": float(np.mean(loss_hist[-100:])) if loss_hist else None,
                 "weights": "ema",
