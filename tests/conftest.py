@@ -42,3 +42,18 @@ def tiny_vae():
 def executor():
     """Run an API-format prompt through ComfyUI's real executor: executor(prompt, outputs=None)."""
     return run_prompt
+
+
+@pytest.fixture
+def io_dirs(tmp_path):
+    """ComfyUI's input/output directories pointed at tmp_path/in and tmp_path/out for one test, then restored."""
+    import folder_paths
+
+    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    folder_paths.set_input_directory(str(tmp_path / "in"))
+    folder_paths.set_output_directory(str(tmp_path / "out"))
+    yield tmp_path
+    folder_paths.set_input_directory(old_in)
+    folder_paths.set_output_directory(old_out)

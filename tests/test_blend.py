@@ -561,32 +561,10 @@ def test_two_kSamplerAdvanced_stages_equal_one_run(tiny_model, tiny_clip, setup)
 # --- shipped workflows, executed headless ----------------------------------------------------------------
 
 
-@pytest.fixture
-def io_dirs(tmp_path):
-    import folder_paths
-
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    (tmp_path / "in").mkdir()
-    (tmp_path / "out").mkdir()
-    folder_paths.set_input_directory(str(tmp_path / "in"))
-    folder_paths.set_output_directory(str(tmp_path / "out"))
-    yield tmp_path
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
-
-
 def _run_bld_workflow(name, io_dirs, tiny_model, tiny_clip, tiny_vae, blend_inputs=None):
-    from pathlib import Path
+    from zsve_workflows import shipped_prompt
 
-    from zsve_harness import moving_square_frames, write_video
-    from zsve_workflows import load_ui, ui_to_api
-
-    ui = load_ui(Path(__file__).resolve().parents[1] / "workflows" / f"{name}.json")
-    write_video(moving_square_frames(frames=4, size=64), io_dirs / "in" / "input.mp4")
-    OBJECTS["ckpt"] = (tiny_model, tiny_clip, tiny_vae)
-    prompt = ui_to_api(ui, replace={"CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint",
-                                                               "inputs": {"key": "ckpt"}}})
-    by_type = {v["class_type"]: k for k, v in prompt.items()}
+    prompt, by_type = shipped_prompt(name, (tiny_model, tiny_clip, tiny_vae), io_dirs / "in", frames=4)
     prompt[by_type["VideoDDIMInvert"]]["inputs"]["steps"] = STEPS
     prompt[by_type["KSamplerAdvanced"]]["inputs"]["steps"] = STEPS
     prompt[by_type["LatentBlendWithInversion"]]["inputs"].update(blend_inputs or {})

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import folder_paths
-import pytest
 import torch
 
-from zsve_harness import CAPTURED, OBJECTS, moving_square_frames, run_prompt, write_video
-from zsve_workflows import load_ui, ui_to_api
+from zsve_harness import CAPTURED, run_prompt
+from zsve_workflows import shipped_prompt
 
 STEPS = 4
 
 
-@pytest.fixture
-def io_dirs(tmp_path):
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    (tmp_path / "in").mkdir()
-    (tmp_path / "out").mkdir()
-    folder_paths.set_input_directory(str(tmp_path / "in"))
-    folder_paths.set_output_directory(str(tmp_path / "out"))
-    yield tmp_path
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
-
-
 def _run(name, io_dirs, tiny_model, tiny_clip, tiny_vae, blend=None):
-    ui = load_ui(Path(__file__).resolve().parents[1] / "workflows" / f"{name}.json")
-    write_video(moving_square_frames(frames=3, size=64), io_dirs / "in" / "input.mp4")
-    OBJECTS["ckpt"] = (tiny_model, tiny_clip, tiny_vae)
-    prompt = ui_to_api(ui, replace={"CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint",
-                                                               "inputs": {"key": "ckpt"}}})
-    by_type = {v["class_type"]: k for k, v in prompt.items()}
+    prompt, by_type = shipped_prompt(name, (tiny_model, tiny_clip, tiny_vae), io_dirs / "in", frames=3)
     prompt[by_type["VideoDDIMInvert"]]["inputs"]["steps"] = STEPS
     prompt[by_type["KSamplerAdvanced"]]["inputs"]["steps"] = STEPS
     # the tiny UNet has 32/64 channels (SD1.5's 640 would keep it per-frame) and an 8x8 latent here

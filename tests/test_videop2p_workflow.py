@@ -3,37 +3,16 @@ ComfyUI's executor, with the tiny models standing in for the checkpoint and fewe
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import folder_paths
-import pytest
 import torch
 
-from zsve_harness import CAPTURED, OBJECTS, moving_square_frames, run_prompt, write_video
-from zsve_workflows import load_ui, ui_to_api
+from zsve_harness import CAPTURED, run_prompt
+from zsve_workflows import shipped_prompt
 
-WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "videop2p_word_swap_null_text_local_blend.json"
-
-
-@pytest.fixture
-def io_dirs(tmp_path):
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    (tmp_path / "in").mkdir()
-    (tmp_path / "out").mkdir()
-    folder_paths.set_input_directory(str(tmp_path / "in"))
-    folder_paths.set_output_directory(str(tmp_path / "out"))
-    yield tmp_path
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
+WORKFLOW = "videop2p_word_swap_null_text_local_blend"
 
 
 def test_videop2p_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):
-    ui = load_ui(WORKFLOW)
-    write_video(moving_square_frames(frames=2, size=64), io_dirs / "in" / "input.mp4")
-    OBJECTS["ckpt"] = (tiny_model, tiny_clip, tiny_vae)
-    prompt = ui_to_api(ui, replace={"CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint",
-                                                               "inputs": {"key": "ckpt"}}})
-    by_type = {v["class_type"]: k for k, v in prompt.items()}
+    prompt, by_type = shipped_prompt(WORKFLOW, (tiny_model, tiny_clip, tiny_vae), io_dirs / "in", frames=2)
     # the shipped settings, with fewer steps for the CPU
     prompt[by_type["VideoDDIMInvert"]]["inputs"]["steps"] = 3
     prompt[by_type["BasicScheduler"]]["inputs"]["steps"] = 3

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import folder_paths
 import nodes
 import pytest
 import torch
 
-from zsve_harness import CAPTURED, OBJECTS, moving_square_frames, run_prompt, write_video
-from zsve_workflows import load_ui, ui_to_api
+from zsve_harness import CAPTURED, run_prompt
+from zsve_workflows import load_ui, shipped_prompt, ui_to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 
@@ -35,26 +34,9 @@ def test_workflow_is_valid_ui_format(path):
     assert thumb.is_file() or thumb.with_suffix(".png").is_file(), f"{path.name} has no thumbnail"
 
 
-@pytest.fixture
-def io_dirs(tmp_path):
-    old_in, old_out = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    (tmp_path / "in").mkdir()
-    (tmp_path / "out").mkdir()
-    folder_paths.set_input_directory(str(tmp_path / "in"))
-    folder_paths.set_output_directory(str(tmp_path / "out"))
-    yield tmp_path
-    folder_paths.set_input_directory(old_in)
-    folder_paths.set_output_directory(old_out)
-
-
 def test_invert_and_reconstruct_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):
-    ui = load_ui(Path(__file__).resolve().parents[1] / "workflows" / "invert_and_reconstruct.json")
-    frames = moving_square_frames(frames=4, size=64)
-    write_video(frames, io_dirs / "in" / "input.mp4")
-    OBJECTS["ckpt"] = (tiny_model, tiny_clip, tiny_vae)
-    prompt = ui_to_api(ui, replace={"CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint",
-                                                               "inputs": {"key": "ckpt"}}})
-    by_type = {v["class_type"]: k for k, v in prompt.items()}
+    prompt, by_type = shipped_prompt("invert_and_reconstruct", (tiny_model, tiny_clip, tiny_vae), io_dirs / "in",
+                                     frames=4)
     prompt["cap_enc"] = {"class_type": "ZSVETestCapture", "inputs": {"value": [by_type["VAEEncode"], 0], "key": "enc"}}
     prompt["cap_zt"] = {"class_type": "ZSVETestCapture",
                         "inputs": {"value": [by_type["VideoDDIMInvert"], 0], "key": "zT"}}

@@ -134,3 +134,20 @@ def ui_to_api(ui: dict, replace: dict | None = None) -> dict:
 
 def load_ui(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+WORKFLOWS_DIR = Path(__file__).resolve().parents[1] / "workflows"
+
+
+def shipped_prompt(name: str, models: tuple, input_dir: Path, frames: int, size: int = 64,
+                   key: str = "ckpt") -> tuple[dict, dict]:
+    """A shipped workflow (workflows/<name>.json) as an API prompt ready to run headless on test models:
+    a moving-square clip written to <input_dir>/input.mp4 (what its LoadVideo reads), the checkpoint loader
+    replaced by the test node holding `models` (MODEL, CLIP, VAE). Returns (prompt, {class_type: node id})."""
+    from zsve_harness import OBJECTS, moving_square_frames, write_video
+
+    write_video(moving_square_frames(frames=frames, size=size), input_dir / "input.mp4")
+    OBJECTS[key] = models
+    prompt = ui_to_api(load_ui(WORKFLOWS_DIR / f"{name}.json"),
+                       replace={"CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint", "inputs": {"key": key}}})
+    return prompt, {v["class_type"]: k for k, v in prompt.items()}
