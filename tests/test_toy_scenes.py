@@ -106,3 +106,22 @@ def test_detector_sees_nothing_on_a_plain_background():
     img = sc.render_background(sc.Background("stripes", "red"))
     d = det.detect(img)
     assert d.color is None and d.shape is None
+
+
+def test_restricted_scene_draws_only_from_its_smaller_world():
+    bgs = [sc.Background("plain", "gray"), sc.Background("stripes", "red")]
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        s = sc.restricted_scene(rng, ["red", "blue"], bgs, (28.0, 40.0))
+        (o,) = s.objects
+        assert o.color in ("red", "blue") and s.background in bgs and sc.allowed(o.color, s.background)
+        assert 28.0 <= o.r <= 40.0 and o.r + 2 <= o.cx <= sc.SIZE - o.r - 2
+        seen.add((o.shape, o.color, s.background.caption()))
+    # every allowed combination appears (red is never drawn on red stripes)
+    assert seen == {(shape, c, b.caption()) for shape in sc.SHAPES for c in ("red", "blue") for b in bgs
+                    if sc.allowed(c, b)}
+    a = sc.restricted_scene(np.random.default_rng(5), ["red"], bgs[:1])
+    assert a == sc.restricted_scene(np.random.default_rng(5), ["red"], bgs[:1])
+    with pytest.raises(ValueError, match="no allowed"):
+        sc.restricted_scene(rng, ["red"], [sc.Background("dots", "red")])

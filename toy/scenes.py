@@ -193,6 +193,25 @@ def random_scene(rng: np.random.Generator, two_object_p: float = 0.15, heldout_o
     return Scene((random_object(rng, shape, color),), bg, phase)
 
 
+def restricted_scene(rng: np.random.Generator, colors: list[str] | None = None,
+                     backgrounds: list[Background] | None = None, r_range=None) -> Scene:
+    """A one-object scene from a smaller world (for experiments on what makes shapes hard to learn): colour and
+    background drawn uniformly from the given ones (all when None; a colour never on stripes/dots of its own
+    colour), shape uniform, half size from r_range (default OBJECT_R)."""
+    cols = list(colors or COLOR_NAMES)
+    bgs = list(backgrounds or all_backgrounds())
+    if not any(allowed(c, b) for c in cols for b in bgs):
+        raise ValueError("no allowed (colour, background) pair in this world")
+    while True:
+        bg = bgs[rng.integers(len(bgs))]
+        col = cols[rng.integers(len(cols))]
+        if allowed(col, bg):
+            break
+    shape = str(rng.choice(SHAPES))
+    obj = random_object(rng, shape, col, r_range)
+    return Scene((obj,), bg, float(rng.uniform(0, STRIPE_PERIOD)))
+
+
 # --- clips --------------------------------------------------------------------------------------------
 
 

@@ -52,6 +52,11 @@ def parse():
                    help="half-size range of the one object of a scene, 'lo,hi' px (default scenes.OBJECT_R); "
                         "with --two-object-r, an experiment with bigger objects (give it its own --out)")
     p.add_argument("--two-object-r", type=str, default=None, help="half-size range of each of two objects, 'lo,hi'")
+    p.add_argument("--colors", type=str, default=None,
+                   help="experiment: train on one-object scenes of these colours only, comma separated "
+                        "(scenes.restricted_scene; no held-out split)")
+    p.add_argument("--backgrounds", type=str, default=None,
+                   help="experiment: ... and of these backgrounds only, by caption, ';' separated (e.g. 'gray;blue stripes')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100)
@@ -95,6 +100,16 @@ def main():
         scenes.OBJECT_R = tuple(float(v) for v in a.object_r.split(","))
     if a.two_object_r:
         scenes.TWO_OBJECT_R = tuple(float(v) for v in a.two_object_r.split(","))
+    world_colors = a.colors.split(",") if a.colors else None
+    world_bgs = None
+    if a.backgrounds:
+        by_caption = {b.caption(): b for b in scenes.all_backgrounds()}
+        unknown = [c for c in a.backgrounds.split(";") if c not in by_caption]
+        if unknown:
+            raise SystemExit(f"unknown background(s) {unknown}; choose from {sorted(by_caption)}")
+        world_bgs = [by_caption[c] for c in a.backgrounds.split(";")]
+    if world_colors and set(world_colors) - set(scenes.COLOR_NAMES):
+        raise SystemExit(f"unknown colour(s) {sorted(set(world_colors) - set(scenes.COLOR_NAMES))}")
     state_path = Path(str(out) + ".state.pt")
     config = json.loads(json.dumps(tm.DEFAULT_CONFIG))
     config["seed"] = a.seed
@@ -174,6 +189,8 @@ def main():
                 "object_weight": a.object_weight,
                 "object_r": list(scenes.OBJECT_R),
                 "two_object_r": list(scenes.TWO_OBJECT_R),
+                "colors": a.colors,
+                "backgrounds": a.backgrounds,
                 "train_minutes": round(elapsed / 60, 2),
                 "loss_last100": float(np.mean(loss_hist[-100:])) if loss_hist else None,
                 "weights": "ema",
@@ -195,7 +212,10 @@ def main():
         g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
         imgs, texts, regions, obj_masks = [], [], [], []
         for _ in range(a.batch):
-            sc = scenes.random_scene(rng, two_object_p=a.two_object_p)
+            if world_colors or world_bgs:
+                sc = scenes.restricted_scene(rng, world_colors, world_bgs)
+            else:
+                sc = scenes.random_scene(rng, two_object_p=a.two_object_p)
             img, masks = scenes.render(sc)
             imgs.append(img)
             texts.append("" if rng.uniform() < a.uncond_p else sc.caption())
