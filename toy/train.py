@@ -86,6 +86,31 @@ def v_training_pair(model_sampling, x0, sigma, eps):
     return xc, model_sampling.timestep(sigma).float(), (eps - s4 * x0) / (s4**2 + 1) ** 0.5
 
 
+def scene_sampler(a):
+    """The training world from the options: a function rng -> Scene. --object-r/--two-object-r set the object
+    sizes of this process's scenes module; --colors/--backgrounds restrict it to one-object scenes of a smaller
+    world (scenes.restricted_scene), otherwise scenes.random_scene with its held-out split."""
+    from . import scenes
+
+    if a.object_r:
+        scenes.OBJECT_R = tuple(float(v) for v in a.object_r.split(","))
+    if a.two_object_r:
+        scenes.TWO_OBJECT_R = tuple(float(v) for v in a.two_object_r.split(","))
+    if not (a.colors or a.backgrounds):
+        return lambda rng: scenes.random_scene(rng, two_object_p=a.two_object_p)
+    colors = a.colors.split(",") if a.colors else None
+    if colors and set(colors) - set(scenes.COLOR_NAMES):
+        raise SystemExit(f"unknown colour(s) {sorted(set(colors) - set(scenes.COLOR_NAMES))}")
+    bgs = None
+    if a.backgrounds:
+        by_caption = {b.caption(): b for b in scenes.all_backgrounds()}
+        unknown = [c for c in a.backgrounds.split(";") if c not in by_caption]
+        if unknown:
+            raise SystemExit(f"unknown background(s) {unknown}; choose from {sorted(by_caption)}")
+        bgs = [by_caption[c] for c in a.backgrounds.split(";")]
+    return lambda rng: scenes.restricted_scene(rng, colors, bgs)
+
+
 def main():
     a = parse()
     boot.boot(threads=a.threads)
@@ -96,20 +121,7 @@ def main():
     from . import scenes
 
     out = a.out or tm.WEIGHTS
-    if a.object_r:
-        scenes.OBJECT_R = tuple(float(v) for v in a.object_r.split(","))
-    if a.two_object_r:
-        scenes.TWO_OBJECT_R = tuple(float(v) for v in a.two_object_r.split(","))
-    world_colors = a.colors.split(",") if a.colors else None
-    world_bgs = None
-    if a.backgrounds:
-        by_caption = {b.caption(): b for b in scenes.all_backgrounds()}
-        unknown = [c for c in a.backgrounds.split(";") if c not in by_caption]
-        if unknown:
-            raise SystemExit(f"unknown background(s) {unknown}; choose from {sorted(by_caption)}")
-        world_bgs = [by_caption[c] for c in a.backgrounds.split(";")]
-    if world_colors and set(world_colors) - set(scenes.COLOR_NAMES):
-        raise SystemExit(f"unknown colour(s) {sorted(set(world_colors) - set(scenes.COLOR_NAMES))}")
+    draw_scene = scene_sampler(a)
     state_path = Path(str(out) + ".state.pt")
     config = json.loads(json.dumps(tm.DEFAULT_CONFIG))
     config["seed"] = a.seed
@@ -212,10 +224,7 @@ def main():
         g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
         imgs, texts, regions, obj_masks = [], [], [], []
         for _ in range(a.batch):
-            if world_colors or world_bgs:
-                sc = scenes.restricted_scene(rng, world_colors, world_bgs)
-            else:
-                sc = scenes.random_scene(rng, two_object_p=a.two_object_p)
+            sc = draw_scene(rng)
             img, masks = scenes.render(sc)
             imgs.append(img)
             texts.append("" if rng.uniform() < a.uncond_p else sc.caption())
