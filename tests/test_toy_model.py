@@ -53,6 +53,45 @@ def test_save_load_roundtrip(tmp_path):
     assert path.stat().st_size < 20 * 2**20
 
 
+def test_file_keeps_only_the_toy_vocabulary_rows_and_no_vae(tmp_path):
+    c = toy_model.build_clip(init_seed=4)
+    path = tmp_path / "t.safetensors"
+    toy_model.save(path, toy_model.build_unet(init_seed=3), c, toy_model.DEFAULT_CONFIG, {})
+    tensors, _, _ = toy_model.read(path)
+    assert not any(k.startswith("vae.") for k in tensors)  # closed form of latent_gain, rebuilt at load
+    ids = tensors["clip_vocab.ids"].long()
+    emb_key = next(k for k in tensors if k.endswith(toy_model.TOKEN_EMBEDDING))
+    assert tensors[emb_key].shape[0] == len(ids) < 200  # a few dozen words, not 49408 rows
+    tok = c.tokenizer.clip_l.tokenizer
+    for word in ("red", "yellow", "triangle", "stripes", "dots", "gradient", "gray", "and", "on"):
+        assert set(tok(word)["input_ids"][1:-1]) <= set(ids.tolist()), word
+    _, c2, vae, _ = toy_model.load(path)
+    full = c.cond_stage_model.state_dict()["clip_l.transformer.text_model.embeddings.token_embedding.weight"]
+    got = c2.cond_stage_model.state_dict()["clip_l.transformer.text_model.embeddings.token_embedding.weight"]
+    assert torch.equal(got[ids], full[ids])
+    unseen = tok("cat")["input_ids"][1]
+    assert unseen not in ids.tolist() and not got[unseen].any()  # a word the UNet never saw: a zero row
+    x = torch.rand(1, 64, 64, 3)
+    ref = toy_model.build_vae()
+    assert torch.equal(vae.encode(x), ref.encode(x))
+
+
+def test_legacy_layout_with_full_embedding_and_vae_keys_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    m, c = toy_model.build_unet(init_seed=3), toy_model.build_clip(init_seed=4)
+    tensors = {"unet." + k: v.contiguous() for k, v in m.model.diffusion_model.state_dict().items()}
+    tensors.update({"clip." + k: (v.half() if v.is_floating_point() else v).contiguous()
+                    for k, v in c.cond_stage_model.state_dict().items()})
+    tensors.update({"vae." + k: v.half().contiguous()
+                    for k, v in toy_model.vae_state_dict(toy_model.DEFAULT_CONFIG["latent_gain"]).items()})
+    path = tmp_path / "legacy.safetensors"
+    save_file(tensors, str(path), metadata={"zsve_toy_config": json.dumps(toy_model.DEFAULT_CONFIG)})
+    _, c2, _, _ = toy_model.load(path)
+    t = c.tokenize("a cat on a sofa")
+    assert torch.equal(c.encode_from_tokens(t), c2.encode_from_tokens(t))
+
+
 def test_fp16_unet_storage_halves_the_unet_and_loads_in_fp32(tmp_path):
     m = toy_model.build_unet(init_seed=3)
     c = toy_model.build_clip(init_seed=4)
@@ -174,7 +213,7 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
 
     out = tmp_path / "t.safetensors"
     base = [sys.executable, "-m", "toy.train", "--batch", "2", "--save-every", "1", "--warmup", "1",
-            "--out", str(out), "--object-r", "28,40", "--two-object-r", "22,29", "--unet-fp16"]
+            "--out", str(out), "--object-r", "24,36", "--two-object-r", "18,25", "--unet-fp16"]
     env = dict(os.environ)
     for steps, extra in ((2, []), (3, ["--resume"])):
         r = subprocess.run(base + ["--steps", str(steps)] + extra, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -182,7 +221,7 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed at step 2" in r.stdout
     tensors, config, train = toy_model.read(out)
-    assert train["steps"] == 3 and train["object_r"] == [28.0, 40.0] and train["two_object_r"] == [22.0, 29.0]
+    assert train["steps"] == 3 and train["object_r"] == [24.0, 36.0] and train["two_object_r"] == [18.0, 25.0]
     assert config["unet_storage"] == "fp16"
     assert all(v.dtype == torch.float16 for k, v in tensors.items() if k.startswith("unet.") and v.is_floating_point())
     assert torch.load(str(out) + ".state.pt", weights_only=False)["step"] == 3

@@ -9,9 +9,12 @@
   8x8 average of the RGB pixels into latent channels 0-2 (channel 3 is zero), affinely scaled; the
   decoder is nearest-neighbour upsampling of the same. No training; blocky but exact.
 
-File layout (`toy/weights/toy_sd15.safetensors`): keys `unet.*` (fp32), `clip.*` (fp16; the frozen encoder
-was generated fp16-exact, so nothing is lost), `vae.*` (fp16, exact values); the metadata holds
-`zsve_toy_config` (json) and `zsve_toy_train` (json, training record).
+File layout (`toy/weights/toy_sd15.safetensors`): keys `unet.*` (fp32, or fp16 when the config says
+`"unet_storage": "fp16"`), `clip.*` (fp16; the frozen encoder was generated fp16-exact, so nothing is lost) with
+the token embedding cut to the rows of the toy world's words (`clip_vocab.ids` lists them; every other row loads
+as zeros: the UNet never saw those words); the metadata holds `zsve_toy_config` (json) and `zsve_toy_train`
+(json, training record). The VAE is not stored: its weights are a closed form of `latent_gain`
+(`vae_state_dict`); files from before this layout (full embedding, `vae.*` keys) load too.
 
 Import only after ComfyUI has been configured (conftest / toy.boot / inside ComfyUI).
 """
@@ -207,13 +210,15 @@ def save(path: str | Path, model, clip, config: dict, train_info: dict | None = 
     # the committed file may take); load() computes in fp32 either way.
     dtype = torch.float16 if config.get("unet_storage") == "fp16" else torch.float32
     tensors = {"unet." + k: v.detach().to(dtype).contiguous().clone() for k, v in us.items()}
+    ids = vocabulary_ids(clip)
     for k, v in clip.cond_stage_model.state_dict().items():
+        if k.endswith(TOKEN_EMBEDDING):
+            v = v[ids]  # only the rows of the words the toy world uses (most of the encoder's size otherwise)
         if v.is_floating_point():
             tensors["clip." + k] = v.detach().half().contiguous().clone()
         else:
             tensors["clip." + k] = v.detach().contiguous().clone()
-    for k, v in vae_state_dict(float(config["latent_gain"])).items():
-        tensors["vae." + k] = v.half().contiguous()
+    tensors["clip_vocab.ids"] = ids.to(torch.int32)
     for k, v in (extra or {}).items():
         tensors[k] = v.detach().contiguous().clone()
     meta = {"zsve_toy_config": json.dumps(config), "zsve_toy_train": json.dumps(train_info or {})}
@@ -221,6 +226,24 @@ def save(path: str | Path, model, clip, config: dict, train_info: dict | None = 
     save_file(tensors, str(tmp), metadata=meta)
     tmp.chmod(0o644)
     tmp.replace(path)
+
+
+TOKEN_EMBEDDING = "token_embedding.weight"
+
+
+def vocabulary_ids(clip) -> torch.Tensor:
+    """Sorted token ids of every caption the toy world can write (toy/scenes.py: each colour, shape and
+    background, one or two objects), with the start/end/padding tokens: the rows of the token embedding
+    the UNet has ever seen."""
+    from . import scenes
+
+    phrases = [f"a {c} {s}" for c in scenes.COLOR_NAMES for s in scenes.SHAPES]
+    captions = [scenes.caption_of([p, phrases[0]], bg) for p in phrases for bg in scenes.all_backgrounds()]
+    ids = set()
+    for text in captions:
+        for chunk in clip.tokenize(text)["l"]:
+            ids.update(int(t[0]) for t in chunk)
+    return torch.tensor(sorted(ids), dtype=torch.long)
 
 
 def read(path: str | Path = WEIGHTS) -> tuple[dict, dict, dict]:
@@ -249,6 +272,12 @@ def load(path: str | Path = WEIGHTS):
     model.model.diffusion_model.load_state_dict(unet_sd, strict=True)
     clip = build_clip(config)
     clip_sd = {k: (v.float() if v.is_floating_point() else v) for k, v in _sub(tensors, "clip.").items()}
+    if "clip_vocab.ids" in tensors:  # the embedding rows of the toy world's words; the other rows are zero
+        for k, own in clip.cond_stage_model.state_dict().items():
+            if k.endswith(TOKEN_EMBEDDING):
+                full = torch.zeros_like(own, dtype=torch.float32)
+                full[tensors["clip_vocab.ids"].long()] = clip_sd[k]
+                clip_sd[k] = full
     clip.cond_stage_model.load_state_dict(clip_sd, strict=True)
-    vae = build_vae(config, _sub(tensors, "vae."))
+    vae = build_vae(config, _sub(tensors, "vae.") or None)
     return model, clip, vae, {"config": config, "train": train_info}
