@@ -35,7 +35,7 @@ class ToyModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("weights", options=_choices(), default=DEFAULT_WEIGHTS,
                                tooltip="A toy checkpoint from the pack's toy/weights folder (one safetensors file "
-                               "with UNet, text encoder and VAE)."),
+                               "with the UNet and text encoder; the hand-set VAE is rebuilt from its settings)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The toy UNet (SD1.5 architecture, eps prediction, "
