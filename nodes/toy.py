@@ -38,7 +38,7 @@ class ToyModelLoader(io.ComfyNode):
                                "with the UNet and text encoder; the hand-set VAE is rebuilt from its settings)."),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The toy UNet (SD1.5 architecture, eps prediction, "
+                io.Model.Output(display_name="MODEL", tooltip="The toy UNet (SD1.5 architecture, v-prediction, "
                                 "SD1.5 noise schedule)."),
                 io.Clip.Output(display_name="CLIP", tooltip="The toy text encoder: the real SD1 tokenizer with a small "
                                "frozen CLIP-L-architecture transformer. Use with CLIP Text Encode."),
