@@ -226,3 +226,14 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
     assert all(v.dtype == torch.float16 for k, v in tensors.items() if k.startswith("unet.") and v.is_floating_point())
     assert torch.load(str(out) + ".state.pt", weights_only=False)["step"] == 3
     toy_model.load(out)  # a checkpoint the loader takes
+    # a new machine has the checkpoint but not its resume state: --init-from continues from its weights and steps
+    out2 = tmp_path / "t2.safetensors"
+    r = subprocess.run([sys.executable, "-m", "toy.train", "--batch", "2", "--save-every", "1", "--steps", "4",
+                        "--init-from", str(out), "--out", str(out2)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "initialised from" in r.stdout and "at step 3" in r.stdout
+    tensors2, config2, train2 = toy_model.read(out2)
+    assert train2["steps"] == 4 and train2["init_from_step"] == 3 and config2 == config
+    moved = [k for k, v in tensors.items() if k.startswith("unet.") and not torch.equal(v, tensors2[k])]
+    assert moved and all(torch.equal(v, tensors2[k]) for k, v in tensors.items() if k.startswith("clip"))

@@ -62,6 +62,10 @@ def parse():
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--out", type=Path, default=None, help="checkpoint path (default toy/weights/toy_sd15.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from a checkpoint when its resume state is gone (a new machine): its UNet (EMA "
+                   "weights), text encoder, config and step count; the optimizer starts afresh, so the run is not "
+                   "identical to an uninterrupted one (recorded as init_from_step)")
     return p.parse_args()
 
 
@@ -131,8 +135,16 @@ def main():
     if a.unet_fp16:
         config["unet_storage"] = "fp16"
     torch.manual_seed(a.seed)
-    model = tm.build_unet(config, init_seed=a.seed)
-    clip = tm.build_clip(config, init_seed=a.seed + 1)
+    if a.init_from is not None and not (a.resume and state_path.exists()):
+        model, clip, _, info = tm.load(a.init_from)
+        config = info["config"]
+        if a.unet_fp16:
+            config["unet_storage"] = "fp16"
+        init_step, init_minutes = int(info["train"].get("steps", 0)), float(info["train"].get("train_minutes", 0.0))
+    else:
+        model = tm.build_unet(config, init_seed=a.seed)
+        clip = tm.build_clip(config, init_seed=a.seed + 1)
+        init_step = None
     dm = model.model.diffusion_model
     ms = model.model.model_sampling
     latent_format = model.model.latent_format
@@ -148,7 +160,11 @@ def main():
         ema = st["ema"]
         clip.cond_stage_model.load_state_dict(st["clip"])
         step, elapsed, loss_hist = st["step"], st["elapsed"], st.get("loss_hist", [])
+        init_step = st.get("init_from_step")
         print(f"resumed at step {step} ({elapsed / 60:.1f} min so far)", flush=True)
+    elif init_step is not None:
+        step, elapsed = init_step, init_minutes * 60
+        print(f"initialised from {a.init_from} at step {step} (fresh optimizer)", flush=True)
     dm.train()
 
     cache: dict[str, torch.Tensor] = {}
@@ -206,13 +222,14 @@ def main():
                 "train_minutes": round(elapsed / 60, 2),
                 "loss_last100": float(np.mean(loss_hist[-100:])) if loss_hist else None,
                 "weights": "ema",
+                **({"init_from_step": init_step} if init_step is not None else {}),
                 "script": "python -m toy.train",
             }
         )
         tm.save(out, model, clip, config, train_info, unet_state=ema)
         torch.save(
             {"unet": dm.state_dict(), "opt": opt.state_dict(), "ema": ema, "clip": clip.cond_stage_model.state_dict(),
-             "step": step, "elapsed": elapsed, "loss_hist": loss_hist, "args": vars(a)},
+             "step": step, "elapsed": elapsed, "loss_hist": loss_hist, "args": vars(a), "init_from_step": init_step},
             str(state_path) + ".tmp",
         )
         Path(str(state_path) + ".tmp").replace(state_path)
