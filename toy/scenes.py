@@ -34,9 +34,9 @@ PATTERN_BG = (0.08, 0.08, 0.08)  # the dark ground under stripes and dots
 STRIPE_PERIOD = 32
 DOT_PERIOD = 32
 DOT_RADIUS = 7
-OBJECT_R = (20.0, 30.0)  # half size (px) of the one object of a scene
-TWO_OBJECT_R = (16.0, 22.0)  # half size of each of two objects side by side
-CLIP_R = (14.0, 30.0)  # bounds of an object's half size at the end of a random clip
+OBJECT_R = (28.0, 40.0)  # half size (px) of the one object of a scene
+TWO_OBJECT_R = (22.0, 29.0)  # half size of each of two objects side by side
+CLIP_R = (20.0, 40.0)  # bounds of an object's half size at the end of a random clip
 
 
 @dataclass(frozen=True)
@@ -327,11 +327,11 @@ class EditSpec:
 def benchmark_set(frames: int = 8) -> list[EditSpec]:
     """The fixed benchmark: colour swap (x2), shape swap, background change (stripes -> dots), two-object (edit
     one only), background recolour (green -> blue stripes, the style-like edit)."""
-    circle = Motion("circle", "red", (40.0, 50.0), (86.0, 76.0), 24.0, 24.0)
-    square = Motion("square", "blue", (80.0, 40.0), (48.0, 84.0), 22.0, 27.0)
-    tri = Motion("triangle", "yellow", (44.0, 80.0), (84.0, 56.0), 26.0, 22.0)
-    left = Motion("circle", "green", (30.0, 40.0), (40.0, 86.0), 18.0, 18.0)
-    right = Motion("square", "red", (98.0, 84.0), (90.0, 42.0), 18.0, 20.0)
+    circle = Motion("circle", "red", (44.0, 52.0), (84.0, 76.0), 34.0, 34.0)
+    square = Motion("square", "blue", (80.0, 44.0), (50.0, 84.0), 30.0, 36.0)
+    tri = Motion("triangle", "yellow", (46.0, 80.0), (84.0, 58.0), 36.0, 30.0)
+    left = Motion("circle", "green", (32.0, 40.0), (36.0, 86.0), 24.0, 24.0)
+    right = Motion("square", "red", (96.0, 84.0), (94.0, 42.0), 24.0, 27.0)
     gray, black = Background("plain", "gray"), Background("plain", "black")
     blue_stripes, green_dots = Background("stripes", "blue"), Background("dots", "green")
     green_stripes = Background("stripes", "green")
