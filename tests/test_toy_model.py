@@ -204,7 +204,7 @@ def test_trained_toy_model_uses_the_shape_word_at_high_noise():
 def test_train_script_runs_resumes_and_records_its_options(tmp_path):
     """`python -m toy.train` end to end on a tiny budget (2 steps of batch 2, then resumed to 3): the checkpoint
     loads, keeps the scene options it was trained with, stores the UNet in fp16 when asked, and the resume state
-    continues the step count."""
+    continues the step count with the architecture and storage it was started with (no need to repeat them)."""
     import os
     import subprocess
     import sys
@@ -213,16 +213,16 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
 
     out = tmp_path / "t.safetensors"
     base = [sys.executable, "-m", "toy.train", "--batch", "2", "--save-every", "1", "--warmup", "1",
-            "--out", str(out), "--object-r", "24,36", "--two-object-r", "18,25", "--unet-fp16"]
+            "--out", str(out), "--object-r", "24,36", "--two-object-r", "18,25"]
     env = dict(os.environ)
-    for steps, extra in ((2, []), (3, ["--resume"])):
+    for steps, extra in ((2, ["--model-channels", "64", "--unet-fp16"]), (3, ["--resume"])):
         r = subprocess.run(base + ["--steps", str(steps)] + extra, cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed at step 2" in r.stdout
     tensors, config, train = toy_model.read(out)
     assert train["steps"] == 3 and train["object_r"] == [24.0, 36.0] and train["two_object_r"] == [18.0, 25.0]
-    assert config["unet_storage"] == "fp16"
+    assert config["unet_storage"] == "fp16" and config["unet"]["model_channels"] == 64
     assert all(v.dtype == torch.float16 for k, v in tensors.items() if k.startswith("unet.") and v.is_floating_point())
     assert torch.load(str(out) + ".state.pt", weights_only=False)["step"] == 3
     toy_model.load(out)  # a checkpoint the loader takes

@@ -130,6 +130,10 @@ def main():
     config = json.loads(json.dumps(tm.DEFAULT_CONFIG))
     config["seed"] = a.seed
     config["prediction"] = a.prediction
+    st = torch.load(state_path, weights_only=False) if a.resume and state_path.exists() else None
+    if st is not None:  # a resumed run keeps its architecture unless told otherwise
+        a.model_channels = a.model_channels or st["args"].get("model_channels")
+        a.unet_fp16 = a.unet_fp16 or bool(st["args"].get("unet_fp16"))
     if a.model_channels:
         config["unet"]["model_channels"] = a.model_channels
     if a.unet_fp16:
@@ -152,8 +156,7 @@ def main():
     opt = torch.optim.AdamW(dm.parameters(), lr=a.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in dm.state_dict().items()}
     step, elapsed, loss_hist = 0, 0.0, []
-    if a.resume and state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+    if st is not None:
         config["prediction"] = st["args"].get("prediction", "eps")
         dm.load_state_dict(st["unet"])
         opt.load_state_dict(st["opt"])
