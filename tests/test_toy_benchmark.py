@@ -90,3 +90,32 @@ def test_item_table_without_local_items():
     res = {"A": {"seconds": 1.0, "mean": {}, "items": {"background_change": {"psnr_bg": 40.0}}}}
     assert bench.item_table(res).splitlines() == ["| method | background_change |", "|---|---|", "| A | 40.0 |"]
     assert bench.best_local(res) is None
+
+
+def test_methods_option_takes_labels_with_commas_and_names_the_rows_on_a_typo():
+    for m in ("inversion + edit prompt, no control", "reconstruction (source prompt)"):
+        assert m in bench.METHODS
+    assert bench.parse_methods("inversion + edit prompt, no control,reconstruction (source prompt)") == [
+        "inversion + edit prompt, no control", "reconstruction (source prompt)"]
+    try:
+        bench.parse_methods("reconstruction (source prompt),FateZero (styl)")
+    except SystemExit as e:
+        assert "'FateZero (styl)'" in str(e) and "reconstruction (source prompt)" in str(e)
+    else:
+        raise AssertionError("a misspelt row was accepted")
+
+
+def test_merge_prints_the_union_of_rows_run_separately(tmp_path):
+    import json
+
+    def row(v):
+        return {"seconds": 1.0, "mean": {k: v for k, _, _ in bench.COLUMNS},
+                "items": {"color_swap": {"psnr_bg": v}, "background_change": {"psnr_bg": v}}}
+
+    (tmp_path / "a.json").write_text(json.dumps({"A": row(20.0), "B": row(1.0)}))
+    (tmp_path / "b.json").write_text(json.dumps({"B": row(30.0)}))  # a re-run of B replaces the earlier one
+    res = bench.merge_json([tmp_path / "a.json", tmp_path / "b.json"])
+    assert list(res) == ["A", "B"] and res["B"]["items"]["color_swap"]["psnr_bg"] == 30.0
+    text = bench.report(res, "title")
+    assert text.splitlines()[0] == "title" and "| B | 30.0 | 30.0 | 30.0 |" in text
+    assert "reference rows excluded): B" in text

@@ -245,10 +245,41 @@ def item_table(results: dict, key: str = "psnr_bg", fmt: str = "{:.1f}") -> str:
     return "\n".join(lines)
 
 
+def parse_methods(text: str) -> list[str]:
+    """Row labels from a comma-separated list; a label that itself contains a comma ("inversion + edit prompt,
+    no control") is recognised whole."""
+    names, cur = [], ""
+    for part in text.split(","):
+        cur = f"{cur},{part}" if cur else part.strip()
+        if cur in METHODS:
+            names.append(cur)
+            cur = ""
+    if cur:
+        raise SystemExit(f"unknown benchmark row {cur!r}; rows are: {'; '.join(METHODS)}")
+    return names
+
+
+def report(res: dict, title: str) -> str:
+    lines = [title, table(res), "", "background PSNR (dB) per item:", item_table(res)]
+    if len(res) > 1:
+        lines.append(f"best background PSNR over the local edits (reference rows excluded): {best_local(res)}")
+    lines += [f"*(ref)* {m}: {REFERENCE_ROWS[m]}" for m in res if m in REFERENCE_ROWS]
+    return "\n".join(lines)
+
+
+def merge_json(paths: list[Path]) -> dict:
+    """The union of several --json outputs (a later file's row replaces an earlier one of the same label)."""
+    res: dict = {}
+    for f in paths:
+        res.update(json.loads(Path(f).read_text()))
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=None)
-    p.add_argument("--methods", default=None, help="comma-separated row labels (default: all registered)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated row labels (labels containing a comma are matched whole; default: all)")
     p.add_argument("--items", default=None, help="comma-separated benchmark item names (default: all)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
@@ -256,7 +287,16 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--save-frames", type=Path, default=None, help="write source|edit strips as PNGs here")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="print the tables of earlier --json outputs (e.g. rows run in separate processes) and "
+                        "write their union to --json; nothing is run")
     a = p.parse_args()
+    if a.merge:
+        res = merge_json(a.merge)
+        print(report(res, f"toy benchmark: merged from {', '.join(str(f) for f in a.merge)}"))
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1))
+        return
     boot.boot(threads=a.threads)
     for mod in METHOD_MODULES:
         importlib.import_module("." + mod.split(".", 1)[1] if mod.startswith("toy.") else mod, __package__)
@@ -265,20 +305,12 @@ def main():
     from . import model as tm
 
     model, clip, vae, info = tm.load(a.weights or tm.WEIGHTS)
-    methods = a.methods.split(",") if a.methods else None
+    methods = parse_methods(a.methods) if a.methods else None
     items = a.items.split(",") if a.items else None
     res = run(model, clip, vae, methods, a.steps, a.cfg, a.frames, items)
     print()
-    print(f"toy benchmark: {a.frames} frames, {a.steps} steps, cfg {a.cfg}, model steps {info['train'].get('steps')}")
-    print(table(res))
-    print()
-    print("background PSNR (dB) per item:")
-    print(item_table(res))
-    if len(res) > 1:
-        print(f"best background PSNR over the local edits (reference rows excluded): {best_local(res)}")
-    for m in res:
-        if m in REFERENCE_ROWS:
-            print(f"*(ref)* {m}: {REFERENCE_ROWS[m]}")
+    print(report(res, f"toy benchmark: {a.frames} frames, {a.steps} steps, cfg {a.cfg}, "
+                      f"model steps {info['train'].get('steps')}"))
     if a.save_frames:
         _save_strips(res, a.save_frames, a.frames)
     if a.json:
