@@ -18,11 +18,16 @@ def test_registry_and_table_with_a_registered_method():
         calls.append((source_prompt, edit_prompt, spec.edit.name, tuple(frames.shape)))
         return frames.clone()
 
+    saved = []
     try:
         res = bench.run(None, None, None, ["test: copy the source"], steps=2, frames=3,
-                        items=["color_swap", "two_object"], verbose=False)
+                        items=["color_swap", "two_object"], verbose=False,
+                        on_row=lambda r: saved.append(bench.to_json(r)))
     finally:
         bench.METHODS.pop("test: copy the source")
+    # each finished row is handed over at once, without its frames (what --json writes)
+    assert len(saved) == 1 and "_frames" not in saved[0]["test: copy the source"]["items"]["color_swap"]
+    assert saved[0]["test: copy the source"]["items"]["color_swap"]["psnr_bg"] == math.inf
     assert [c[2] for c in calls] == ["color_swap", "two_object"]
     assert calls[0][3] == (3, 128, 128, 3)
     assert calls[0][0] == "a red circle on gray" and calls[0][1] == "a blue circle on gray"

@@ -146,8 +146,9 @@ COLUMNS = [
 
 
 def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg: float = 5.0, frames: int = 8,
-        items: list[str] | None = None, verbose: bool = True) -> dict:
-    """Run the methods on the benchmark set. Returns {method: {"items": {name: scores}, "mean": scores}}."""
+        items: list[str] | None = None, verbose: bool = True, on_row: Callable | None = None) -> dict:
+    """Run the methods on the benchmark set. Returns {method: {"items": {name: scores}, "mean": scores}}.
+    `on_row(results)` is called after each row (the CLI saves --json there, so a long run keeps its rows)."""
     import numpy as np
     import torch
 
@@ -178,7 +179,16 @@ def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg
             finite = [v for v in vals if math.isfinite(v)]
             mean[k] = float(np.mean(finite)) if finite else (float("inf") if vals else float("nan"))
         results[mname] = {"items": per, "mean": mean, "seconds": time.time() - t0}
+        if on_row is not None:
+            on_row(results)
     return results
+
+
+def to_json(res: dict) -> dict:
+    """The results without the edited frames (what --json writes and --merge reads)."""
+    return {m: {"mean": r["mean"], "seconds": r["seconds"],
+                "items": {n: {k: v for k, v in s.items() if not k.startswith("_")} for n, s in r["items"].items()}}
+            for m, r in res.items()}
 
 
 # Rows that are not editing methods a user runs blind: they bound the others and are marked in the tables.
@@ -307,17 +317,17 @@ def main():
     model, clip, vae, info = tm.load(a.weights or tm.WEIGHTS)
     methods = parse_methods(a.methods) if a.methods else None
     items = a.items.split(",") if a.items else None
-    res = run(model, clip, vae, methods, a.steps, a.cfg, a.frames, items)
+
+    def save(res):
+        if a.json:
+            a.json.write_text(json.dumps(to_json(res), indent=1))
+
+    res = run(model, clip, vae, methods, a.steps, a.cfg, a.frames, items, on_row=save)
     print()
     print(report(res, f"toy benchmark: {a.frames} frames, {a.steps} steps, cfg {a.cfg}, "
                       f"model steps {info['train'].get('steps')}"))
     if a.save_frames:
         _save_strips(res, a.save_frames, a.frames)
-    if a.json:
-        clean = {m: {"mean": r["mean"], "seconds": r["seconds"],
-                     "items": {n: {k: v for k, v in s.items() if not k.startswith("_")} for n, s in r["items"].items()}}
-                 for m, r in res.items()}
-        a.json.write_text(json.dumps(clean, indent=1))
 
 
 def _save_strips(res: dict, out: Path, frames: int):
