@@ -124,3 +124,12 @@ def test_merge_prints_the_union_of_rows_run_separately(tmp_path):
     text = bench.report(res, "title")
     assert text.splitlines()[0] == "title" and "| B | 30.0 | 30.0 | 30.0 |" in text
     assert "reference rows excluded): B" in text
+
+
+def test_fatezero_style_row_reweights_the_words_the_edit_adds():
+    """The style row reweights what FateZero's eq_params would: the words of the edit prompt that are new."""
+    from zsve.toy.methods_fatezero import added_words
+
+    got = {s.name: added_words(bench.BenchSpec(s, None)) for s in sc.benchmark_set(2)}
+    assert got == {"color_swap": ["blue"], "color_swap_stripes": ["red"], "shape_swap": ["circle"],
+                   "background_change": ["green", "dots"], "two_object": ["yellow"], "background_recolor": ["blue"]}

@@ -4,7 +4,8 @@
     TemporalSelfAttentionPatch(middle) -> AttentionBlend(inversion) -> KSamplerAdvanced(edit prompt, from z_T)
 
 - "FateZero (style)": FateZero's style/attribute settings (jeep_watercolor.yaml): refinement, cross window
-  0.8, self-attention fully replaced in [0, 0.8) (no blend mask).
+  0.8, self-attention fully replaced in [0, 0.8) (no blend mask), and the words the edit adds reweighted x10
+  (its `eq_params: watercolor 10`; the attribute configs reweight their new nouns x10 the same way).
 - "FateZero (local blended)": FateZero's shape/local settings (jeep_posche.yaml): word swap when the word
   counts match (else refinement), cross 0.5, self [0, 0.5) blended with the mask of the source words of the
   edited object (or of the background for a background edit), threshold 0.3.
@@ -33,6 +34,15 @@ def source_words(spec: BenchSpec) -> str:
     return f"{m.color} {m.shape}"
 
 
+def added_words(spec: BenchSpec) -> list[str]:
+    """Words of the edit prompt that the source prompt does not have at the same place (what FateZero's
+    eq_params reweight: the style word, the new object)."""
+    src, edit = spec.edit.source_prompt.split(), spec.edit.edit_prompt.split()
+    if len(src) != len(edit):
+        return [w for w in edit if w not in src]
+    return [e for s, e in zip(src, edit) if s != e]
+
+
 def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: BenchSpec, blend: dict):
     fz = _pack().nodes.fatezero
     m = fz.TemporalSelfAttentionPatch.execute(model, mode=TEMPORAL_MODE, include_own_frame=False,
@@ -40,9 +50,10 @@ def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     store_model = fz.AttentionStore.execute(m, record_window=blend["record_window"], skip_full_res=True,
                                             memory_budget_gb=0.0).result[0]
     z_T, inv = invert(store_model, encode_frames(vae, frames), encode_text(clip, source_prompt), spec)
+    reweight = ", ".join(f"{w}:{blend['eq']}" for w in added_words(spec)) if blend.get("eq") else ""
     args = dict(source_prompt=source_prompt, edit_prompt=edit_prompt, mode=blend["mode"],
                 cross_replace=blend["cross"], cross_replace_words="", self_replace_start=0.0,
-                self_replace_end=blend["self"], reweight="", blend_words=blend.get("blend_words", ""),
+                self_replace_end=blend["self"], reweight=reweight, blend_words=blend.get("blend_words", ""),
                 blend_threshold=0.3, only_cond=True)
     edit_model = fz.AttentionBlend.execute(m, inv, clip, **args).result[0]
     if blend.get("latent_blend"):
@@ -55,7 +66,7 @@ def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
 
 @register("FateZero (style)")
 def fatezero_style(model, clip, vae, frames, source_prompt, edit_prompt, spec):
-    cfg = dict(mode="refine", cross=0.8, self=0.8, record_window=0.8)
+    cfg = dict(mode="refine", cross=0.8, self=0.8, record_window=0.8, eq=10)
     return fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, cfg)
 
 
