@@ -7,7 +7,6 @@ Imported after ComfyUI has been configured for CPU (tests/conftest.py or scripts
 from __future__ import annotations
 
 import asyncio
-import itertools
 import uuid
 
 import comfy.model_base
@@ -60,22 +59,11 @@ TINY_VAE_DDCONFIG = {
 
 
 def init_module_(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
-    """ComfyUI allocates weights with torch.empty: give every parameter/buffer a defined value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in itertools.chain(module.named_parameters(), module.named_buffers()):
-            if not p.is_floating_point():
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "bias" or "position_ids" in name:
-                p.zero_()
-            elif "norm" in name and leaf == "weight" and p.ndim == 1:
-                p.fill_(1.0)
-            elif p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / fan_in) ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+    """ComfyUI allocates weights with torch.empty: give every parameter/buffer a defined value (the toy
+    model's initialiser, toy/model.py init_weights_)."""
+    from zsve.toy.model import init_weights_
+
+    init_weights_(module, seed, std)
     return module
 
 

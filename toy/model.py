@@ -80,7 +80,7 @@ DEFAULT_CONFIG = {
 # --- construction -------------------------------------------------------------------------------------
 
 
-def _init_(module: torch.nn.Module, seed: int, std: float = 0.02, fp16_exact: bool = False) -> None:
+def init_weights_(module: torch.nn.Module, seed: int, std: float = 0.02, fp16_exact: bool = False) -> None:
     """ComfyUI allocates weights with torch.empty: give every parameter/buffer a defined value."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -121,7 +121,7 @@ def build_unet(config: dict | None = None, init_seed: int | None = None) -> comf
         config.get("prediction", "eps")]
     base = comfy.model_base.BaseModel(cfg, model_type=model_type, device=cpu)
     if init_seed is not None:
-        _init_(base.diffusion_model, init_seed)
+        init_weights_(base.diffusion_model, init_seed)
         _zero_out_layers(base.diffusion_model)
     base.diffusion_model.eval()
     return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
@@ -135,7 +135,7 @@ def build_clip(config: dict | None = None, init_seed: int | None = None) -> comf
     config = config or DEFAULT_CONFIG
     clip = comfy.sd.CLIP(clip_target(), model_options={"clip_l_model_config": dict(config["clip"])})
     if init_seed is not None:
-        _init_(clip.cond_stage_model, init_seed, fp16_exact=True)
+        init_weights_(clip.cond_stage_model, init_seed, fp16_exact=True)
     return clip
 
 
