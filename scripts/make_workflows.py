@@ -17,12 +17,29 @@ import zsve_boot  # noqa: E402,F401  (boots ComfyUI)
 from zsve_workflows import build_ui  # noqa: E402
 
 SOURCE = "a red circle on blue stripes"
-
-INVERT_AND_RECONSTRUCT = [
-    {"id": "ckpt", "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+# the front every workflow shares: checkpoint, video in, latents, and the source / edit / empty prompts
+CKPT = {"id": "ckpt", "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}}
+VIDEO_IN = [
     {"id": "video", "type": "LoadVideo", "widgets": {"file": "input.mp4"}},
     {"id": "frames", "type": "GetVideoComponents", "links": {"video": ("video", 0)}},
     {"id": "encode", "type": "VAEEncode", "links": {"pixels": ("frames", 0), "vae": ("ckpt", 2)}},
+]
+
+
+def _prompts(edit: str, clip: str = "ckpt") -> list[dict]:
+    return [
+        {"id": "src", "type": "CLIPTextEncode", "widgets": {"text": SOURCE}, "links": {"clip": (clip, 1)},
+         "title": "Source prompt"},
+        {"id": "edit", "type": "CLIPTextEncode", "widgets": {"text": edit}, "links": {"clip": (clip, 1)},
+         "title": "Edit prompt"},
+        {"id": "neg", "type": "CLIPTextEncode", "widgets": {"text": ""}, "links": {"clip": (clip, 1)},
+         "title": "Empty prompt"},
+    ]
+
+
+INVERT_AND_RECONSTRUCT = [
+    CKPT,
+    *VIDEO_IN,
     {"id": "pos", "type": "CLIPTextEncode", "widgets": {"text": SOURCE}, "links": {"clip": ("ckpt", 1)},
      "title": "Source prompt"},
     {"id": "neg", "type": "CLIPTextEncode", "widgets": {"text": ""}, "links": {"clip": ("ckpt", 1)},
@@ -52,16 +69,9 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
     if user:
         blend_links["mask"] = ("mask", 0)
     return [
-        {"id": "ckpt", "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
-        {"id": "video", "type": "LoadVideo", "widgets": {"file": "input.mp4"}},
-        {"id": "frames", "type": "GetVideoComponents", "links": {"video": ("video", 0)}},
-        {"id": "encode", "type": "VAEEncode", "links": {"pixels": ("frames", 0), "vae": ("ckpt", 2)}},
-        {"id": "src", "type": "CLIPTextEncode", "widgets": {"text": SOURCE}, "links": {"clip": ("ckpt", 1)},
-         "title": "Source prompt"},
-        {"id": "edit", "type": "CLIPTextEncode", "widgets": {"text": BLD_EDIT}, "links": {"clip": ("ckpt", 1)},
-         "title": "Edit prompt"},
-        {"id": "neg", "type": "CLIPTextEncode", "widgets": {"text": ""}, "links": {"clip": ("ckpt", 1)},
-         "title": "Empty prompt"},
+        CKPT,
+        *VIDEO_IN,
+        *_prompts(BLD_EDIT),
         {"id": "temporal", "type": "TemporalSelfAttentionPatch", "links": {"model": ("ckpt", 0)}},
         {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
          "links": {"model": ("temporal", 0), "latent": ("encode", 0), "positive": ("src", 0)}},
@@ -93,16 +103,9 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
 VP2P_EDIT = "a red square on blue stripes"
 
 VIDEOP2P_WORD_SWAP = [
-    {"id": "ckpt", "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
-    {"id": "video", "type": "LoadVideo", "widgets": {"file": "input.mp4"}},
-    {"id": "frames", "type": "GetVideoComponents", "links": {"video": ("video", 0)}},
-    {"id": "encode", "type": "VAEEncode", "links": {"pixels": ("frames", 0), "vae": ("ckpt", 2)}},
-    {"id": "src", "type": "CLIPTextEncode", "widgets": {"text": SOURCE}, "links": {"clip": ("ckpt", 1)},
-     "title": "Source prompt"},
-    {"id": "edit", "type": "CLIPTextEncode", "widgets": {"text": VP2P_EDIT}, "links": {"clip": ("ckpt", 1)},
-     "title": "Edit prompt"},
-    {"id": "neg", "type": "CLIPTextEncode", "widgets": {"text": ""}, "links": {"clip": ("ckpt", 1)},
-     "title": "Empty prompt"},
+    CKPT,
+    *VIDEO_IN,
+    *_prompts(VP2P_EDIT),
     {"id": "temporal", "type": "TemporalSelfAttentionPatch", "widgets": {"mode": "first"},
      "links": {"model": ("ckpt", 0)}, "title": "Frame attention (Video-P2P: first frame)"},
     {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
@@ -142,19 +145,12 @@ IF_EDIT = "a yellow circle on green stripes"
 IF_CONCEPTS = "red->yellow, blue->green"
 
 INFUSION_MULTI_CONCEPT_LORA = [
-    {"id": "ckpt", "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+    CKPT,
     {"id": "lora", "type": "LoraLoader",
      "widgets": {"lora_name": "infusion_lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
      "links": {"model": ("ckpt", 0), "clip": ("ckpt", 1)}, "title": "LoRA (put your file in models/loras)"},
-    {"id": "video", "type": "LoadVideo", "widgets": {"file": "input.mp4"}},
-    {"id": "frames", "type": "GetVideoComponents", "links": {"video": ("video", 0)}},
-    {"id": "encode", "type": "VAEEncode", "links": {"pixels": ("frames", 0), "vae": ("ckpt", 2)}},
-    {"id": "src", "type": "CLIPTextEncode", "widgets": {"text": SOURCE}, "links": {"clip": ("lora", 1)},
-     "title": "Source prompt"},
-    {"id": "edit", "type": "CLIPTextEncode", "widgets": {"text": IF_EDIT}, "links": {"clip": ("lora", 1)},
-     "title": "Edit prompt"},
-    {"id": "neg", "type": "CLIPTextEncode", "widgets": {"text": ""}, "links": {"clip": ("lora", 1)},
-     "title": "Empty prompt"},
+    *VIDEO_IN,
+    *_prompts(IF_EDIT, clip="lora"),
     {"id": "temporal", "type": "TemporalSelfAttentionPatch", "links": {"model": ("lora", 0)}},
     {"id": "source", "type": "InFusionSource", "links": {"model": ("temporal", 0)}},
     {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
@@ -188,16 +184,9 @@ FZ_LOCAL_EDIT = "a yellow circle on blue stripes"
 
 def _fatezero_edit(edit: str, blend: dict, prefix: str) -> list[dict]:
     return [
-        {"id": "ckpt", "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
-        {"id": "video", "type": "LoadVideo", "widgets": {"file": "input.mp4"}},
-        {"id": "frames", "type": "GetVideoComponents", "links": {"video": ("video", 0)}},
-        {"id": "encode", "type": "VAEEncode", "links": {"pixels": ("frames", 0), "vae": ("ckpt", 2)}},
-        {"id": "src", "type": "CLIPTextEncode", "widgets": {"text": SOURCE}, "links": {"clip": ("ckpt", 1)},
-         "title": "Source prompt"},
-        {"id": "edit", "type": "CLIPTextEncode", "widgets": {"text": edit}, "links": {"clip": ("ckpt", 1)},
-         "title": "Edit prompt"},
-        {"id": "neg", "type": "CLIPTextEncode", "widgets": {"text": ""}, "links": {"clip": ("ckpt", 1)},
-         "title": "Empty prompt"},
+        CKPT,
+        *VIDEO_IN,
+        *_prompts(edit),
         {"id": "temporal", "type": "TemporalSelfAttentionPatch",
          "widgets": {"mode": "middle", "include_own_frame": False, "min_channels": 640}, "links": {"model": ("ckpt", 0)}},
         {"id": "store", "type": "AttentionStore",
