@@ -365,11 +365,11 @@ def test_blend_mask_of_the_object_words_lies_on_the_object_on_the_toy_model():
 def test_full_attention_replacement_reconstructs_better_than_plain_ddim_at_cfg_7_5_on_the_toy_model():
     """FateZero's founding effect: a clip inverted with its prompt and sampled back with the same prompt at
     guidance 7.5 drifts from the source; replacing every step's attention by the inversion's keeps it closer.
-    Measured on the trained toy model at toy.fatezero_recon's defaults (5 benchmark clips, 4 frames, 20 steps). On
-    a random tiny UNet attention carries nothing and the effect cannot show. On the committed 64-channel checkpoint
-    one clip of five (the red circle on plain gray) is reconstructed worse with fusion, and at 10 steps with 2
-    frames the mean gain vanishes (docs/fatezero.md), so the test runs at the defaults and asserts the mean gain
-    and four clips of five."""
+    Measured on the trained toy model at toy.fatezero_recon's defaults (5 benchmark clips, 4 frames, 20 steps),
+    with the attention of both guidance branches replaced (`--all-rows`): on the committed 9000-step checkpoint
+    17.96 -> 19.97 dB, every clip better. Replacing it in the conditional branch only (the edit-time default)
+    gains less there (18.91 dB, 3 clips of 5; docs/fatezero.md). On a random tiny UNet attention carries nothing
+    and the effect cannot show."""
     import shutil
     import tempfile
 
@@ -377,11 +377,11 @@ def test_full_attention_replacement_reconstructs_better_than_plain_ddim_at_cfg_7
     from zsve.toy import fatezero_recon
 
     model, clip, vae, _ = tm.load(shutil.copy(tm.WEIGHTS, tempfile.mkdtemp(prefix="zsve-toy-")))
-    res = fatezero_recon.measure(model, clip, vae, clips=5, frames=4, steps=20, cfg=7.5, verbose=True)
+    res = fatezero_recon.measure(model, clip, vae, clips=5, frames=4, steps=20, cfg=7.5, verbose=True, only_cond=False)
     gains = [r["fused_psnr"] - r["plain_psnr"] for r in res["rows"]]
     print(f"\nfull attention replacement vs plain DDIM at cfg 7.5: {res['plain_psnr']:.2f} -> {res['fused_psnr']:.2f} dB")
-    assert sum(g > 0 for g in gains) >= 4, gains
-    assert res["fused_psnr"] - res["plain_psnr"] > 1.0
+    assert all(g > 0 for g in gains), gains
+    assert res["fused_psnr"] - res["plain_psnr"] > 1.5
 
 
 def test_store_and_fusion_under_context_windows_are_exact(tiny_model, tiny_clip, conds):
