@@ -38,7 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--words", help="the edited words of the edit prompt, for masks (default: from the toy clip)")
     p.add_argument("--steps", type=int, help="DDIM steps for inversion and editing (default: the workflow's)")
     p.add_argument("--frames", type=int, default=8, help="frames of the toy clip")
-    p.add_argument("--clip", default="color_swap", help="toy benchmark clip name (toy.scenes.benchmark_set)")
+    p.add_argument("--clip", default="color_swap_stripes",
+                   help="toy benchmark clip name (toy.scenes.benchmark_set; default: a yellow triangle on blue stripes "
+                        "turned red)")
     p.add_argument("--out", default=str(ROOT / "output" / "demo"), help="output folder")
     return p.parse_args(argv)
 
