@@ -1,6 +1,5 @@
 """The toy benchmark: method registry, the first rows' plumbing (VideoDDIMInvert + KSamplerAdvanced), the table."""
 
-
 import torch
 
 import zsve.toy.benchmark as bench

@@ -139,7 +139,7 @@ def main():
     if a.unet_fp16:
         config["unet_storage"] = "fp16"
     torch.manual_seed(a.seed)
-    if a.init_from is not None and not (a.resume and state_path.exists()):
+    if a.init_from is not None and st is None:
         model, clip, _, info = tm.load(a.init_from)
         config = info["config"]
         if a.unet_fp16:
