@@ -3,12 +3,22 @@
     TemporalSelfAttentionPatch(middle) -> AttentionStore -> VideoDDIMInvert(source prompt)
     TemporalSelfAttentionPatch(middle) -> AttentionBlend(inversion) -> KSamplerAdvanced(edit prompt, from z_T)
 
-- "FateZero (style)": FateZero's style/attribute settings (jeep_watercolor.yaml): refinement, cross window
-  0.8, self-attention fully replaced in [0, 0.8) (no blend mask), and the words the edit adds reweighted x10
-  (its `eq_params: watercolor 10`; the attribute configs reweight their new nouns x10 the same way).
-- "FateZero (local blended)": FateZero's shape/local settings (jeep_posche.yaml): word swap when the word
-  counts match (else refinement), cross 0.5, self [0, 0.5) blended with the mask of the source words of the
-  edited object (or of the background for a background edit), threshold 0.3.
+Which layers are fused: FateZero's code controls every attention layer whose query map has at most 32x32
+positions (attention_util.py, `attn.shape[-2] <= 32**2`). At SD's 512 px that leaves out the 64x64 level (the
+pack's `skip_full_res`); at the toy's 128-px frames every level qualifies (16x16 = 256 queries), so the rows
+record and fuse all levels (`fatezero_skips_full_res`). With the top level left out the fusion reaches only the
+toy's 8x8 layers and the rows keep little (docs/fatezero.md has both measurements).
+
+- "FateZero (style)": FateZero's zero-shot style/attribute setting: refinement, self-attention fully replaced
+  (no blend mask), the words the edit adds reweighted x10 (its `eq_params`), with the windows of its attribute
+  configs (squ_carrot_robot_eggplant.yaml: cross 0.5, self [0, 0.5)) because five of the six toy items are
+  attribute or shape edits.
+- "FateZero (style 0.8 windows)": the same with jeep_watercolor.yaml's windows (cross 0.8, self [0, 0.8)), the
+  setting for pure style edits: it keeps the source's shapes, so it does not make the toy's shape changes.
+- "FateZero (local blended)": FateZero's local setting (jeep_posche.yaml): cross 0.5, self [0, 0.5) blended
+  inside the mask of the source words of the edited object (or of the background for a background edit),
+  threshold 0.3; refinement instead of that config's word swap: on the toy a word swap hands the new colour word
+  the source colour word's maps, which keep the old colour (measured in docs/fatezero.md).
 - "FateZero (local + latent blend)": the same plus FateZero's latent blending (jeep_posche_local_latent_blend.yaml,
   `blend_latents: True`): between 20% and 80% of the steps the latent outside the mask is put back on the
   inversion trajectory (x_t = x_inv + M (x_t - x_inv)), here by the pack's Latent Blend With Inversion node
@@ -23,6 +33,13 @@ from .benchmark import BenchSpec, _pack, decode, encode_frames, encode_text, inv
 from .methods_bld import edit_words
 
 TEMPORAL_MODE = "middle"
+MAX_FUSED_QUERIES = 32 * 32  # FateZero: only attention maps with at most 32x32 queries are stored and fused
+
+
+def fatezero_skips_full_res(latent) -> bool:
+    """Whether FateZero's query-length rule leaves out the latent's full-resolution layers."""
+    h, w = latent["samples"].shape[-2:]
+    return h * w > MAX_FUSED_QUERIES
 
 
 def source_words(spec: BenchSpec) -> str:
@@ -47,9 +64,10 @@ def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     fz = _pack().nodes.fatezero
     m = fz.TemporalSelfAttentionPatch.execute(model, mode=TEMPORAL_MODE, include_own_frame=False,
                                               min_channels=0).result[0]
-    store_model = fz.AttentionStore.execute(m, record_window=blend["record_window"], skip_full_res=True,
-                                            memory_budget_gb=0.0).result[0]
-    z_T, inv = invert(store_model, encode_frames(vae, frames), encode_text(clip, source_prompt), spec)
+    latent = encode_frames(vae, frames)
+    store_model = fz.AttentionStore.execute(m, record_window=max(blend["cross"], blend["self"]),
+                                            skip_full_res=fatezero_skips_full_res(latent), memory_budget_gb=0.0).result[0]
+    z_T, inv = invert(store_model, latent, encode_text(clip, source_prompt), spec)
     reweight = ", ".join(f"{w}:{blend['eq']}" for w in added_words(spec)) if blend.get("eq") else ""
     args = dict(source_prompt=source_prompt, edit_prompt=edit_prompt, mode=blend["mode"],
                 cross_replace=blend["cross"], cross_replace_words="", self_replace_start=0.0,
@@ -64,20 +82,19 @@ def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     return decode(vae, sample_from(edit_model, z_T, pos, neg, spec))
 
 
-@register("FateZero (style)")
-def fatezero_style(model, clip, vae, frames, source_prompt, edit_prompt, spec):
-    cfg = dict(mode="refine", cross=0.8, self=0.8, record_window=0.8, eq=10)
-    return fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, cfg)
+def _row(label: str, **cfg):
+    def row(model, clip, vae, frames, source_prompt, edit_prompt, spec):
+        c = dict(cfg)
+        if c.pop("blend_source_words", False):
+            c["blend_words"] = source_words(spec)
+        return fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, c)
+
+    return register(label)(row)
 
 
-@register("FateZero (local blended)")
-def fatezero_local(model, clip, vae, frames, source_prompt, edit_prompt, spec):
-    cfg = dict(mode="replace", cross=0.5, self=0.5, record_window=0.5, blend_words=source_words(spec))
-    return fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, cfg)
-
-
-@register("FateZero (local + latent blend)")
-def fatezero_local_latent_blend(model, clip, vae, frames, source_prompt, edit_prompt, spec):
-    cfg = dict(mode="replace", cross=0.5, self=0.5, record_window=0.5, blend_words=source_words(spec),
-               latent_blend=True)
-    return fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, cfg)
+STYLE = dict(mode="refine", cross=0.5, self=0.5, eq=10)
+LOCAL = dict(mode="refine", cross=0.5, self=0.5, blend_source_words=True)
+_row("FateZero (style)", **STYLE)
+_row("FateZero (style 0.8 windows)", **dict(STYLE, cross=0.8, self=0.8))
+_row("FateZero (local blended)", **LOCAL)
+_row("FateZero (local + latent blend)", **LOCAL, latent_blend=True)
