@@ -334,10 +334,10 @@ def test_store_size_matches_the_estimate_and_temporal_keys(tiny_model, conds, mo
 
 
 def test_blend_mask_of_the_object_words_lies_on_the_object_on_the_toy_model():
-    """The blend mask recipe (stored source cross-attention of the blend words, pooled, normalised) is higher on
-    the object than on the background for the trained toy model. The toy model's cross-attention is nearly
-    flat (about 1/77 of the attention per token), so the contrast is weak and FateZero's threshold 0.3 keeps
-    the whole frame; the soft map is what is checked."""
+    """The blend mask recipe (stored source cross-attention of the blend words, pooled, normalised) lies on the
+    object for the trained toy model (committed checkpoint, trained with a localisation loss: soft mask about
+    0.95 on the object, 0.15-0.2 elsewhere), and FateZero's threshold 0.3 keeps all of the object and leaves
+    most of the background out (the 3x3 max-pool widens it by one latent pixel)."""
     import zsve.toy.scenes as sc
     from zsve.attention.fatezero import blend_mask, make_plan
 
@@ -352,14 +352,19 @@ def test_blend_mask_of_the_object_words_lies_on_the_object_on_the_toy_model():
     plan = make_plan(clip.tokenizer.clip_l.tokenizer, c.prompt, c.prompt, inv.timesteps, cross_window=0.5,
                      self_window=(0, 0.5), blend_words="red circle")
     obj = torch.nn.functional.avg_pool2d(torch.from_numpy(c.masks[:, 0]).float().unsqueeze(1), 8)[:, 0]  # 16x16
-    ins, outs = [], []
+    ins, outs, recall, cover = [], [], [], []
     for t in st.timesteps:
         soft = blend_mask(st, plan, t, (16, 16), threshold=None)
+        hard = blend_mask(st, plan, t, (16, 16))
         ins.append(float((soft * obj).sum() / obj.sum()))
         outs.append(float((soft * (1 - obj)).sum() / (1 - obj).sum()))
+        recall.append(float((hard * obj).sum() / obj.sum()))
+        cover.append(float((hard * (1 - obj)).sum() / (1 - obj).sum()))
     print(f"\nsoft blend mask of 'red circle' per step: on the object {[round(v, 2) for v in ins]}, "
-          f"on the background {[round(v, 2) for v in outs]}")
-    assert all(i > o for i, o in zip(ins, outs))
+          f"on the background {[round(v, 2) for v in outs]}; thresholded: object recall "
+          f"{[round(v, 2) for v in recall]}, background covered {[round(v, 2) for v in cover]}")
+    assert all(i > o + 0.5 for i, o in zip(ins, outs))
+    assert min(recall) > 0.95 and max(cover) < 0.4
 
 
 def test_full_attention_replacement_reconstructs_better_than_plain_ddim_at_cfg_7_5_on_the_toy_model():
