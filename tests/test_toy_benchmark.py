@@ -149,3 +149,15 @@ def test_fatezero_rows_beat_no_control_on_the_toy_benchmark():
         assert m["success"] >= b["success"], (r, m["success"], b["success"])
         assert m["psnr_bg"] > b["psnr_bg"] + 2.0, (r, m["psnr_bg"], b["psnr_bg"])
         assert m["warp_err"] < 0.85 * b["warp_err"], (r, m["warp_err"], b["warp_err"])
+
+
+def test_fatezero_rows_follow_the_reference_query_length_rule():
+    """FateZero fuses the maps with at most 32x32 queries: SD at 512 px (64x64 latent) leaves its top level out,
+    256-px frames (32x32 latent) and the toy's 128-px frames (16x16) fuse every level."""
+    from zsve.toy.methods_fatezero import fatezero_skips_full_res
+
+    def lat(s):
+        return {"samples": torch.zeros(1, 4, s, s)}
+
+    assert fatezero_skips_full_res(lat(64)) and fatezero_skips_full_res(lat(33))
+    assert not fatezero_skips_full_res(lat(32)) and not fatezero_skips_full_res(lat(16))
