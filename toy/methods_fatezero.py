@@ -21,10 +21,11 @@ toy's 8x8 layers and the rows keep little (docs/fatezero.md has both measurement
   the source colour word's maps, which keep the old colour (measured in docs/fatezero.md).
 - "FateZero (local + latent blend)": the same plus FateZero's latent blending (jeep_posche_local_latent_blend.yaml,
   `blend_latents: True`): between 20% and 80% of the steps the latent outside the mask is put back on the
-  inversion trajectory (x_t = x_inv + M (x_t - x_inv)), here by the pack's Latent Blend With Inversion node
-  with the mask from the edit-time cross-attention of the edited words (threshold 0.3, no extra dilation at
-  the toy's 16x16 latent). FateZero's own mask is the union of the source words' stored maps and the edit
-  words' maps; the edited words' map is the part the edit-time pass can see.
+  inversion trajectory (x_t = x_inv + M (x_t - x_inv)), here by the pack's Latent Blend With Inversion node.
+  Its mask is FateZero's union (`prompt_choose: both`) of the source words' mask and the edited words' mask,
+  wired as a graph would: Attention Blend's mask output (the source words' stored maps, averaged over the
+  self-attention window's steps) into the node's `mask` with mask_source "union", the edit-time cross-attention
+  of the edited words (threshold 0.3, no extra dilation at the toy's 16x16 latent) being the other half.
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
                 cross_replace=blend["cross"], cross_replace_words="", self_replace_start=0.0,
                 self_replace_end=blend["self"], reweight=reweight, blend_words=blend.get("blend_words", ""),
                 blend_threshold=0.3, only_cond=True)
-    edit_model = fz.AttentionBlend.execute(m, inv, clip, **args).result[0]
+    edit_model, source_mask = fz.AttentionBlend.execute(m, inv, clip, **args).result
     if blend.get("latent_blend"):
         edit_model, _, _ = _pack().nodes.blend.apply_latent_blend(
-            edit_model, inv, mask_source="cross-attention", start=0.2, end=0.8, threshold=0.3, dilation=1,
-            clip=clip, prompt=edit_prompt, words=edit_words(spec))
+            edit_model, inv, mask_source="union", start=0.2, end=0.8, threshold=0.3, dilation=1,
+            clip=clip, prompt=edit_prompt, words=edit_words(spec), mask=source_mask)
     pos, neg = encode_text(clip, edit_prompt), encode_text(clip, spec.negative_prompt)
     return decode(vae, sample_from(edit_model, z_T, pos, neg, spec))
 

@@ -1,9 +1,15 @@
 """Benchmark rows for Video-P2P (issue 5), built from the pack's nodes as a graph wires them:
 
     TemporalSelfAttentionPatch(first) -> VideoDDIMInvert(source prompt) -> [NullTextOptimize] ->
-    VideoP2PGuider(source, edit, empty; word swap when the word counts match, cross 0.2, self 0.5,
-    Local Blend on the source words of the edited object from 0.2, threshold 0.3) -> SamplerCustomAdvanced
-    (DisableNoise, ddim, ddim_uniform, same steps, from z_T)
+    VideoP2PGuider(source, edit, empty; refinement, cross 0.2, self 0.5, Local Blend on the source words of
+    the edited object from 0.2, threshold 0.3) -> SamplerCustomAdvanced (DisableNoise, ddim, ddim_uniform, same
+    steps, from z_T)
+
+Refinement rather than the word swap Video-P2P's code picks for prompts of equal word count: on the toy model a
+word swap hands the new colour word the old colour word's maps, which keep the old colour (the fast row with a
+word swap: two objects 0%, colour swap on gray 50%; with refinement 100% / 88%; the same holds for FateZero's
+local row, docs/fatezero.md). Video-P2P's configs choose per edit too (refinement for "origami", "crochet",
+"Lego"; word swap for "Spider-Man", "railway").
 
 - "Video-P2P (fast)": without null text (the source branch uses its conditional prediction), as `--fast`.
 - "Video-P2P (null-text)": with the shared null-text optimisation (10 inner steps, epsilon 1e-5).
@@ -29,7 +35,7 @@ def videop2p_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     z_T, inv = invert(m, encode_frames(vae, frames), src, spec)
     nt = vp.run_null_text(m, inv, src, neg, spec.cfg, 10, 1e-5, disable_pbar=True) if null_text else None
     guider = vp.VideoP2PGuiderNode.execute(
-        m, src, edit, neg, clip, source_prompt, edit_prompt, spec.cfg, "replace", 0.2, "", 0.5, "",
+        m, src, edit, neg, clip, source_prompt, edit_prompt, spec.cfg, "refine", 0.2, "", 0.5, "",
         source_words(spec), "", 0.2, 0.3, vp.TARGET_UNCOND[0], null_text=nt).result[0]
     ms = m.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, spec.scheduler, spec.steps).cpu()
