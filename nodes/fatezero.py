@@ -47,7 +47,8 @@ class AttentionStore(io.ComfyNode):
                 io.Boolean.Input("skip_full_res", default=True,
                                  tooltip="Do not record layers at the latent's full resolution (FateZero stores 32x32 "
                                  "and below at 512x512: the 64x64 maps are by far the largest). Turn off to control "
-                                 "every layer."),
+                                 "every layer, e.g. for frames of 256x256 or smaller, where FateZero's rule (query "
+                                 "maps of at most 32x32) takes every level."),
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
                                tooltip="Refuse to record more than this many GiB of attention (checked after the "
                                "first step, before the RAM fills up). 0 = no limit."),
