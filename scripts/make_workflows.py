@@ -182,7 +182,17 @@ FZ_STYLE_EDIT = "a red circle on blue stripes watercolor painting"
 FZ_LOCAL_EDIT = "a yellow circle on blue stripes"
 
 
-def _fatezero_edit(edit: str, blend: dict, prefix: str) -> list[dict]:
+def _fatezero_edit(edit: str, blend: dict, prefix: str, latent_blend_words: str = "") -> list[dict]:
+    """The FateZero graph; with latent_blend_words, FateZero's latent blending (jeep_posche_local_latent_blend):
+    Latent Blend With Inversion in [0.2, 0.8) under the union of Attention Blend's source-word mask and the
+    edit-time mask of these edited words (FateZero's prompt_choose 'both')."""
+    sampled = ("lblend", 0) if latent_blend_words else ("blend", 0)
+    latent_blend = [{
+        "id": "lblend", "type": "LatentBlendWithInversion",
+        "widgets": {"mask_source": "union", "start": 0.2, "end": 0.8, "threshold": 0.3, "dilation": 3,
+                    "temporal_smoothing": 0, "prompt": edit, "words": latent_blend_words},
+        "links": {"model": ("blend", 0), "inversion": ("invert", 1), "clip": ("ckpt", 1), "mask": ("blend", 1)},
+        "title": "Latent blend (FateZero blend_latents)"}] if latent_blend_words else []
     return [
         CKPT,
         *VIDEO_IN,
@@ -197,11 +207,12 @@ def _fatezero_edit(edit: str, blend: dict, prefix: str) -> list[dict]:
          "links": {"model": ("store", 0), "latent": ("encode", 0), "positive": ("src", 0)}},
         {"id": "blend", "type": "AttentionBlend", "widgets": dict(source_prompt=SOURCE, edit_prompt=edit, **blend),
          "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "clip": ("ckpt", 1)}},
+        *latent_blend,
         {"id": "sample", "type": "KSamplerAdvanced",
          "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
                      "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
                      "return_with_leftover_noise": "disable"},
-         "links": {"model": ("blend", 0), "positive": ("edit", 0), "negative": ("neg", 0),
+         "links": {"model": sampled, "positive": ("edit", 0), "negative": ("neg", 0),
                    "latent_image": ("invert", 0)}},
         {"id": "decode", "type": "VAEDecode", "links": {"samples": ("sample", 0), "vae": ("ckpt", 2)}},
         {"id": "create", "type": "CreateVideo", "widgets": {"fps": 8.0}, "links": {"images": ("decode", 0)}},
@@ -215,9 +226,11 @@ def _fatezero_edit(edit: str, blend: dict, prefix: str) -> list[dict]:
 FATEZERO_STYLE = _fatezero_edit(FZ_STYLE_EDIT, dict(
     mode="refine", cross_replace=0.8, cross_replace_words="", self_replace_start=0.0, self_replace_end=0.8,
     reweight="watercolor:10", blend_words="", blend_threshold=0.3, only_cond=True), "zsve/fatezero_style")
-FATEZERO_LOCAL = _fatezero_edit(FZ_LOCAL_EDIT, dict(
-    mode="replace", cross_replace=0.5, cross_replace_words="", self_replace_start=0.0, self_replace_end=0.5,
-    reweight="", blend_words="red circle", blend_threshold=0.3, only_cond=True), "zsve/fatezero_local")
+FZ_LOCAL_BLEND = dict(mode="replace", cross_replace=0.5, cross_replace_words="", self_replace_start=0.0,
+                      self_replace_end=0.5, reweight="", blend_words="red circle", blend_threshold=0.3, only_cond=True)
+FATEZERO_LOCAL = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_local")
+FATEZERO_LOCAL_LATENT_BLEND = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_local_latent_blend",
+                                             latent_blend_words="yellow circle")
 
 
 WORKFLOWS = {
@@ -231,6 +244,9 @@ WORKFLOWS = {
     "fatezero_style_edit": ("FateZero style edit (attention fusion, full self-attention replacement)", FATEZERO_STYLE),
     "fatezero_local_attribute_edit": ("FateZero local attribute edit (word swap, blended self-attention)",
                                       FATEZERO_LOCAL),
+    "fatezero_local_latent_blend": ("FateZero local edit with latent blending (blended self-attention, latents "
+                                    "outside the source/edit word masks kept on the inversion)",
+                                    FATEZERO_LOCAL_LATENT_BLEND),
 }
 
 
