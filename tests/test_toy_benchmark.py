@@ -122,6 +122,11 @@ def test_merge_prints_the_union_of_rows_run_separately(tmp_path):
     text = bench.report(res, "title")
     assert text.splitlines()[0] == "title" and "| B | 30.0 | 30.0 | 30.0 |" in text
     assert "reference rows excluded): B" in text
+    # registered rows come in their registration order whatever the order of the runs; unknown rows last
+    first, second = list(bench.METHODS)[:2]
+    (tmp_path / "c.json").write_text(json.dumps({"B": row(1.0), second: row(2.0)}))
+    (tmp_path / "d.json").write_text(json.dumps({first: row(3.0)}))
+    assert list(bench.merge_json([tmp_path / "c.json", tmp_path / "d.json"])) == [first, second, "B"]
 
 
 def test_fatezero_style_row_reweights_the_words_the_edit_adds():

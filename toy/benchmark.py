@@ -278,11 +278,20 @@ def report(res: dict, title: str) -> str:
 
 
 def merge_json(paths: list[Path]) -> dict:
-    """The union of several --json outputs (a later file's row replaces an earlier one of the same label)."""
+    """The union of several --json outputs (a later file's row replaces an earlier one of the same label), rows in
+    the order they are registered (rows no longer registered last), whatever the order of the runs."""
     res: dict = {}
     for f in paths:
         res.update(json.loads(Path(f).read_text()))
-    return res
+    rank = {m: i for i, m in enumerate(METHODS)}
+    return dict(sorted(res.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def _register_rows():
+    for mod in METHOD_MODULES:
+        importlib.import_module("." + mod.split(".", 1)[1] if mod.startswith("toy.") else mod, __package__)
+    if __name__ == "__main__":  # run as `python -m toy.benchmark`: method modules registered into toy.benchmark
+        METHODS.update(importlib.import_module(".benchmark", __package__).METHODS)
 
 
 def main():
@@ -301,6 +310,7 @@ def main():
                    help="print the tables of earlier --json outputs (e.g. rows run in separate processes) and "
                         "write their union to --json; nothing is run")
     a = p.parse_args()
+    _register_rows()
     if a.merge:
         res = merge_json(a.merge)
         print(report(res, f"toy benchmark: merged from {', '.join(str(f) for f in a.merge)}"))
@@ -308,10 +318,6 @@ def main():
             a.json.write_text(json.dumps(res, indent=1))
         return
     boot.boot(threads=a.threads)
-    for mod in METHOD_MODULES:
-        importlib.import_module("." + mod.split(".", 1)[1] if mod.startswith("toy.") else mod, __package__)
-    if __name__ == "__main__":  # run as `python -m toy.benchmark`: method modules registered into toy.benchmark
-        METHODS.update(importlib.import_module(".benchmark", __package__).METHODS)
     from . import model as tm
 
     model, clip, vae, info = tm.load(a.weights or tm.WEIGHTS)
