@@ -28,6 +28,7 @@ This module does not import ComfyUI.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +49,18 @@ class StoreLookupError(KeyError):
 
     def __str__(self):  # KeyError quotes its message; show it plainly
         return str(self.args[0]) if self.args else ""
+
+
+log = logging.getLogger(__name__)
+
+# FateZero's code stores and fuses the attention maps with at most 32x32 queries (attention_store.py,
+# `attn.shape[-2] <= 32**2`): at 512x512 every level but the latent's full resolution (min_factor 2).
+FATEZERO_MAX_QUERIES = 32 * 32
+
+
+def fatezero_skips_full_res(latent_hw: Sequence[int]) -> bool:
+    """Whether FateZero's query-length rule leaves out the full-resolution level of a latent of this size."""
+    return int(latent_hw[0]) * int(latent_hw[1]) > FATEZERO_MAX_QUERIES
 
 
 @dataclass(frozen=True)
@@ -245,6 +258,10 @@ class AttentionRecorder:
         if self.store is None:
             self.store = AttentionStore(config=cfg, frames=call.frames if window is None else max(window) + 1,
                                         latent_hw=latent_hw, num_steps=call.total_steps)
+            if cfg.min_factor > 1 and not fatezero_skips_full_res(latent_hw):
+                log.info("Attention Store: the latent is %dx%d; FateZero's rule (maps of at most 32x32 queries) would "
+                         "record every level at this size, skip_full_res leaves the full-resolution level out: "
+                         "turn skip_full_res off to match FateZero", latent_hw[0], latent_hw[1])
         st = self.store
         if window is not None:
             st.frames = max(st.frames, max(window) + 1)

@@ -55,6 +55,22 @@ def _temporal(model, mode="middle"):
     return TemporalSelfAttentionPatch.execute(model, mode=mode, include_own_frame=False, min_channels=0).result[0]
 
 
+def test_store_hints_at_skip_full_res_where_fatezero_would_record_every_level(tiny_model, conds, caplog):
+    """A 16x16 latent (256 queries at full resolution) is under FateZero's 32x32 bound: with skip_full_res on the
+    store says so once; with it off, nothing."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        glue.run_inversion(_store_model(tiny_model, skip_full_res=True), _latent(frames=2), conds[0], None, 2, 1.0,
+                           disable_pbar=True)
+    hints = [r for r in caplog.records if "turn skip_full_res off" in r.getMessage()]
+    assert len(hints) == 1 and "16x16" in hints[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        glue.run_inversion(_store_model(tiny_model), _latent(frames=2), conds[0], None, 2, 1.0, disable_pbar=True)
+    assert not [r for r in caplog.records if "skip_full_res" in r.getMessage()]
+
+
 def test_recording_only_dispatcher_leaves_outputs_unchanged(tiny_model, conds):
     positive, negative = conds
     latent = _latent(frames=2)

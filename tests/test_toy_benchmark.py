@@ -159,10 +159,7 @@ def test_fatezero_rows_beat_no_control_on_the_toy_benchmark():
 def test_fatezero_rows_follow_the_reference_query_length_rule():
     """FateZero fuses the maps with at most 32x32 queries: SD at 512 px (64x64 latent) leaves its top level out,
     256-px frames (32x32 latent) and the toy's 128-px frames (16x16) fuse every level."""
-    from zsve.toy.methods_fatezero import fatezero_skips_full_res
+    from zsve.attention.store import fatezero_skips_full_res
 
-    def lat(s):
-        return {"samples": torch.zeros(1, 4, s, s)}
-
-    assert fatezero_skips_full_res(lat(64)) and fatezero_skips_full_res(lat(33))
-    assert not fatezero_skips_full_res(lat(32)) and not fatezero_skips_full_res(lat(16))
+    assert fatezero_skips_full_res((64, 64)) and fatezero_skips_full_res((33, 32))
+    assert not fatezero_skips_full_res((32, 32)) and not fatezero_skips_full_res((16, 16))

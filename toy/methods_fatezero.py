@@ -6,8 +6,8 @@
 Which layers are fused: FateZero's code controls every attention layer whose query map has at most 32x32
 positions (attention_util.py, `attn.shape[-2] <= 32**2`). At SD's 512 px that leaves out the 64x64 level (the
 pack's `skip_full_res`); at the toy's 128-px frames every level qualifies (16x16 = 256 queries), so the rows
-record and fuse all levels (`fatezero_skips_full_res`). With the top level left out the fusion reaches only the
-toy's 8x8 layers and the rows keep little (docs/fatezero.md has both measurements).
+record and fuse all levels (`attention.store.fatezero_skips_full_res`). With the top level left out the fusion
+reaches only the toy's 8x8 layers and the rows keep little (docs/fatezero.md has both measurements).
 
 - "FateZero (style)": FateZero's zero-shot style/attribute setting: refinement, self-attention fully replaced
   (no blend mask), the words the edit adds reweighted x10 (its `eq_params`), with the windows of its attribute
@@ -34,13 +34,6 @@ from .benchmark import BenchSpec, _pack, decode, encode_frames, encode_text, inv
 from .methods_bld import edit_words
 
 TEMPORAL_MODE = "middle"
-MAX_FUSED_QUERIES = 32 * 32  # FateZero: only attention maps with at most 32x32 queries are stored and fused
-
-
-def fatezero_skips_full_res(latent) -> bool:
-    """Whether FateZero's query-length rule leaves out the latent's full-resolution layers."""
-    h, w = latent["samples"].shape[-2:]
-    return h * w > MAX_FUSED_QUERIES
 
 
 def source_words(spec: BenchSpec) -> str:
@@ -66,8 +59,9 @@ def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     m = fz.TemporalSelfAttentionPatch.execute(model, mode=TEMPORAL_MODE, include_own_frame=False,
                                               min_channels=0).result[0]
     latent = encode_frames(vae, frames)
-    store_model = fz.AttentionStore.execute(m, record_window=max(blend["cross"], blend["self"]),
-                                            skip_full_res=fatezero_skips_full_res(latent), memory_budget_gb=0.0).result[0]
+    skip = _pack().attention.store.fatezero_skips_full_res(latent["samples"].shape[-2:])
+    store_model = fz.AttentionStore.execute(m, record_window=max(blend["cross"], blend["self"]), skip_full_res=skip,
+                                            memory_budget_gb=0.0).result[0]
     z_T, inv = invert(store_model, latent, encode_text(clip, source_prompt), spec)
     reweight = ", ".join(f"{w}:{blend['eq']}" for w in added_words(spec)) if blend.get("eq") else ""
     args = dict(source_prompt=source_prompt, edit_prompt=edit_prompt, mode=blend["mode"],
