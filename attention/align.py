@@ -191,5 +191,16 @@ def refinement_mapper(source: str, target: str, tokenizer: Tokenizer,
     return mapper, alphas
 
 
+def missing_word_hint(text: str, word: str) -> str:
+    """'' or a sentence for a message about `word` not being a word of `text`: when it is only part of a longer
+    word there (e.g. 'red' in 'reddish'), say so (attention control works on whole words)."""
+    key = normalise_word(word)
+    longer = [w for w in (normalise_word(x) for x in text.split()) if key and key in w and w != key]
+    if not longer:
+        return ""
+    return (f" ('{word}' is only part of the word '{longer[0]}' there: control works on whole words, so give "
+            f"'{longer[0]}')")
+
+
 def word_count(text: str) -> int:
     return len(text.split())

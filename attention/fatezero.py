@@ -126,13 +126,15 @@ def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[i
         for word, value in parse_word_values(word_windows, "cross_replace_words"):
             idx = align.word_indices(edit, word, tokenizer)
             if not idx:
-                raise FusionConfigError(f"cross_replace_words: '{word}' is not a word of the edit prompt {edit!r}")
+                raise FusionConfigError(f"cross_replace_words: '{word}' is not a word of the edit prompt {edit!r}"
+                                       + align.missing_word_hint(edit, word))
             ww.append((idx, parse_window(value, f"cross_replace_words '{word}'")))
         eq_items = []
         for word, value in parse_word_values(reweight, "reweight"):
             idx = align.word_indices(edit, word, tokenizer)
             if not idx:
-                raise FusionConfigError(f"reweight: '{word}' is not a word of the edit prompt {edit!r}")
+                raise FusionConfigError(f"reweight: '{word}' is not a word of the edit prompt {edit!r}"
+                                       + align.missing_word_hint(edit, word))
             try:
                 eq_items.append((idx, float(value)))
             except ValueError:
@@ -146,7 +148,8 @@ def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[i
                 idx = align.word_indices(source, w, tokenizer)
                 if not idx:
                     raise FusionConfigError(
-                        f"blend_words: '{w}' is not a word of the source prompt {source!r} (its words: "
+                        f"blend_words: '{w}' is not a word of the source prompt {source!r}"
+                        f"{align.missing_word_hint(source, w)} (its words: "
                         f"{', '.join(src_words)}); blend words name the object in the source video"
                     )
                 blend.extend(idx)

@@ -59,7 +59,14 @@ import torch
 from . import align, p2p
 from .fatezero import mask_layers
 from .masks import cross_attention_mask, union
-from .store import AttentionRecorder, AttentionStore, StoreBudgetError, StoreConfig, StoreLookupError
+from .store import (
+    AttentionRecorder,
+    AttentionStore,
+    StoreBudgetError,
+    StoreConfig,
+    StoreLookupError,
+    format_bytes,
+)
 
 PNP_FEATURE_BLOCKS = (4,)
 PNP_ATTENTION_BLOCKS = tuple(range(4, 12))
@@ -234,7 +241,7 @@ class InFusionRecord:
         b = self.config.budget_bytes
         if b and self.nbytes + new > b:
             raise StoreBudgetError(
-                f"the InFusion source record needs more than its memory budget of {b / 2**30:.2f} GiB. Use fewer "
+                f"the InFusion source record needs more than its memory budget of {format_bytes(b)}. Use fewer "
                 "frames, fewer feature/attention blocks, smaller windows, or raise memory_budget_gb."
             )
 
@@ -437,7 +444,8 @@ def _side_indices(prompt: str, words: str, tokenizer, which: str, label: str) ->
         got = align.word_indices(prompt, w, tokenizer)
         if not got:
             raise InFusionConfigError(
-                f"concepts '{label}': '{w}' is not a word of the {which} prompt {prompt!r} (its words: "
+                f"concepts '{label}': '{w}' is not a word of the {which} prompt {prompt!r}"
+                f"{align.missing_word_hint(prompt, w)} (its words: "
                 f"{', '.join(align.normalise_word(x) for x in prompt.split())})"
             )
         idx.extend(got)

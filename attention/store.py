@@ -40,6 +40,14 @@ from .temporal import key_frames, shares_keys
 TEXT_TOKENS = 77
 
 
+def format_bytes(n: float) -> str:
+    """Bytes for a message: MiB below 1 GiB (never '0.00 GiB'), GiB above."""
+    n = float(n)
+    if n < 2**30:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**30:.2f} GiB"
+
+
 class StoreBudgetError(RuntimeError):
     """The attention store would exceed its memory budget."""
 
@@ -246,7 +254,7 @@ class AttentionRecorder:
     def _budget_error(self, need: int) -> StoreBudgetError:
         b = self.config.budget_bytes
         return StoreBudgetError(
-            f"the attention store needs {need / 2**30:.2f} GiB, more than its memory budget of {b / 2**30:.2f} GiB. "
+            f"the attention store needs {format_bytes(need)}, more than its memory budget of {format_bytes(b)}. "
             "Lower AttentionStore's record_window (only the steps of the replace windows are needed), use fewer "
             "frames or a smaller resolution, keep skip_full_res on, or raise memory_budget_gb."
         )

@@ -16,6 +16,7 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.ddim import Inversion, sample_ddim_inversion
+from ..attention.store import format_bytes  # noqa: F401  (re-exported for the nodes)
 
 CATEGORY = "zero-shot video edit"
 
@@ -28,6 +29,30 @@ RECORDERS_KEY = "zsve_recorders"
 
 class ZSVEInputError(ValueError):
     """Bad input, with a message that says what to change."""
+
+
+def nonfinite_frames(t: torch.Tensor) -> list[int]:
+    """Indices along dim 0 that hold NaN or infinity."""
+    if t.numel() == 0 or bool(torch.isfinite(t).all()):
+        return []
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+    return [int(i) for i in bad.nonzero().flatten()]
+
+
+def check_finite(t: torch.Tensor, node: str, what: str, fix: str) -> None:
+    """Refuse NaN / infinity in a frame batch (`t` [frames, ...]), naming the frames (0-based)."""
+    bad = nonfinite_frames(t)
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise ZSVEInputError(f"{node}: {what} has NaN or infinite values in frame(s) {shown} (0-based, of "
+                             f"{t.shape[0]}). {fix}")
+
+
+def check_choice(node: str, name: str, value, options) -> None:
+    """Refuse a string input that is not one of its options (the Python API bypasses the frontend's combo)."""
+    opts = list(options)
+    if value not in opts:
+        raise ZSVEInputError(f"{node}: '{name}' must be one of {opts}, got {value!r}.")
 
 
 def check_diffusion_model(model, node: str):
@@ -49,6 +74,12 @@ def check_latent(latent, node: str) -> torch.Tensor:
     if not isinstance(latent, dict) or "samples" not in latent:
         raise ZSVEInputError(f"{node}: 'latent' must be a LATENT (e.g. from VAE Encode of the video frames).")
     samples = latent["samples"]
+    if not torch.is_tensor(samples) or samples.numel() == 0 or (samples.ndim >= 1 and samples.shape[0] == 0):
+        raise ZSVEInputError(
+            f"{node}: the LATENT has no frames (an empty video: 0 frames reached VAE Encode). Check the video "
+            "loader: the file may be missing, empty or unreadable, or frame_load_cap / skip_first_frames leave "
+            "no frame."
+        )
     if samples.ndim != 4:
         raise ZSVEInputError(
             f"{node}: expected image latents [frames, channels, height, width] with the frames as the batch, got "
@@ -58,6 +89,8 @@ def check_latent(latent, node: str) -> torch.Tensor:
         raise ZSVEInputError(
             f"{node}: the LATENT has no frames (batch size 0). Check the video loader: it produced no frames."
         )
+    check_finite(samples, node, "the LATENT", "Check the video frames and the VAE (a frame of NaN/inf pixels, or "
+                 "an fp16 VAE overflowing: try VAE Decode/Encode in fp32).")
     return samples
 
 
@@ -92,6 +125,11 @@ def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: floa
             f"{node}: inversion guidance {cfg:g} needs a 'negative' CONDITIONING (the papers invert with guidance 1, "
             "which needs none)."
         )
+    for what, conds in (("positive", positive), ("negative", negative or [])):
+        for c in conds:
+            if torch.is_tensor(c[0]) and not bool(torch.isfinite(c[0]).all()):
+                raise ZSVEInputError(f"{node}: the '{what}' CONDITIONING has NaN or infinite values; re-encode the "
+                                     "prompt with CLIP Text Encode.")
     sigmas = inversion_sigmas(ms, steps, node)
     samples = comfy.sample.fix_empty_latent_channels(model, samples)
 

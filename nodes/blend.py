@@ -23,6 +23,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 from comfy_api.latest import io
 
+from ..attention.align import missing_word_hint
 from ..attention.ddim import Inversion
 from ..attention.latent_blend import (
     COLLECTORS_KEY,
@@ -39,9 +40,9 @@ from ..attention.latent_blend import (
 )
 from ._attn_patch import add_processor, layer_name
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
+from .contract import check_choice, check_finite, conditioning_matches, install_contract, requested_steps, ui_warning
 
 NODE = "LatentBlendWithInversion"
-EXACT_SAMPLERS = {"sample_euler"}  # KSamplerSelect "euler" and "ddim" (= euler in VE sigma space)
 log = logging.getLogger(__name__)
 BlendStateType = io.Custom("ZSVE_BLEND_STATE")
 
@@ -99,17 +100,13 @@ def word_token_positions(clip, prompt: str, words: str) -> tuple[list[int], dict
         if not pos:
             shown = [hf.decode([i]) for i in ids if isinstance(i, int) and i not in (sd_tok.start_token, sd_tok.end_token)]
             raise ZSVEInputError(
-                f"{NODE}: the word '{w}' is not in the prompt '{prompt}' (its tokens: {shown}). Use words that "
+                f"{NODE}: the word '{w}' is not in the prompt '{prompt}'{missing_word_hint(prompt, w)} (its tokens: "
+                f"{shown}). Use words that "
                 "appear in the prompt, spelled as there."
             )
         per_word[w] = pos
     positions = sorted({p for pos in per_word.values() for p in pos})
     return positions, per_word
-
-
-def _requested(inv: Inversion) -> int:
-    """The `steps` the inversion was asked for (ddim_uniform may give one more step when 1000 % steps != 0)."""
-    return int(inv.info.get("steps_requested", inv.steps))
 
 
 class BlendState:
@@ -166,16 +163,15 @@ class LatentBlendPatch:
     def uses_attention(self) -> bool:
         return self.mask_source in ("cross-attention", "union")
 
-    # OUTER_SAMPLE: (noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+    # OUTER_SAMPLE: (noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed[, latent_shapes])
+    # The run itself (noise, sigmas, sampler, latent) is checked by the edit contract (nodes/contract.py), whose
+    # wrapper this node installs too; this wrapper only checks the prompt text and starts the mask record.
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if len(sigmas) > 1 and float(sigmas[0]) > float(sigmas[-1]):
-            self.check_run(noise, sigmas)
-            fn = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
-            if fn not in EXACT_SAMPLERS:
-                log.warning("%s: sampler %s is not ComfyUI's euler/ddim step; the blend (and the background) is "
-                            "only approximate with it. Use sampler euler or ddim.", NODE, fn or type(sampler).__name__)
             self.check_prompt(getattr(executor, "class_obj", None))
-            self.state.begin_run(self.inv.steps, self.inv.steps - self.inv.index_of_sigma(float(sigmas[0])))
+            k0 = self.inv.index_of_sigma(float(sigmas[0]))
+            if k0 is not None:
+                self.state.begin_run(self.inv.steps, self.inv.steps - k0)
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
     def check_prompt(self, guider) -> None:
@@ -183,49 +179,11 @@ class LatentBlendPatch:
         (and so the mask) would then point at other words."""
         ref = self.prompt_embedding
         pos = getattr(guider, "original_conds", {}).get("positive") or []
-        if ref is None or not pos:
+        if ref is None or not pos or conditioning_matches(pos, ref):
             return
-        for c in pos:
-            emb = c.get("cross_attn")
-            if torch.is_tensor(emb) and emb.shape[-2:] == ref.shape[-2:] and torch.allclose(
-                    emb[:1].float().cpu(), ref[:1].float(), atol=1e-3, rtol=1e-3):
-                return
-        log.warning("%s: the sampler's positive CONDITIONING is not the encoding of the blend's 'prompt' text; the "
-                    "mask words are located in 'prompt', so they may point at other tokens. Paste the positive "
-                    "prompt's exact text into 'prompt'.", NODE)
-
-    def check_run(self, noise, sigmas) -> None:
-        inv = self.inv
-        f, c, h, w = inv.latent_shape
-        if noise.shape[0] != f:
-            raise ZSVEInputError(
-                f"{NODE}: the sampler's latent has {noise.shape[0]} frame(s) but the inversion has {f}: sample "
-                f"the z_T of the same VideoDDIMInvert run (same frames) that made this inversion."
-            )
-        if tuple(noise.shape[-2:]) != (h, w):
-            raise ZSVEInputError(
-                f"{NODE}: the sampler's latent is {noise.shape[-1]}x{noise.shape[-2]} but the inversion's is {w}x{h}: "
-                "sample the z_T of the VideoDDIMInvert run that made this inversion."
-            )
-        sig = [float(s) for s in sigmas.cpu()]
-        problem = None
-        for i in range(len(sig) - 1):
-            k = inv.index_of_sigma(sig[i])
-            if k is None:
-                problem = f"the sampler's sigma {sig[i]:.4f} (step {i}) is not on the inversion's schedule"
-                break
-            last = i == len(sig) - 2
-            k_next = inv.index_of_sigma(sig[i + 1])
-            if k_next != k - 1 and not (last and sig[i + 1] == 0.0):
-                problem = (f"the sampler steps from sigma {sig[i]:.4f} to {sig[i + 1]:.4f}, which are not neighbours "
-                           "on the inversion's schedule")
-                break
-        if problem is not None:
-            raise ZSVEInputError(
-                f"{NODE}: {problem}. The inversion was made with steps={_requested(inv)} on the ddim_uniform "
-                f"schedule: set the sampler's steps to {_requested(inv)} and its scheduler to ddim_uniform (sampler "
-                "euler or ddim, add_noise disabled), or invert with the sampler's number of steps."
-            )
+        ui_warning(NODE, "the sampler's positive CONDITIONING is not the encoding of the blend's 'prompt' text; the "
+                   "mask words are located in 'prompt', so they may point at other tokens. Paste the positive "
+                   "prompt's exact text into 'prompt'.")
 
     # PREDICT_NOISE: (x, timestep, model_options, seed), class_obj = the guider
     def predict_noise(self, executor, x, timestep, model_options, seed, *args, **kwargs):
@@ -239,8 +197,8 @@ class LatentBlendPatch:
         if k is None:
             raise ZSVEInputError(
                 f"{NODE}: the sampler evaluated the model at sigma {sigma:.4f}, which is not on the inversion's "
-                f"ddim_uniform schedule (steps={_requested(inv)}). Use sampler euler or ddim with scheduler "
-                f"ddim_uniform and {_requested(inv)} steps (samplers such as heun or dpm evaluate between the steps)."
+                f"ddim_uniform schedule (steps={requested_steps(inv)}). Use sampler euler or ddim with scheduler "
+                f"ddim_uniform and {requested_steps(inv)} steps (samplers such as heun or dpm evaluate between the steps)."
             )
         step = inv.steps - k
         if not in_window(step, inv.steps, self.start, self.end):
@@ -255,7 +213,7 @@ class LatentBlendPatch:
         if k_next is None:
             raise ZSVEInputError(
                 f"{NODE}: the sampler's next sigma {sigma_next:.4f} is not on the inversion's schedule; sample with "
-                f"{_requested(inv)} steps and the ddim_uniform scheduler."
+                f"{requested_steps(inv)} steps and the ddim_uniform scheduler."
             )
 
         collector = None
@@ -293,8 +251,7 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
     check_diffusion_model(model, NODE)
     if not isinstance(inversion, Inversion):
         raise ZSVEInputError(f"{NODE}: 'inversion' must be the inversion output of VideoDDIMInvert.")
-    if mask_source not in MASK_SOURCES:
-        raise ZSVEInputError(f"{NODE}: mask_source must be one of {list(MASK_SOURCES)}, got '{mask_source}'.")
+    check_choice(NODE, "mask_source", mask_source, MASK_SOURCES)
     if not (0.0 <= start <= end <= 1.0):
         raise ZSVEInputError(f"{NODE}: need 0 <= start <= end <= 1 (fractions of the steps), got {start}..{end}.")
     if dilation < 1 or dilation % 2 == 0:
@@ -318,6 +275,9 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
         if mask is None:
             raise ZSVEInputError(f"{NODE}: mask_source '{mask_source}' needs a MASK: connect one to 'mask' (one per "
                                  "frame or a single mask), or use mask_source 'cross-attention'.")
+        if torch.is_tensor(mask):
+            check_finite(mask if mask.ndim > 2 else mask[None], NODE, "the 'mask' input",
+                         "Check the node that made the mask.")
         try:
             user_mask = prepare_user_mask(mask, frames, h, w)
         except ValueError as e:
@@ -334,6 +294,7 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
         layers = second_lowest_resolution_layers(transformer_downsampling(m))
         add_processor(m, BlendMapProcessor(key, layers))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, patch.outer_sample)
+    install_contract(m, NODE, inversion)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, key, patch.predict_noise)
 
     first = sum(1 for i in range(inversion.steps) if not in_window(i, inversion.steps, start, 1.0))

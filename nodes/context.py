@@ -14,8 +14,10 @@ import comfy.context_windows as cw
 import torch
 from comfy_api.latest import io
 
-from ._comfy import CATEGORY
+from ._comfy import CATEGORY, check_choice
 
+SCHEDULES = [cw.ContextSchedules.STATIC_STANDARD, cw.ContextSchedules.UNIFORM_STANDARD,
+             cw.ContextSchedules.UNIFORM_LOOPED, cw.ContextSchedules.BATCHED]
 KEY_FRAMES = {"first and middle": ("first", "middle"), "first": ("first",), "middle": ("middle",), "none": ()}
 
 
@@ -88,9 +90,7 @@ class VideoContextWindows(io.ComfyNode):
                              "use 8; more frames per window give more consistent edits and need more memory)."),
                 io.Int.Input("context_overlap", min=0, default=4, tooltip="Frames shared by neighbouring windows; "
                              "their results are blended with the fuse method."),
-                io.Combo.Input("context_schedule", options=[
-                    cw.ContextSchedules.STATIC_STANDARD, cw.ContextSchedules.UNIFORM_STANDARD,
-                    cw.ContextSchedules.UNIFORM_LOOPED, cw.ContextSchedules.BATCHED],
+                io.Combo.Input("context_schedule", options=SCHEDULES,
                     tooltip="How windows are laid over the clip (core ComfyUI schedules)."),
                 io.Int.Input("context_stride", min=1, default=1, tooltip="Stride for the uniform schedules."),
                 io.Boolean.Input("closed_loop", default=False, tooltip="Wrap windows around the end of the clip "
@@ -114,6 +114,9 @@ class VideoContextWindows(io.ComfyNode):
         if context_overlap >= context_length:
             raise ValueError(f"VideoContextWindows: context_overlap ({context_overlap}) must be smaller than "
                              f"context_length ({context_length}).")
+        check_choice("VideoContextWindows", "key_frames", key_frames, KEY_FRAMES)
+        check_choice("VideoContextWindows", "context_schedule", context_schedule, SCHEDULES)
+        check_choice("VideoContextWindows", "fuse_method", fuse_method, cw.ContextFuseMethods.LIST_STATIC)
         model = model.clone()
         model.model_options["context_handler"] = FrameBatchContextHandler(
             context_schedule=cw.get_matching_context_schedule(context_schedule),

@@ -13,6 +13,7 @@ from ..attention.store import AttentionStoreSpec, StoreConfig
 from ..attention.temporal import MODES, TemporalKV
 from ._attn_patch import add_processor, add_record_spec
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
+from .contract import check_choice, install_contract
 
 FZ_CATEGORY = CATEGORY + "/FateZero"
 RECORD_NAME = "attention"
@@ -106,6 +107,7 @@ class TemporalSelfAttentionPatch(io.ComfyNode):
         # Replace a previous temporal patch of ours instead of stacking a second one.
         patches["attn1_patch"] = [p for p in patches.get("attn1_patch", []) if not getattr(p, "is_zsve_temporal", False)]
         to["patches"] = patches
+        check_choice("TemporalSelfAttentionPatch", "mode", mode, MODES)
         if mode != "per-frame":
             m.set_model_attn1_patch(TemporalKV(mode, include_own_frame, min_channels))
         return io.NodeOutput(m)
@@ -214,6 +216,7 @@ class AttentionBlend(io.ComfyNode):
             log.warning("AttentionBlend: %s", note)
         m = model.clone()
         add_processor(m, FateZeroController(store, plan))
+        install_contract(m, "AttentionBlend", inversion)
         h, w = store.latent_hw
         mask = preview_mask(store, plan, (h, w))
         mask = torch.nn.functional.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]

@@ -33,6 +33,7 @@ from ..attention.infusion import (
 )
 from ._attn_patch import PROCESSORS_KEY, RECORDERS_KEY, add_processor, add_record_spec
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
+from .contract import install_contract
 
 IF_CATEGORY = CATEGORY + "/InFusion"
 RECORD_NAME = "infusion"
@@ -296,6 +297,7 @@ class InFusionInject(io.ComfyNode):
         add_processor(m, controller)
         m.remove_wrappers_with_key(DIFFUSION_MODEL, INJECT_WRAPPER_KEY)
         m.add_wrapper_with_key(DIFFUSION_MODEL, INJECT_WRAPPER_KEY, ResBlockHooks(controller))
+        install_contract(m, node, inversion)
         masks = preview_masks(controller, record, plan)
         text = [record.summary()] + plan.notes
         return io.NodeOutput(m, masks, ui={"text": text})

@@ -58,7 +58,8 @@ from ..attention.videop2p import (
     optimize_null_text,
 )
 from ._attn_patch import PROCESSORS_KEY, ensure_dispatchers
-from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model, timestep_of
+from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_choice, check_diffusion_model, timestep_of
+from .contract import ContractEntry, check_conditioning, check_edit_run, ui_warning
 
 VP_CATEGORY = CATEGORY + "/Video-P2P"
 NullTextType = io.Custom("ZSVE_NULL_TEXT")
@@ -92,6 +93,8 @@ def _with_crossattn(entry: dict, emb: torch.Tensor) -> dict:
 class _NullTextSampler(comfy.samplers.Sampler):
     """Runs the optimisation inside CFGGuider.sample, so model loading, conditioning processing, patches,
     wrappers and ControlNets are set up exactly as for sampling."""
+
+    zsve_internal = True  # the edit contract does not check this run (it samples no edit)
 
     def __init__(self, inversion: Inversion, guidance: float, inner_steps: int, epsilon: float, disable: bool):
         self.inversion = inversion
@@ -158,6 +161,7 @@ def run_null_text(model, inversion, source, empty, guidance: float, inner_steps:
         raise ZSVEInputError(f"{node}: connect the CONDITIONING of an empty prompt (CLIP Text Encode of '') to 'empty'.")
     guider = comfy.samplers.CFGGuider(model.clone())
     guider.inner_set_conds({"positive": source, "negative": empty})
+    check_conditioning(node, guider)
     sampler = _NullTextSampler(inversion, guidance, inner_steps, epsilon,
                                disable=disable_pbar or not comfy.utils.PROGRESS_BAR_ENABLED)
     shape = inversion.latent_shape
@@ -250,6 +254,12 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):
+        inv = self.settings.get("inversion")
+        if inv is not None and sigmas.numel() > 1:
+            entry = ContractEntry("VideoP2PGuider", inv)
+            for node, text in check_edit_run([entry], self, noise, latent_image, sampler, sigmas, denoise_mask,
+                                             None, positive_keys=("src_positive", "positive"), allow_partial=False):
+                ui_warning(node, text)
         f = latent_image.shape[0]
         self._run = _Run(f, tuple(latent_image.shape[-2:]))
         dm = None if denoise_mask is None else torch.cat([denoise_mask, denoise_mask]) if denoise_mask.shape[0] == f \
@@ -420,6 +430,9 @@ class VideoP2PGuiderNode(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model (with the same Temporal Self-Attention as the inversion)."),
+                InversionType.Input("inversion", tooltip="The inversion of Video DDIM Invert whose z_T the sampler "
+                                    "starts from: the run is checked against its schedule and z_T (the edit "
+                                    "contract), and the null text must come from it."),
                 io.Conditioning.Input("source", tooltip="CONDITIONING of the source prompt (the inversion's)."),
                 io.Conditioning.Input("edit", tooltip="CONDITIONING of the edit prompt."),
                 io.Conditioning.Input("negative", tooltip="CONDITIONING of the empty prompt '' (the target branch's "
@@ -473,7 +486,7 @@ class VideoP2PGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, source, edit, negative, clip, source_prompt, edit_prompt, cfg, mode, cross_replace,
+    def execute(cls, model, inversion, source, edit, negative, clip, source_prompt, edit_prompt, cfg, mode, cross_replace,
                 cross_replace_words, self_replace, reweight, blend_words, blend_words_edit, blend_start,
                 blend_threshold, target_uncond, null_text=None) -> io.NodeOutput:
         node = "VideoP2PGuider"
@@ -483,8 +496,18 @@ class VideoP2PGuiderNode(io.ComfyNode):
             raise ZSVEInputError(
                 f"{node}: the model carries a context handler the two-branch guider cannot split by frames "
                 f"({type(handler).__name__}); use Video Context Windows (frames) from this pack.")
+        if not isinstance(inversion, Inversion):
+            raise ZSVEInputError(f"{node}: 'inversion' must be the inversion output of Video DDIM Invert (the run "
+                                 "whose z_T the sampler starts from).")
         if null_text is not None and not isinstance(null_text, NullText):
             raise ZSVEInputError(f"{node}: 'null_text' must come from Null-Text Optimize.")
+        if null_text is not None and sorted(null_text.timesteps) != sorted(t for t in inversion.timesteps if t >= 0):
+            raise ZSVEInputError(
+                f"{node}: the null text was optimised for another inversion ({null_text.steps} steps at timesteps "
+                f"{min(null_text.timesteps)}..{max(null_text.timesteps)}; this inversion has {inversion.steps}). "
+                "Connect the inversion that Null-Text Optimize used.")
+        check_choice(node, "mode", mode, ("replace", "refine"))
+        check_choice(node, "target_uncond", target_uncond, TARGET_UNCOND)
         if null_text is None and target_uncond == TARGET_UNCOND[1]:
             raise ZSVEInputError(f"{node}: target_uncond '{target_uncond}' needs a null_text input.")
         for v, name in ((cross_replace, "cross_replace"), (self_replace, "self_replace"), (blend_start, "blend_start")):
@@ -502,7 +525,7 @@ class VideoP2PGuiderNode(io.ComfyNode):
             idx = align.word_indices(edit_prompt.strip(), w, tok)
             if not idx:
                 raise ZSVEInputError(f"{node}: blend_words_edit: '{w}' is not a word of the edit prompt "
-                                     f"{edit_prompt.strip()!r}.")
+                                     f"{edit_prompt.strip()!r}{align.missing_word_hint(edit_prompt, w)}.")
             blend_target.extend(idx)
         for note in plan.notes:
             log.warning("%s: %s", node, note)
@@ -517,6 +540,7 @@ class VideoP2PGuiderNode(io.ComfyNode):
             "self_replace": float(self_replace), "reweight": reweight, "blend_words": blend_words,
             "blend_target": blend_target or None, "blend_start": float(blend_start),
             "blend_threshold": float(blend_threshold), "target_uncond": target_uncond, "null_text": null_text,
+            "inversion": inversion,
         }
         guider = VideoP2PGuider(m, settings)
         guider.set_conds(source, edit, negative)

@@ -395,9 +395,10 @@ def test_sampler_steps_or_frames_that_do_not_match_the_inversion_are_refused(tin
         comfy.sample.sample(m, torch.zeros_like(setup["z_T"]["samples"]), STEPS, 1.0, "ddim", "karras",
                             setup["pos"], setup["neg"], setup["z_T"]["samples"], disable_noise=True, seed=0,
                             disable_pbar=True)
-    with pytest.raises(glue.ZSVEInputError, match="3 frame\\(s\\) but the inversion has 4"):
+    with pytest.raises(glue.ZSVEInputError, match="latent is \\[3, 4, 16, 16\\] but the inversion's z_T is "
+                       "\\[4, 4, 16, 16\\] \\(4 frames of 16x16\\)"):
         _sample(m, setup, latent=setup["z_T"]["samples"][:3])
-    with pytest.raises(glue.ZSVEInputError, match="latent is 8x8"):
+    with pytest.raises(glue.ZSVEInputError, match="latent is \\[4, 4, 8, 8\\]"):
         _sample(m, setup, latent=setup["z_T"]["samples"][:, :, :8, :8])
 
 
@@ -600,17 +601,17 @@ def test_attention_mask_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, t
     assert torch.allclose(out[outside], enc[outside], atol=1e-5)
 
 
-def test_non_first_order_samplers_warn_or_are_refused(tiny_model, setup, caplog):
-    import logging
-
+def test_non_first_order_samplers_are_refused(tiny_model, setup):
+    """The edit contract (nodes/contract.py): only ComfyUI's deterministic first-order step (euler; its ddim is
+    the same function) lands on the inversion trajectory; every other sampler is refused before sampling."""
     m, _ = _patch(tiny_model, setup, mask_source="user mask", mask=torch.zeros(1, 16, 16))
-    with caplog.at_level(logging.WARNING):
-        _sample(m, setup, sampler="ddim")
-        assert "not ComfyUI's euler/ddim" not in caplog.text
-        _sample(m, setup, sampler="dpmpp_2m")
-        assert "sample_dpmpp_2m is not ComfyUI's euler/ddim step" in caplog.text
-    # dpm_2 makes KSampler drop the penultimate sigma of a longer schedule: the sigmas do not match
-    with pytest.raises(glue.ZSVEInputError, match="not on the inversion's schedule.*sampler euler or ddim"):
+    _sample(m, setup, sampler="ddim")
+    for sampler in ("dpmpp_2m", "euler_ancestral", "heun"):
+        with pytest.raises(glue.ZSVEInputError, match=f"the sampler is '{sampler}'.*Set the sampler to 'ddim' or "
+                           "'euler'"):
+            _sample(m, setup, sampler=sampler)
+    # dpm_2 makes KSampler drop the penultimate sigma of a longer schedule: refused as well
+    with pytest.raises(glue.ZSVEInputError, match="the sampler is 'dpm_2'"):
         _sample(m, setup, sampler="dpm_2")
 
 
