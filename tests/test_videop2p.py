@@ -11,6 +11,7 @@ import torch
 
 import zsve.nodes._comfy as glue
 import zsve.nodes.videop2p as vp
+from zsve.attention.ddim import Inversion
 from zsve.attention.temporal import TemporalKV
 from zsve.attention.videop2p import (
     InferenceTensorsAsConstants,
@@ -66,14 +67,25 @@ def null_texts(inf_model, inverted, conds):
     return opt, plain
 
 
-def _guider(model, clip, conds, null_text=None, edit=EDIT, **kw):
+def _inv_like(model, z, steps=STEPS):
+    """A schedule-only inversion whose z_T is `z` (a LATENT dict): for tests of the guider's mechanics that sample
+    a latent of their own; the edit contract checks the run against it (schedule, shape, z_T)."""
+    ms = model.get_model_object("model_sampling")
+    sig = glue.inversion_sigmas(ms, steps)
+    x = model.model.process_latent_in(z["samples"]).cpu()
+    return Inversion(sigmas=sig, timesteps=[-1] + [glue.timestep_of(ms, s) for s in sig[1:]],
+                     latents=[x] * len(sig), info={"steps_requested": steps})
+
+
+def _guider(model, clip, conds, null_text=None, edit=EDIT, inv=None, z=None, **kw):
+    inv = inv if inv is not None else _inv_like(model, z if z is not None else _latent())
     settings = dict(mode="replace", cross_replace=0.2, cross_replace_words="", self_replace=0.5, reweight="",
                     blend_words="", blend_words_edit="", blend_start=0.2, blend_threshold=0.3,
                     target_uncond=vp.TARGET_UNCOND[0])
     settings.update(kw)
     with torch.inference_mode():
         edit_cond = conds["src"] if edit == SRC else conds["edit"]
-        out = vp.VideoP2PGuiderNode.execute(model, conds["src"], edit_cond, conds["empty"], clip, SRC, edit, 7.5,
+        out = vp.VideoP2PGuiderNode.execute(model, inv, conds["src"], edit_cond, conds["empty"], clip, SRC, edit, 7.5,
                                             null_text=null_text, **settings)
     return out.result[0]
 
@@ -212,7 +224,7 @@ def test_null_text_lowers_reconstruction_error_of_the_source_branch(inf_model, t
     opt, plain = null_texts
     errs = {}
     for name, nt in (("optimised", opt), ("empty", plain)):
-        g = _guider(inf_model, tiny_clip, conds, null_text=nt, edit=SRC)
+        g = _guider(inf_model, tiny_clip, conds, null_text=nt, edit=SRC, inv=inv)
         _sample(g, z_T)
         errs[name] = float(torch.mean((g.last_source - lat["samples"]) ** 2))
     print(f"\n[videop2p] source-branch reconstruction MSE at guidance 7.5 ({STEPS} steps, {FRAMES} frames): "
@@ -237,8 +249,9 @@ def test_null_text_honours_interrupt(inf_model, inverted, conds):
 # --- two branches ---------------------------------------------------------------------------------------
 
 def test_identical_prompts_target_reproduces_source(inf_model, tiny_clip, conds, inverted, null_texts):
-    _, z_T, _ = inverted
+    _, z_T, inv = inverted
     g = _guider(inf_model, tiny_clip, conds, null_text=null_texts[0], edit=SRC, target_uncond=vp.TARGET_UNCOND[1],
+                inv=inv,
                 cross_replace=1.0, self_replace=1.0)
     out = _sample(g, z_T)
     diff = float((out - g.last_source).abs().max())
@@ -253,7 +266,7 @@ def test_uncontrolled_branches_equal_ordinary_sampling_with_frame_attention(tiny
     m = tiny_model.clone()
     m.set_model_attn1_patch(TemporalKV("first", False, 0))
     z = _latent(seed=7)
-    g = _guider(m, tiny_clip, conds, cross_replace=0.0, self_replace=0.0)
+    g = _guider(m, tiny_clip, conds, cross_replace=0.0, self_replace=0.0, z=z)
     out = _sample(g, z)
     with torch.inference_mode():
         zero = torch.zeros_like(z["samples"])
@@ -265,7 +278,7 @@ def test_uncontrolled_branches_equal_ordinary_sampling_with_frame_attention(tiny
     print(f"\n[videop2p] lockstep vs ordinary sampling: target {d_t:.2e}, source (fast) {d_s:.2e}")
     assert d_t < 1e-4 and d_s < 1e-4
     # the control does act
-    g2 = _guider(m, tiny_clip, conds, cross_replace=1.0, self_replace=1.0)
+    g2 = _guider(m, tiny_clip, conds, cross_replace=1.0, self_replace=1.0, z=z)
     assert float((_sample(g2, z) - ref_t).abs().max()) > 1e-3
 
 
@@ -273,7 +286,7 @@ def test_local_blend_keeps_the_source_outside_the_mask(tiny_model, tiny_clip, co
     # fast mode, latent 16x16; the tiny random model's attention is nearly uniform, hence the high threshold
     z = _latent(h=16, w=16, seed=7)
     g = _guider(tiny_model, tiny_clip, conds, blend_words="circle", blend_words_edit="square", blend_start=0.2,
-                blend_threshold=0.85)
+                blend_threshold=0.85, z=z)
     out = _sample(g, z)
     m = g.last_mask
     assert m is not None and m.shape == (FRAMES, 16, 16)
@@ -293,9 +306,9 @@ def test_wrong_sampler_is_refused(tiny_model, tiny_clip, conds):
 
 
 def test_null_text_of_another_schedule_is_refused(inf_model, tiny_clip, conds, inverted, null_texts):
-    _, z_T, _ = inverted
-    g = _guider(inf_model, tiny_clip, conds, null_text=null_texts[0])
-    with pytest.raises(Exception, match="same number of steps|inversion's steps"):
+    _, z_T, inv = inverted
+    g = _guider(inf_model, tiny_clip, conds, null_text=null_texts[0], inv=inv)
+    with pytest.raises(Exception, match="not on the inversion's schedule.*set the sampler's steps to"):
         _sample(g, z_T, steps=STEPS + 1)
 
 
@@ -321,7 +334,8 @@ def test_api_graph_null_text_and_guider_through_sampler_custom_advanced(inf_mode
                                                              "guidance": 7.5, "inner_steps": 2,
                                                              "early_stop_epsilon": 1e-5}},
         "guider": {"class_type": "VideoP2PGuider", "inputs": {
-            "model": ["tkv", 0], "source": ["src", 0], "edit": ["edit", 0], "negative": ["empty", 0],
+            "model": ["tkv", 0], "inversion": ["inv", 1], "source": ["src", 0], "edit": ["edit", 0],
+            "negative": ["empty", 0],
             "clip": ["clip", 0], "source_prompt": SRC, "edit_prompt": EDIT, "cfg": 7.5, "mode": "replace",
             "cross_replace": 0.2, "cross_replace_words": "", "self_replace": 0.5, "reweight": "square:2",
             "blend_words": "circle", "blend_words_edit": "square", "blend_start": 0.2, "blend_threshold": 0.3,
@@ -369,9 +383,9 @@ def test_context_windows_give_the_unwindowed_edit_without_temporal_attention(tin
     branch layout must all be per absolute frame. 5 frames in windows of 3 (overlap 1)."""
     z = _latent(frames=5, h=16, w=16, seed=7)
     kw = dict(blend_words="circle", blend_words_edit="square", blend_start=0.2, blend_threshold=0.85)
-    ref_g = _guider(tiny_model, tiny_clip, conds, **kw)
+    ref_g = _guider(tiny_model, tiny_clip, conds, z=z, **kw)
     ref = _sample(ref_g, z)
-    win_g = _guider(_windowed(tiny_model, 3, 1, fuse), tiny_clip, conds, **kw)
+    win_g = _guider(_windowed(tiny_model, 3, 1, fuse), tiny_clip, conds, z=z, **kw)
     out = _sample(win_g, z)
     assert ref_g.last_mask is not None and 0 < float(ref_g.last_mask.mean()) < 1
     assert torch.equal(win_g.last_mask, ref_g.last_mask)
@@ -384,21 +398,22 @@ def test_context_windows_with_frame_attention_keep_the_branches_paired(tiny_mode
     null text as the target's unconditional give identical branches. Windows of one frame without key frames
     change the edit (each window attends to its own frame); with the clip's first frame added to every window
     (key_frames) frame attention reaches the global first frame and the windowed edit is the unwindowed one."""
-    _, z_T, _ = inverted
+    _, z_T, inv = inverted
     opt, _ = null_texts
+    kw_inv = dict(inv=inv)
     m = inf_model.clone()
     m.set_model_attn1_patch(TemporalKV("first"))
-    kw = dict(target_uncond=vp.TARGET_UNCOND[1])
+    kw = dict(target_uncond=vp.TARGET_UNCOND[1], **kw_inv)
     ref = _sample(_guider(m, tiny_clip, conds, null_text=opt, edit=SRC, **kw), z_T)
     g = _guider(_windowed(m, 1, 0, key_frames="none"), tiny_clip, conds, null_text=opt, edit=SRC, **kw)
     out = _sample(g, z_T)
     assert torch.allclose(out, g.last_source, atol=1e-6)
     assert float((out - ref).abs().max()) > 1e-4
     g = _guider(_windowed(m, 1, 0, key_frames="first"), tiny_clip, conds, null_text=opt, edit=EDIT,
-                blend_words="circle", blend_words_edit="square")
+                blend_words="circle", blend_words_edit="square", **kw_inv)
     out = _sample(g, z_T)
     ref = _sample(_guider(m, tiny_clip, conds, null_text=opt, edit=EDIT, blend_words="circle",
-                          blend_words_edit="square"), z_T)
+                          blend_words_edit="square", **kw_inv), z_T)
     assert torch.allclose(out, ref, atol=1e-5), float((out - ref).abs().max())
 
 
@@ -411,7 +426,7 @@ def test_null_text_and_edit_under_context_windows_run_headless(tiny_model, tiny_
         z_T, inv = glue.run_inversion(m, lat, conds["src"], None, STEPS, 1.0, disable_pbar=True)
         nt = vp.run_null_text(m, inv, conds["src"], conds["empty"], 7.5, 2, 1e-5, disable_pbar=True)
     assert nt.steps == STEPS
-    g = _guider(m, tiny_clip, conds, null_text=nt, blend_words="circle", blend_words_edit="square")
+    g = _guider(m, tiny_clip, conds, null_text=nt, blend_words="circle", blend_words_edit="square", inv=inv)
     out = _sample(g, z_T)
     assert out.shape == (4, 4, 8, 8) and torch.isfinite(out).all() and g.last_mask.shape[0] == 4
 

@@ -35,7 +35,7 @@ def videop2p_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     z_T, inv = invert(m, encode_frames(vae, frames), src, spec)
     nt = vp.run_null_text(m, inv, src, neg, spec.cfg, 10, 1e-5, disable_pbar=True) if null_text else None
     guider = vp.VideoP2PGuiderNode.execute(
-        m, src, edit, neg, clip, source_prompt, edit_prompt, spec.cfg, "refine", 0.2, "", 0.5, "",
+        m, inv, src, edit, neg, clip, source_prompt, edit_prompt, spec.cfg, "refine", 0.2, "", 0.5, "",
         source_words(spec), "", 0.2, 0.3, vp.TARGET_UNCOND[0], null_text=nt).result[0]
     ms = m.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, spec.scheduler, spec.steps).cpu()
