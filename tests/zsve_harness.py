@@ -199,7 +199,7 @@ def run_prompt(prompt: dict, executor=None) -> dict:
     ex = executor or get_executor()
     prompt_id = str(uuid.uuid4())
     valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not valid[0]:
+    if not valid[0] or valid[3]:  # valid[3]: per-node errors; ComfyUI still runs the outputs that validated
         raise GraphError(f"prompt invalid: {valid[1]} {valid[3]}", valid)
     ex.server.messages = []
     ex.execute(prompt, prompt_id, extra_data={"client_id": "zsve-test"}, execute_outputs=valid[2])
