@@ -17,7 +17,11 @@ satisfies it. Token positions are positions in the 77-token text context (BOS at
   attention mass is spread evenly over the new word's tokens; the tail (EOS + padding) maps in order.
 - `refinement_mapper`: for prompts that add/remove words: a global (Needleman-Wunsch) alignment of
   the token sequences; target position j takes the source column mapper[j], or keeps its own map where
-  alphas[j] == 0 (tokens that have no counterpart in the source).
+  alphas[j] == 0 (tokens that have no counterpart in the source). Ties as in P2P's seq_aligner. Difference
+  from the reference, on purpose: the positions after the target's end-of-text token map in order onto the
+  source's end-of-text and padding; the reference maps target position j to source position j, so when the
+  source is longer the target's padding takes the maps of source *words* (e.g. 'a red car on a road' -> 'a car':
+  padding positions 4, 5, 6 take 'on', 'a', 'road'). tests/test_align.py shows both.
 
 This module does not import ComfyUI.
 """
@@ -139,8 +143,11 @@ def global_alignment(x: Sequence, y: Sequence, match: float = 1.0, mismatch: flo
     """Needleman-Wunsch alignment of x and y: [(i or None, j or None)] pairs in order.
 
     With the P2P scores (match 1, mismatch -1, gap 0) a mismatch is never better than two gaps, so
-    aligned pairs are equal tokens and the result is a longest common subsequence. Ties prefer
-    aligning later tokens of x with later tokens of y (traceback prefers the diagonal).
+    aligned pairs are equal tokens and the result is a longest common subsequence. Ties are broken as in
+    Prompt-to-Prompt's `seq_aligner.global_align`: walking back from the end, a gap in x (a y token without
+    counterpart) first, then a gap in y, then the diagonal. With repeated words this aligns a source word with
+    its *first* occurrence in the target when words are appended ('a dog' -> 'a dog and a dog': the first
+    'a dog' keeps the source maps, the appended one is new), as the reference does (tests/test_align.py).
     """
     n, m = len(x), len(y)
     score = [[0.0] * (m + 1) for _ in range(n + 1)]
@@ -155,18 +162,15 @@ def global_alignment(x: Sequence, y: Sequence, match: float = 1.0, mismatch: flo
     pairs: list[tuple[int | None, int | None]] = []
     i, j = n, m
     while i > 0 or j > 0:
-        if i > 0 and j > 0:
-            s = match if x[i - 1] == y[j - 1] else mismatch
-            if score[i][j] == score[i - 1][j - 1] + s:
-                pairs.append((i - 1, j - 1))
-                i, j = i - 1, j - 1
-                continue
         if j > 0 and (i == 0 or score[i][j] == score[i][j - 1] + gap):
             pairs.append((None, j - 1))
             j -= 1
-        else:
+        elif i > 0 and (j == 0 or score[i][j] == score[i - 1][j] + gap):
             pairs.append((i - 1, None))
             i -= 1
+        else:
+            pairs.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
     pairs.reverse()
     return pairs
 

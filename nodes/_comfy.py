@@ -163,7 +163,9 @@ def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: floa
         latents=[x for _, x in trajectory],
         cfg=float(cfg),
         records={name: r.finalize() for name, r in recorders.items()},
-        info={"steps_requested": int(steps), "scheduler": "ddim_uniform"},
+        info={"steps_requested": int(steps), "scheduler": "ddim_uniform",
+              # the source prompt's text embedding (Edit Prompts' pair is checked against it)
+              "positive_embedding": positive[0][0].detach().float().cpu() if len(positive) == 1 else None},
     )
     out = {k: v for k, v in latent.items() if k != "noise_mask"}
     out["samples"] = z_T.to(comfy.model_management.intermediate_device())

@@ -23,7 +23,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 from comfy_api.latest import io
 
-from ..attention.align import missing_word_hint
+from ..attention import align
 from ..attention.ddim import Inversion
 from ..attention.latent_blend import (
     COLLECTORS_KEY,
@@ -40,7 +40,8 @@ from ..attention.latent_blend import (
 )
 from ._attn_patch import add_processor, layer_name
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
-from .contract import check_choice, check_finite, conditioning_matches, install_contract, requested_steps, ui_warning
+from .contract import check_choice, check_finite, install_contract, requested_steps
+from .prompts import PromptPair, PromptPairType, check_inversion_prompt, check_pair
 
 NODE = "LatentBlendWithInversion"
 log = logging.getLogger(__name__)
@@ -75,34 +76,26 @@ def transformer_downsampling(model) -> dict[str, int]:
     return out
 
 
-def word_token_positions(clip, prompt: str, words: str) -> tuple[list[int], dict[str, list[int]]]:
-    """Token positions (in the conditioning's token axis, 77 per chunk, BOS at 0) of the chosen words in
-    `prompt`, tokenized exactly as CLIPTextEncode does (weights syntax included)."""
+def word_token_positions(prompts: PromptPair, words: str) -> tuple[list[int], dict[str, list[int]]]:
+    """Token positions (in the conditioning's token axis, BOS at 0) of the chosen words of the pair's edit prompt,
+    from the tokenization that made its conditioning (weight syntax and embeddings included). An entry may be
+    several words ('red hat'): its tokens are found as a run."""
     word_list = parse_words(words)
     if not word_list:
-        raise ZSVEInputError(f"{NODE}: 'words' is empty: give the edited words of the prompt, comma-separated "
+        raise ZSVEInputError(f"{NODE}: 'words' is empty: give the edited words of the edit prompt, comma-separated "
                              "(e.g. 'cat' or 'cat, red hat'), or use mask_source 'user mask'.")
-    if not prompt.strip():
-        raise ZSVEInputError(f"{NODE}: 'prompt' is empty: paste the text of the positive (edit) prompt.")
-    tokens = clip.tokenize(prompt)
-    key = "l" if "l" in tokens else next(iter(tokens))
-    sd_tok = getattr(clip.tokenizer, f"clip_{key}", None)
-    hf = getattr(sd_tok, "tokenizer", None)
-    if hf is None:
-        raise ZSVEInputError(f"{NODE}: this CLIP has no clip_{key} tokenizer; connect an SD1.5-family CLIP.")
-    ids = [t[0] for row in tokens[key] for t in row]
-    start = int(getattr(sd_tok, "tokens_start", 1))
-    end = -1 if getattr(sd_tok, "tokenizer_adds_end_token", True) else None
+    plain, tok = prompts.edit.plain, prompts.tokenizer
+    ids = tok.encode(plain)
     per_word: dict[str, list[int]] = {}
     for w in word_list:
-        w_ids = hf(w)["input_ids"][start:end]
-        pos = find_token_positions(ids, w_ids)
+        if len(w.split()) == 1:
+            pos = align.word_indices(plain, w, tok)
+        else:
+            pos = find_token_positions(ids, tok.encode(w)[1:-1])
         if not pos:
-            shown = [hf.decode([i]) for i in ids if isinstance(i, int) and i not in (sd_tok.start_token, sd_tok.end_token)]
             raise ZSVEInputError(
-                f"{NODE}: the word '{w}' is not in the prompt '{prompt}'{missing_word_hint(prompt, w)} (its tokens: "
-                f"{shown}). Use words that "
-                "appear in the prompt, spelled as there."
+                f"{NODE}: the word '{w}' is not in the edit prompt {plain!r}{align.missing_word_hint(plain, w)}. Use "
+                "words of the edit prompt (Edit Prompts' edit_text), spelled as there."
             )
         per_word[w] = pos
     positions = sorted({p for pos in per_word.values() for p in pos})
@@ -154,8 +147,6 @@ class LatentBlendPatch:
         self.user_mask = user_mask
         self.positions = positions
 
-    prompt_embedding: torch.Tensor | None = None  # CLIP encoding of `prompt`, to check the sampler's positive
-
     def __deepcopy__(self, memo):
         return self
 
@@ -164,26 +155,14 @@ class LatentBlendPatch:
         return self.mask_source in ("cross-attention", "union")
 
     # OUTER_SAMPLE: (noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed[, latent_shapes])
-    # The run itself (noise, sigmas, sampler, latent) is checked by the edit contract (nodes/contract.py), whose
-    # wrapper this node installs too; this wrapper only checks the prompt text and starts the mask record.
+    # The run itself (noise, sigmas, sampler, latent, the edit prompt) is checked by the edit contract
+    # (nodes/contract.py), whose wrapper this node installs too; this wrapper only starts the mask record.
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if len(sigmas) > 1 and float(sigmas[0]) > float(sigmas[-1]):
-            self.check_prompt(getattr(executor, "class_obj", None))
             k0 = self.inv.index_of_sigma(float(sigmas[0]))
             if k0 is not None:
                 self.state.begin_run(self.inv.steps, self.inv.steps - k0)
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-
-    def check_prompt(self, guider) -> None:
-        """Warn when no positive conditioning of the guider is the encoding of `prompt`: the word positions
-        (and so the mask) would then point at other words."""
-        ref = self.prompt_embedding
-        pos = getattr(guider, "original_conds", {}).get("positive") or []
-        if ref is None or not pos or conditioning_matches(pos, ref):
-            return
-        ui_warning(NODE, "the sampler's positive CONDITIONING is not the encoding of the blend's 'prompt' text; the "
-                   "mask words are located in 'prompt', so they may point at other tokens. Paste the positive "
-                   "prompt's exact text into 'prompt'.")
 
     # PREDICT_NOISE: (x, timestep, model_options, seed), class_obj = the guider
     def predict_noise(self, executor, x, timestep, model_options, seed, *args, **kwargs):
@@ -246,7 +225,7 @@ class LatentBlendPatch:
 
 
 def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.0, end=1.0, threshold=0.3,
-                       dilation=3, temporal_radius=0, clip=None, prompt="", words="", mask=None):
+                       dilation=3, temporal_radius=0, prompts=None, words="", mask=None):
     """The node's work, callable from Python: returns (patched clone, BlendState, summary)."""
     check_diffusion_model(model, NODE)
     if not isinstance(inversion, Inversion):
@@ -260,16 +239,16 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
 
     positions: list[int] = []
     per_word: dict = {}
-    prompt_embedding = None
+    pair = None
     if mask_source in ("cross-attention", "union"):
-        if clip is None:
-            raise ZSVEInputError(f"{NODE}: mask_source '{mask_source}' needs the CLIP that encoded the prompt "
-                                 "(connect it to 'clip'), the prompt text and the words.")
-        positions, per_word = word_token_positions(clip, prompt, words)
-        try:
-            prompt_embedding = clip.encode_from_tokens(clip.tokenize(prompt)).detach().float().cpu()
-        except Exception as e:  # only used for a warning
-            log.info("%s: could not encode the prompt for the conditioning check: %s", NODE, e)
+        if prompts is None:
+            raise ZSVEInputError(f"{NODE}: mask_source '{mask_source}' needs the prompt pair: connect Edit Prompts' "
+                                 "'prompts' output to 'prompts' and name the edited words in 'words'.")
+    if prompts is not None:
+        pair = check_pair(prompts, NODE)
+        check_inversion_prompt(pair, inversion, NODE)
+    if mask_source in ("cross-attention", "union"):
+        positions, per_word = word_token_positions(pair, words)
     user_mask = None
     if mask_source in ("user mask", "union"):
         if mask is None:
@@ -288,13 +267,13 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
     state = BlendState(mask_source, frames, (h, w))
     patch = LatentBlendPatch(key, inversion, state, mask_source, start, end, threshold, dilation, temporal_radius,
                              user_mask, positions)
-    patch.prompt_embedding = prompt_embedding
     layers: list[str] = []
     if patch.uses_attention:
         layers = second_lowest_resolution_layers(transformer_downsampling(m))
         add_processor(m, BlendMapProcessor(key, layers))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, patch.outer_sample)
-    install_contract(m, NODE, inversion)
+    install_contract(m, NODE, inversion, None if pair is None else pair.edit.embedding,
+                     "" if pair is None else pair.edit.text)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, key, patch.predict_noise)
 
     first = sum(1 for i in range(inversion.steps) if not in_window(i, inversion.steps, start, 1.0))
@@ -346,14 +325,12 @@ class LatentBlendWithInversion(io.ComfyNode):
                 io.Int.Input("temporal_smoothing", default=0, min=0, max=16,
                              tooltip="Cross-attention masks: average the attention over this many neighbouring "
                              "frames on each side before thresholding (0 = per frame)."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="For cross-attention masks: the CLIP that encoded the edit prompt (its "
-                              "tokenizer locates the words)."),
-                io.String.Input("prompt", default="", multiline=True, optional=True,
-                                tooltip="For cross-attention masks: the edit prompt, exactly as typed into the "
-                                "positive CLIP Text Encode."),
+                PromptPairType.Input("prompts", optional=True,
+                                     tooltip="For cross-attention masks: the prompt pair of Edit Prompts (its edit "
+                                     "prompt is the sampler's positive; 'words' are its words). Connected, the "
+                                     "sampler's positive is also checked to be that edit prompt."),
                 io.String.Input("words", default="", optional=True,
-                                tooltip="For cross-attention masks: the edited word(s) of the prompt, comma-separated "
+                                tooltip="For cross-attention masks: the edited word(s) of the edit prompt, comma-separated "
                                 "(a word may span several tokens); their attention makes the mask."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="For 'user mask' / 'union': where to edit (1) and keep the source (0), one "
@@ -369,9 +346,9 @@ class LatentBlendWithInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, mask_source, start, end, threshold, dilation, temporal_smoothing,
-                clip=None, prompt="", words="", mask=None) -> io.NodeOutput:
+                prompts=None, words="", mask=None) -> io.NodeOutput:
         m, state, summary = apply_latent_blend(model, inversion, mask_source, start, end, threshold, dilation,
-                                               temporal_smoothing, clip, prompt or "", words or "", mask)
+                                               temporal_smoothing, prompts, words or "", mask)
         return io.NodeOutput(m, state, ui={"text": [summary]})
 
 

@@ -14,6 +14,7 @@ from ..attention.temporal import MODES, TemporalKV
 from ._attn_patch import add_processor, add_record_spec
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
 from .contract import check_choice, install_contract
+from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
 FZ_CATEGORY = CATEGORY + "/FateZero"
 RECORD_NAME = "attention"
@@ -113,16 +114,6 @@ class TemporalSelfAttentionPatch(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-def _tokenizer(clip):
-    tok = getattr(getattr(getattr(clip, "tokenizer", None), "clip_l", None), "tokenizer", None)
-    if tok is None or not hasattr(tok, "encode") or not hasattr(tok, "decode"):
-        raise ZSVEInputError(
-            "AttentionBlend: 'clip' has no SD1 CLIP-L tokenizer (clip.tokenizer.clip_l). Connect the CLIP of the "
-            "SD1.5 checkpoint used for the prompts."
-        )
-    return tok
-
-
 class AttentionBlend(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -145,13 +136,9 @@ class AttentionBlend(io.ComfyNode):
                                "Self-Attention as the inversion)."),
                 InversionType.Input("inversion", tooltip="The inversion of Video DDIM Invert, run on a model "
                                     "patched by Attention Store."),
-                io.Clip.Input("clip", tooltip="The SD1.5 CLIP, used only for its tokenizer to align the prompts."),
-                io.String.Input("source_prompt", multiline=True, default="",
-                                tooltip="The text the video was inverted with (the inversion's positive prompt), "
-                                "without (word:weight) syntax."),
-                io.String.Input("edit_prompt", multiline=True, default="",
-                                tooltip="The edit prompt (the sampler's positive prompt), without (word:weight) "
-                                "syntax."),
+                PromptPairType.Input("prompts", tooltip="The prompt pair of Edit Prompts: its source prompt is the "
+                                     "inversion's positive, its edit prompt the sampler's positive; words below "
+                                     "refer to their words."),
                 io.Combo.Input("mode", options=["refine", "replace"], default="refine",
                                tooltip="Cross-attention control: refine (words added/changed, token alignment) or "
                                "replace (word swap; needs equal word counts, otherwise refine is used and logged)."),
@@ -187,10 +174,12 @@ class AttentionBlend(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, inversion, clip, source_prompt, edit_prompt, mode, cross_replace, cross_replace_words,
+    def execute(cls, model, inversion, prompts, mode, cross_replace, cross_replace_words,
                 self_replace_start, self_replace_end, reweight, blend_words, blend_threshold,
                 only_cond) -> io.NodeOutput:
         check_diffusion_model(model, "AttentionBlend")
+        pair = check_pair(prompts, "AttentionBlend")
+        check_choice("AttentionBlend", "mode", mode, ("refine", "replace"))
         store = getattr(inversion, "records", {}).get(RECORD_NAME) if inversion is not None else None
         if store is None:
             raise ZSVEInputError(
@@ -203,8 +192,9 @@ class AttentionBlend(io.ComfyNode):
                 f"({self_replace_start:g})."
             )
         try:
+            check_inversion_prompt(pair, inversion, "AttentionBlend")
             plan = make_plan(
-                _tokenizer(clip), source_prompt, edit_prompt, inversion.timesteps, mode=mode,
+                pair.tokenizer, pair.source.plain, pair.edit.plain, inversion.timesteps, mode=mode,
                 cross_window=float(cross_replace), word_windows=cross_replace_words,
                 self_window=(float(self_replace_start), float(self_replace_end)), reweight=reweight,
                 blend_words=blend_words, blend_threshold=float(blend_threshold), only_cond=bool(only_cond),
@@ -216,7 +206,7 @@ class AttentionBlend(io.ComfyNode):
             log.warning("AttentionBlend: %s", note)
         m = model.clone()
         add_processor(m, FateZeroController(store, plan))
-        install_contract(m, "AttentionBlend", inversion)
+        install_contract(m, "AttentionBlend", inversion, pair.edit.embedding, pair.edit.text)
         h, w = store.latent_hw
         mask = preview_mask(store, plan, (h, w))
         mask = torch.nn.functional.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]

@@ -34,6 +34,7 @@ from ..attention.infusion import (
 from ._attn_patch import PROCESSORS_KEY, RECORDERS_KEY, add_processor, add_record_spec
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
 from .contract import install_contract
+from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
 IF_CATEGORY = CATEGORY + "/InFusion"
 RECORD_NAME = "infusion"
@@ -134,14 +135,6 @@ def check_blocks(model, feature_blocks, attention_blocks, node: str) -> None:
                              "decoder blocks with transformer (attention) layers.")
 
 
-def _tokenizer(clip, node: str):
-    tok = getattr(getattr(getattr(clip, "tokenizer", None), "clip_l", None), "tokenizer", None)
-    if tok is None or not hasattr(tok, "encode") or not hasattr(tok, "decode"):
-        raise ZSVEInputError(f"{node}: 'clip' has no SD1 CLIP-L tokenizer (clip.tokenizer.clip_l). Connect the CLIP "
-                             "of the SD1.5 checkpoint used for the prompts.")
-    return tok
-
-
 def _common_inputs():
     return [
         io.String.Input("feature_blocks", default="4",
@@ -234,11 +227,8 @@ class InFusionInject(io.ComfyNode):
                                "work)."),
                 InversionType.Input("inversion", tooltip="The inversion of Video DDIM Invert, run on a model patched "
                                     "by InFusion Source Features."),
-                io.Clip.Input("clip", tooltip="The SD1.5 CLIP, used only for its tokenizer to find the concept words."),
-                io.String.Input("source_prompt", multiline=True, default="",
-                                tooltip="The text the video was inverted with, without (word:weight) syntax."),
-                io.String.Input("edit_prompt", multiline=True, default="",
-                                tooltip="The edit prompt (the sampler's positive prompt), without (word:weight) syntax."),
+                PromptPairType.Input("prompts", tooltip="The prompt pair of Edit Prompts (source = the inversion's "
+                                     "positive, edit = the sampler's positive); the concepts name their words."),
                 io.String.Input("concepts", default="",
                                 tooltip="The edited concepts as 'source words->edit words' pairs, comma separated, "
                                 "e.g. 'cat->dog, red->blue'. Each pair gets its own mask from cross-attention. Empty: "
@@ -267,7 +257,7 @@ class InFusionInject(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, inversion, clip, source_prompt, edit_prompt, concepts, feature_blocks,
+    def execute(cls, model, inversion, prompts, concepts, feature_blocks,
                 attention_blocks, feature_end, kv_end, strength, alpha, mask_threshold, inject_uncond) -> io.NodeOutput:
         node = "InFusionInject"
         check_diffusion_model(model, node)
@@ -277,11 +267,13 @@ class InFusionInject(io.ComfyNode):
                 f"{node}: this inversion recorded no InFusion source features. Put InFusion Source Features between "
                 "the model and Video DDIM Invert and run the inversion again."
             )
+        pair = check_pair(prompts, node)
         fb = _blocks(feature_blocks, node, "feature_blocks")
         ab = _blocks(attention_blocks, node, "attention_blocks")
         check_blocks(model, fb, ab, node)
         try:
-            plan = make_plan(_tokenizer(clip, node), source_prompt, edit_prompt, concepts, inversion.timesteps,
+            check_inversion_prompt(pair, inversion, node)
+            plan = make_plan(pair.tokenizer, pair.source.plain, pair.edit.plain, concepts, inversion.timesteps,
                              feature_blocks=fb, attention_blocks=ab, s1=float(feature_end), s2=float(kv_end),
                              strength=float(strength), alpha=float(alpha), threshold=float(mask_threshold),
                              inject_uncond=bool(inject_uncond))
@@ -297,7 +289,7 @@ class InFusionInject(io.ComfyNode):
         add_processor(m, controller)
         m.remove_wrappers_with_key(DIFFUSION_MODEL, INJECT_WRAPPER_KEY)
         m.add_wrapper_with_key(DIFFUSION_MODEL, INJECT_WRAPPER_KEY, ResBlockHooks(controller))
-        install_contract(m, node, inversion)
+        install_contract(m, node, inversion, pair.edit.embedding, pair.edit.text)
         masks = preview_masks(controller, record, plan)
         text = [record.summary()] + plan.notes
         return io.NodeOutput(m, masks, ui={"text": text})

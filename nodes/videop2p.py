@@ -60,6 +60,7 @@ from ..attention.videop2p import (
 from ._attn_patch import PROCESSORS_KEY, ensure_dispatchers
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_choice, check_diffusion_model, timestep_of
 from .contract import ContractEntry, check_conditioning, check_edit_run, ui_warning
+from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
 VP_CATEGORY = CATEGORY + "/Video-P2P"
 NullTextType = io.Custom("ZSVE_NULL_TEXT")
@@ -216,13 +217,6 @@ class NullTextOptimize(io.ComfyNode):
 
 
 # --- the two-branch guider ------------------------------------------------------------------------------
-
-def _tokenizer(clip, node: str):
-    tok = getattr(getattr(getattr(clip, "tokenizer", None), "clip_l", None), "tokenizer", None)
-    if tok is None or not hasattr(tok, "encode") or not hasattr(tok, "decode"):
-        raise ZSVEInputError(f"{node}: 'clip' has no SD1 CLIP-L tokenizer; connect the CLIP of the SD1.5 checkpoint.")
-    return tok
-
 
 class _Run:
     """Per-sampling-run state of the guider."""
@@ -433,15 +427,9 @@ class VideoP2PGuiderNode(io.ComfyNode):
                 InversionType.Input("inversion", tooltip="The inversion of Video DDIM Invert whose z_T the sampler "
                                     "starts from: the run is checked against its schedule and z_T (the edit "
                                     "contract), and the null text must come from it."),
-                io.Conditioning.Input("source", tooltip="CONDITIONING of the source prompt (the inversion's)."),
-                io.Conditioning.Input("edit", tooltip="CONDITIONING of the edit prompt."),
-                io.Conditioning.Input("negative", tooltip="CONDITIONING of the empty prompt '' (the target branch's "
-                                      "unconditional; the source's in fast mode)."),
-                io.Clip.Input("clip", tooltip="The SD1.5 CLIP, used only for its tokenizer to align the prompts."),
-                io.String.Input("source_prompt", multiline=True, default="",
-                                tooltip="The text of the source prompt (for token alignment), without (word:weight)."),
-                io.String.Input("edit_prompt", multiline=True, default="",
-                                tooltip="The text of the edit prompt (for token alignment), without (word:weight)."),
+                PromptPairType.Input("prompts", tooltip="The prompt pair of Edit Prompts: the source branch uses "
+                                     "its source prompt (the inversion's positive), the target branch its edit prompt, "
+                                     "and both its negative (the empty prompt in Video-P2P) as the unconditional."),
                 io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Guidance of the target branch (7.5 in the paper). The source branch uses the "
                                "null text's guidance."),
@@ -486,7 +474,7 @@ class VideoP2PGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, inversion, source, edit, negative, clip, source_prompt, edit_prompt, cfg, mode, cross_replace,
+    def execute(cls, model, inversion, prompts, cfg, mode, cross_replace,
                 cross_replace_words, self_replace, reweight, blend_words, blend_words_edit, blend_start,
                 blend_threshold, target_uncond, null_text=None) -> io.NodeOutput:
         node = "VideoP2PGuider"
@@ -512,7 +500,9 @@ class VideoP2PGuiderNode(io.ComfyNode):
             raise ZSVEInputError(f"{node}: target_uncond '{target_uncond}' needs a null_text input.")
         for v, name in ((cross_replace, "cross_replace"), (self_replace, "self_replace"), (blend_start, "blend_start")):
             _check_unit(v, name)
-        tok = _tokenizer(clip, node)
+        pair = check_pair(prompts, node)
+        check_inversion_prompt(pair, inversion, node)
+        tok, source_prompt, edit_prompt = pair.tokenizer, pair.source.plain, pair.edit.plain
         # Validate the prompt settings now (the real plan is built for the sampler's schedule).
         try:
             plan = make_plan(tok, source_prompt, edit_prompt, [-1] + list(range(1, 1000, 20)), mode=mode,
@@ -543,7 +533,7 @@ class VideoP2PGuiderNode(io.ComfyNode):
             "inversion": inversion,
         }
         guider = VideoP2PGuider(m, settings)
-        guider.set_conds(source, edit, negative)
+        guider.set_conds(pair.source.conditioning, pair.edit.conditioning, pair.negative.conditioning)
         guider.set_cfg(float(cfg))
         text = [f"Video-P2P: {'null-text' if null_text is not None else 'fast'} mode, cross mode {plan.cross_mode}"]
         return io.NodeOutput(guider, ui={"text": text + plan.notes})

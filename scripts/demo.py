@@ -125,18 +125,14 @@ def main(argv=None) -> int:
             inputs["file"] = video_name
         if ct == "CLIPTextEncode" and title == "Source prompt":
             inputs["text"] = source_prompt
-        if ct == "CLIPTextEncode" and title == "Edit prompt" and edit_prompt:
-            inputs["text"] = edit_prompt
+        if ct == "EditPrompts":
+            inputs["source_text"] = source_prompt
+            if edit_prompt:
+                inputs["edit_text"] = edit_prompt
         if args.steps and "steps" in inputs and isinstance(inputs["steps"], int):
             inputs["steps"] = args.steps
-        if ct == "LatentBlendWithInversion":
-            if edit_prompt:
-                inputs["prompt"] = edit_prompt
-            if words:
-                inputs["words"] = words
-        for key in ("source_prompt", "edit_prompt"):
-            if key in inputs and isinstance(inputs[key], str):
-                inputs[key] = source_prompt if key == "source_prompt" else (edit_prompt or source_prompt)
+        if ct == "LatentBlendWithInversion" and words:
+            inputs["words"] = words
     print(f"[zsve demo] workflow {wf_path.name}: {len(prompt)} nodes; source: {source_prompt!r}"
           + (f"; edit: {edit_prompt!r}" if edit_prompt and args.workflow != "invert_and_reconstruct" else ""))
     result = run_prompt(prompt)

@@ -27,14 +27,15 @@ VIDEO_IN = [
 
 
 def _prompts(edit: str, clip: str = "ckpt") -> list[dict]:
+    """The prompts typed once (Edit Prompts): outputs source 0, edit 1, negative 2, prompt pair 3."""
     return [
-        {"id": "src", "type": "CLIPTextEncode", "widgets": {"text": SOURCE}, "links": {"clip": (clip, 1)},
-         "title": "Source prompt"},
-        {"id": "edit", "type": "CLIPTextEncode", "widgets": {"text": edit}, "links": {"clip": (clip, 1)},
-         "title": "Edit prompt"},
-        {"id": "neg", "type": "CLIPTextEncode", "widgets": {"text": ""}, "links": {"clip": (clip, 1)},
-         "title": "Empty prompt"},
+        {"id": "prompts", "type": "EditPrompts", "widgets": {"source_text": SOURCE, "edit_text": edit,
+                                                             "negative_text": ""},
+         "links": {"clip": (clip, 1)}, "title": "Prompts (source -> edit)"},
     ]
+
+
+SRC, EDIT, NEG, PAIR = ("prompts", 0), ("prompts", 1), ("prompts", 2), ("prompts", 3)
 
 
 INVERT_AND_RECONSTRUCT = [
@@ -65,7 +66,9 @@ BLD_EDIT = "a yellow circle on blue stripes"
 
 def _bld_local_edit(mask_source: str) -> list[dict]:
     user = mask_source == "user mask"
-    blend_links = {"model": ("temporal", 0), "inversion": ("invert", 1), "clip": ("ckpt", 1)}
+    blend_links = {"model": ("temporal", 0), "inversion": ("invert", 1)}
+    if not user:
+        blend_links["prompts"] = PAIR
     if user:
         blend_links["mask"] = ("mask", 0)
     return [
@@ -74,19 +77,18 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
         *_prompts(BLD_EDIT),
         {"id": "temporal", "type": "TemporalSelfAttentionPatch", "links": {"model": ("ckpt", 0)}},
         {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
-         "links": {"model": ("temporal", 0), "latent": ("encode", 0), "positive": ("src", 0)}},
+         "links": {"model": ("temporal", 0), "latent": ("encode", 0), "positive": SRC}},
         *([{"id": "mask", "type": "LoadImageMask", "widgets": {"image": "mask.png", "channel": "red"},
             "title": "Edit region (white = edit)"}] if user else []),
         {"id": "blend", "type": "LatentBlendWithInversion",
          "widgets": {"mask_source": mask_source, "start": 0.0, "end": 1.0, "threshold": 0.3, "dilation": 3,
-                     "temporal_smoothing": 1, "prompt": "" if user else BLD_EDIT,
-                     "words": "" if user else "yellow circle"},
+                     "temporal_smoothing": 1, "words": "" if user else "yellow circle"},
          "links": blend_links},
         {"id": "sample", "type": "KSamplerAdvanced",
          "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
                      "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
                      "return_with_leftover_noise": "disable"},
-         "links": {"model": ("blend", 0), "positive": ("edit", 0), "negative": ("neg", 0),
+         "links": {"model": ("blend", 0), "positive": EDIT, "negative": NEG,
                    "latent_image": ("invert", 0)}},
         {"id": "decode", "type": "VAEDecode", "links": {"samples": ("sample", 0), "vae": ("ckpt", 2)}},
         {"id": "create", "type": "CreateVideo", "widgets": {"fps": 8.0}, "links": {"images": ("decode", 0)}},
@@ -109,15 +111,14 @@ VIDEOP2P_WORD_SWAP = [
     {"id": "temporal", "type": "TemporalSelfAttentionPatch", "widgets": {"mode": "first"},
      "links": {"model": ("ckpt", 0)}, "title": "Frame attention (Video-P2P: first frame)"},
     {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
-     "links": {"model": ("temporal", 0), "latent": ("encode", 0), "positive": ("src", 0)}},
+     "links": {"model": ("temporal", 0), "latent": ("encode", 0), "positive": SRC}},
     {"id": "nulltext", "type": "NullTextOptimize", "widgets": {"guidance": 7.5, "inner_steps": 10},
-     "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "source": ("src", 0), "empty": ("neg", 0)}},
+     "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "source": SRC, "empty": NEG}},
     {"id": "guider", "type": "VideoP2PGuider",
-     "widgets": {"source_prompt": SOURCE, "edit_prompt": VP2P_EDIT, "cfg": 7.5, "mode": "replace",
+     "widgets": {"cfg": 7.5, "mode": "replace",
                  "cross_replace": 0.2, "self_replace": 0.5, "reweight": "square:2", "blend_words": "circle",
                  "blend_words_edit": "square", "blend_start": 0.2, "blend_threshold": 0.3},
-     "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "source": ("src", 0), "edit": ("edit", 0),
-               "negative": ("neg", 0), "clip": ("ckpt", 1), "null_text": ("nulltext", 0)}},
+     "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "prompts": PAIR, "null_text": ("nulltext", 0)}},
     {"id": "noise", "type": "DisableNoise"},
     {"id": "ksampler", "type": "KSamplerSelect", "widgets": {"sampler_name": "ddim"}},
     {"id": "sigmas", "type": "BasicScheduler", "widgets": {"scheduler": "ddim_uniform", "steps": 20, "denoise": 1.0},
@@ -154,15 +155,15 @@ INFUSION_MULTI_CONCEPT_LORA = [
     {"id": "temporal", "type": "TemporalSelfAttentionPatch", "links": {"model": ("lora", 0)}},
     {"id": "source", "type": "InFusionSource", "links": {"model": ("temporal", 0)}},
     {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
-     "links": {"model": ("source", 0), "latent": ("encode", 0), "positive": ("src", 0)}},
+     "links": {"model": ("source", 0), "latent": ("encode", 0), "positive": SRC}},
     {"id": "inject", "type": "InFusionInject",
-     "widgets": {"source_prompt": SOURCE, "edit_prompt": IF_EDIT, "concepts": IF_CONCEPTS},
-     "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "clip": ("lora", 1)}},
+     "widgets": {"concepts": IF_CONCEPTS},
+     "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "prompts": PAIR}},
     {"id": "sample", "type": "KSamplerAdvanced",
      "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
                  "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
                  "return_with_leftover_noise": "disable"},
-     "links": {"model": ("inject", 0), "positive": ("edit", 0), "negative": ("neg", 0),
+     "links": {"model": ("inject", 0), "positive": EDIT, "negative": NEG,
                "latent_image": ("invert", 0)}},
     {"id": "decode", "type": "VAEDecode", "links": {"samples": ("sample", 0), "vae": ("ckpt", 2)}},
     {"id": "create", "type": "CreateVideo", "widgets": {"fps": 8.0}, "links": {"images": ("decode", 0)}},
@@ -190,8 +191,8 @@ def _fatezero_edit(edit: str, blend: dict, prefix: str, latent_blend_words: str 
     latent_blend = [{
         "id": "lblend", "type": "LatentBlendWithInversion",
         "widgets": {"mask_source": "union", "start": 0.2, "end": 0.8, "threshold": 0.3, "dilation": 3,
-                    "temporal_smoothing": 0, "prompt": edit, "words": latent_blend_words},
-        "links": {"model": ("blend", 0), "inversion": ("invert", 1), "clip": ("ckpt", 1), "mask": ("blend", 1)},
+                    "temporal_smoothing": 0, "words": latent_blend_words},
+        "links": {"model": ("blend", 0), "inversion": ("invert", 1), "prompts": PAIR, "mask": ("blend", 1)},
         "title": "Latent blend (FateZero blend_latents)"}] if latent_blend_words else []
     return [
         CKPT,
@@ -204,15 +205,15 @@ def _fatezero_edit(edit: str, blend: dict, prefix: str, latent_blend_words: str 
                      "memory_budget_gb": 0.0},
          "links": {"model": ("temporal", 0)}},
         {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
-         "links": {"model": ("store", 0), "latent": ("encode", 0), "positive": ("src", 0)}},
-        {"id": "blend", "type": "AttentionBlend", "widgets": dict(source_prompt=SOURCE, edit_prompt=edit, **blend),
-         "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "clip": ("ckpt", 1)}},
+         "links": {"model": ("store", 0), "latent": ("encode", 0), "positive": SRC}},
+        {"id": "blend", "type": "AttentionBlend", "widgets": dict(blend),
+         "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "prompts": PAIR}},
         *latent_blend,
         {"id": "sample", "type": "KSamplerAdvanced",
          "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
                      "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
                      "return_with_leftover_noise": "disable"},
-         "links": {"model": sampled, "positive": ("edit", 0), "negative": ("neg", 0),
+         "links": {"model": sampled, "positive": EDIT, "negative": NEG,
                    "latent_image": ("invert", 0)}},
         {"id": "decode", "type": "VAEDecode", "links": {"samples": ("sample", 0), "vae": ("ckpt", 2)}},
         {"id": "create", "type": "CreateVideo", "widgets": {"fps": 8.0}, "links": {"images": ("decode", 0)}},

@@ -113,3 +113,41 @@ def test_real_sd1_tokenizer(tiny_clip):
     assert spans[-1] == ("zebracorn", [10, 11, 12])  # "ze" "brac" "orn"
     m = align.replacement_mapper("a silver jeep", "a red porsche", hf)
     assert m.shape == (77, 77) and torch.allclose(m.sum(0)[: len(hf.encode("a red porsche"))], torch.ones(len(hf.encode("a red porsche"))))
+
+
+# Prompt-to-Prompt's seq_aligner (get_mapper) on the real SD1 tokenizer, max_len 16: the values below were
+# computed by running the reference rule (traceback order: gap in x, gap in y, diagonal; tail mapper[j] = j).
+REFERENCE_MAPPERS = {
+    ("a dog", "a dog and a dog on the beach"): [0, 1, 2, -1, -1, -1, -1, -1, -1, 3, 10, 11, 12, 13, 14, 15],
+    ("a dog", "a photo of a dog"): [0, 1, -1, -1, -1, 2, 3, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+    ("a cat and a dog", "a dog and a cat"): [0, 1, -1, 3, 4, -1, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+    ("a red circle on blue stripes", "a red circle on blue stripes watercolor painting"):
+        [0, 1, 2, 3, 4, 5, 6, -1, -1, 7, 10, 11, 12, 13, 14, 15],
+    ("a red car on a road", "a car"): [0, 1, 3, 7, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+}
+
+
+@pytest.mark.parametrize("pair", list(REFERENCE_MAPPERS))
+def test_refinement_matches_prompt_to_prompt_up_to_the_end_of_text(tiny_clip, pair):
+    """Ties between repeated words are broken as the reference does (an appended 'a dog' is new, the first keeps
+    the source's maps); every position up to the target's end-of-text token maps as in the reference."""
+    hf = tiny_clip.tokenizer.clip_l.tokenizer
+    mapper, alphas = align.refinement_mapper(*pair, hf, max_len=16)
+    ref = REFERENCE_MAPPERS[pair]
+    n = len(hf.encode(pair[1]))  # BOS .. EOS of the target
+    assert mapper.tolist()[:n] == ref[:n]
+    assert alphas.tolist()[:n] == [float(v >= 0) for v in ref[:n]]
+
+
+def test_refinement_tail_maps_padding_to_padding_where_the_reference_maps_it_to_source_words(tiny_clip):
+    """The one difference, on purpose: after the target's end-of-text token the reference maps target position j
+    to source position j, so with a longer source the target's padding takes the maps of the source's words
+    ('on', 'a', 'road' below); ours maps the target's end-of-text and padding in order onto the source's."""
+    hf = tiny_clip.tokenizer.clip_l.tokenizer
+    src, tgt = "a red car on a road", "a car"
+    mapper, _ = align.refinement_mapper(src, tgt, hf, max_len=16)
+    n_src, n_tgt = len(hf.encode(src)), len(hf.encode(tgt))  # 8 and 4 (BOS .. EOS)
+    ref = REFERENCE_MAPPERS[(src, tgt)]
+    assert ref[n_tgt:n_tgt + 3] == [4, 5, 6]  # the reference: source words 'on', 'a', 'road' on padding
+    assert all(v >= n_src for v in mapper.tolist()[n_tgt:])  # ours: source padding only
+    assert mapper.tolist()[n_tgt - 1] == n_src - 1  # end-of-text to end-of-text, as in the reference

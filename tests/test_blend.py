@@ -11,7 +11,7 @@ import torch
 import zsve.nodes._comfy as glue
 import zsve.nodes.blend as blend_nodes
 from zsve.attention import latent_blend as lb
-from zsve_harness import CAPTURED, OBJECTS, GraphError, encode_text, run_prompt
+from zsve_harness import CAPTURED, OBJECTS, GraphError, encode_text, prompt_pair, run_prompt
 
 SOURCE = "a red circle on blue stripes"
 EDIT = "a green square on blue stripes"
@@ -172,6 +172,10 @@ def _sample(model, s, steps=STEPS, cfg=1.0, sampler="ddim", latent=None, xs=None
                                callback=cb, seed=0, disable_pbar=True)
 
 
+def _pair(clip):
+    return prompt_pair(clip, SOURCE, EDIT)
+
+
 def _patch(model, s, **kw):
     m, state, _ = blend_nodes.apply_latent_blend(model, s["inv"], **kw)
     return m, state
@@ -233,7 +237,7 @@ def test_window_start_late_still_lands_on_the_source(tiny_model, setup):
 
 
 def test_cross_attention_mask_is_per_frame_and_online(tiny_model, tiny_clip, setup):
-    m, state = _patch(tiny_model, setup, mask_source="cross-attention", clip=tiny_clip, prompt=EDIT,
+    m, state = _patch(tiny_model, setup, mask_source="cross-attention", prompts=_pair(tiny_clip),
                       words="green square", threshold=0.5, dilation=1)
     out = _sample(m, setup)
     assert sorted(state.masks) == list(range(STEPS))
@@ -248,7 +252,7 @@ def test_cross_attention_mask_is_per_frame_and_online(tiny_model, tiny_clip, set
     src = setup["latent"]["samples"]
     assert torch.allclose(out[lm == 0], src[lm == 0], atol=1e-5)
     # other words give another mask: the maps are those of the chosen tokens
-    m2, state2 = _patch(tiny_model, setup, mask_source="cross-attention", clip=tiny_clip, prompt=EDIT,
+    m2, state2 = _patch(tiny_model, setup, mask_source="cross-attention", prompts=_pair(tiny_clip),
                         words="stripes", threshold=0.5, dilation=1)
     _sample(m2, setup)
     assert not torch.equal(state2.masks[STEPS - 1], last)
@@ -269,7 +273,7 @@ def test_collected_maps_equal_an_independent_computation(tiny_model, tiny_clip, 
 
     base = tiny_model.clone()
     base.set_model_attn2_replace(foreign, "input", 1, 0)
-    m, state = _patch(base, setup, mask_source="cross-attention", clip=tiny_clip, prompt=EDIT,
+    m, state = _patch(base, setup, mask_source="cross-attention", prompts=_pair(tiny_clip),
                       words="green", threshold=0.5, dilation=1)
     collected = []
     orig = lb.MapCollector.add
@@ -304,10 +308,10 @@ def test_collected_maps_equal_an_independent_computation(tiny_model, tiny_clip, 
 def test_union_contains_both_masks(tiny_model, tiny_clip, setup):
     user = torch.zeros(1, 128, 128)
     user[:, :16, :16] = 1.0
-    m, state = _patch(tiny_model, setup, mask_source="union", clip=tiny_clip, prompt=EDIT, words="green",
+    m, state = _patch(tiny_model, setup, mask_source="union", prompts=_pair(tiny_clip), words="green",
                       threshold=0.5, dilation=1, mask=user)
     _sample(m, setup)
-    m2, state2 = _patch(tiny_model, setup, mask_source="cross-attention", clip=tiny_clip, prompt=EDIT,
+    m2, state2 = _patch(tiny_model, setup, mask_source="cross-attention", prompts=_pair(tiny_clip),
                         words="green", threshold=0.5, dilation=1)
     _sample(m2, setup)
     # the first step's input is z_T in both runs, so its attention mask is the same: union = max of both
@@ -326,7 +330,7 @@ def test_euler_gives_the_same_result_as_ddim(tiny_model, setup):
 
 
 def test_inverting_with_the_patched_model_is_unchanged(tiny_model, tiny_clip, setup):
-    m, _ = _patch(tiny_model, setup, mask_source="cross-attention", clip=tiny_clip, prompt=EDIT, words="green")
+    m, _ = _patch(tiny_model, setup, mask_source="cross-attention", prompts=_pair(tiny_clip), words="green")
     z1, _ = glue.run_inversion(m, setup["latent"], setup["src_pos"], None, STEPS, 1.0, disable_pbar=True)
     assert torch.equal(z1["samples"], setup["z_T"]["samples"])
 
@@ -345,7 +349,7 @@ def test_composes_with_other_wrappers_and_patches(tiny_model, tiny_clip, setup):
     base = tiny_model.clone()
     base.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "someone_else", other_wrapper)
     base.set_model_attn1_patch(other_attn1)
-    m, _ = _patch(base, setup, mask_source="cross-attention", clip=tiny_clip, prompt=EDIT, words="green")
+    m, _ = _patch(base, setup, mask_source="cross-attention", prompts=_pair(tiny_clip), words="green")
     m2, state2 = _patch(m, setup, mask_source="user mask", mask=torch.ones(1, 128, 128))  # two blends chain
     _sample(m2, setup)
     assert calls["wrapper"] == STEPS and calls["attn1"] > 0
@@ -359,7 +363,7 @@ def test_composes_with_other_wrappers_and_patches(tiny_model, tiny_clip, setup):
     "kwargs,match",
     [
         ({"mask_source": "user mask"}, "needs a MASK"),
-        ({"mask_source": "cross-attention"}, "needs the CLIP"),
+        ({"mask_source": "cross-attention"}, "needs the prompt pair"),
         ({"mask_source": "user mask", "mask": torch.ones(3, 128, 128)}, "3 frames but the video has 4"),
         ({"mask_source": "user mask", "mask": torch.ones(1, 128, 64)}, "aspect ratio"),
         ({"mask_source": "user mask", "mask": torch.ones(1, 16, 16), "start": 0.8, "end": 0.2}, "start <= end"),
@@ -415,12 +419,13 @@ def _graph(mask_source="user mask", sampler="ksa"):
         "sp": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["c", 0], "text": SOURCE}},
         "ep": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["c", 0], "text": EDIT}},
         "en": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["c", 0], "text": ""}},
+        "pp": {"class_type": "EditPrompts", "inputs": {"clip": ["c", 0], "source_text": SOURCE, "edit_text": EDIT}},
         "inv": {"class_type": "VideoDDIMInvert",
                 "inputs": {"model": ["m", 0], "latent": ["l", 0], "positive": ["sp", 0], "steps": STEPS, "cfg": 1.0}},
         "bl": {"class_type": "LatentBlendWithInversion",
                "inputs": {"model": ["m", 0], "inversion": ["inv", 1], "mask_source": mask_source, "start": 0.0,
-                          "end": 1.0, "threshold": 0.5, "dilation": 1, "temporal_smoothing": 1, "clip": ["c", 0],
-                          "prompt": EDIT, "words": "green", "mask": ["mk", 0]}},
+                          "end": 1.0, "threshold": 0.5, "dilation": 1, "temporal_smoothing": 1,
+                          "prompts": ["pp", 3], "words": "green", "mask": ["mk", 0]}},
         "pv": {"class_type": "LatentBlendMaskPreview",
                "inputs": {"blend_state": ["bl", 1], "samples": ["s", 0], "step": -1, "images": ["img", 0]}},
         "c1": {"class_type": "ZSVETestCapture", "inputs": {"value": ["s", 0], "key": "out"}},
@@ -512,13 +517,13 @@ def test_composes_with_fatezero_temporal_attention_and_attention_blend(tiny_mode
     z_T, inv = glue.run_inversion(temporal(store), setup["latent"], setup["src_pos"], None, STEPS, 1.0,
                                   disable_pbar=True)
     s = dict(setup, z_T=z_T)
-    fused = AttentionBlend.execute(temporal(tiny_model), inv, tiny_clip, source_prompt=SOURCE, edit_prompt=EDIT,
+    fused = AttentionBlend.execute(temporal(tiny_model), inv, _pair(tiny_clip),
                                    mode="refine", cross_replace=0.8, cross_replace_words="", self_replace_start=0.0,
                                    self_replace_end=0.6, reweight="", blend_words="", blend_threshold=0.3,
                                    only_cond=True).result[0]
     box = torch.zeros(1, 128, 128)
     box[:, 32:96, 32:96] = 1.0
-    kw = dict(mask_source="union", clip=tiny_clip, prompt=EDIT, words="green square", threshold=0.5, dilation=1,
+    kw = dict(mask_source="union", prompts=_pair(tiny_clip), words="green square", threshold=0.5, dilation=1,
               mask=box)
     m, state = blend_nodes.apply_latent_blend(fused, inv, **kw)[:2]
     out = _sample(m, s)
@@ -532,7 +537,7 @@ def test_composes_with_fatezero_temporal_attention_and_attention_blend(tiny_mode
     assert (out[lm == 1] - out_plain[lm == 1]).abs().mean() > 1e-3
     # the other order (blend first, then FateZero's fusion on top) keeps the background too
     m2, _ = blend_nodes.apply_latent_blend(temporal(tiny_model), inv, **kw)[:2]
-    m2 = AttentionBlend.execute(m2, inv, tiny_clip, source_prompt=SOURCE, edit_prompt=EDIT, mode="refine",
+    m2 = AttentionBlend.execute(m2, inv, _pair(tiny_clip), mode="refine",
                                 cross_replace=0.8, cross_replace_words="", self_replace_start=0.0,
                                 self_replace_end=0.6, reweight="", blend_words="", blend_threshold=0.3,
                                 only_cond=True).result[0]
@@ -545,7 +550,7 @@ def test_two_kSamplerAdvanced_stages_equal_one_run(tiny_model, tiny_clip, setup)
     of the second stage continues the first's."""
     import nodes
 
-    m, state = _patch(tiny_model, setup, mask_source="cross-attention", clip=tiny_clip, prompt=EDIT, words="green",
+    m, state = _patch(tiny_model, setup, mask_source="cross-attention", prompts=_pair(tiny_clip), words="green",
                       threshold=0.5, dilation=1)
     one = _sample(m, setup)
     masks_one = {k: v.clone() for k, v in state.masks.items()}
@@ -624,8 +629,8 @@ def test_context_windows_give_every_frame_its_mask(tiny_model, tiny_clip, setup)
                                       context_schedule="standard_static", context_stride=1, closed_loop=False,
                                       fuse_method="pyramid", key_frames="none").result[0]
     z_T, inv = glue.run_inversion(win, setup["latent"], setup["src_pos"], None, STEPS, 1.0, disable_pbar=True)
-    m, state, _ = blend_nodes.apply_latent_blend(win, inv, mask_source="cross-attention", clip=tiny_clip,
-                                                 prompt=EDIT, words="green square", threshold=0.5, dilation=1)
+    m, state, _ = blend_nodes.apply_latent_blend(win, inv, mask_source="cross-attention", prompts=_pair(tiny_clip),
+                                                 words="green square", threshold=0.5, dilation=1)
     windows = set()
     orig = lb.MapCollector.add
 
@@ -650,7 +655,7 @@ def test_context_windows_give_every_frame_its_mask(tiny_model, tiny_clip, setup)
 def test_a_prompt_that_is_not_the_positive_conditioning_is_reported(tiny_model, tiny_clip, setup, caplog):
     import logging
 
-    m, _ = _patch(tiny_model, setup, mask_source="cross-attention", clip=tiny_clip, prompt=EDIT, words="green")
+    m, _ = _patch(tiny_model, setup, mask_source="cross-attention", prompts=_pair(tiny_clip), words="green")
     with caplog.at_level(logging.WARNING):
         _sample(m, setup, steps=STEPS)
         assert "not the encoding of the blend's 'prompt'" not in caplog.text

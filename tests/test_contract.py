@@ -41,6 +41,7 @@ def _graph(method, inv_steps=STEPS, sampler="ksa", latent=("inv", 0), **s):
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": SRC, "clip": ["clip", 0]}},
         "epos": {"class_type": "CLIPTextEncode", "inputs": {"text": EDIT, "clip": ["clip", 0]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": s.pop("negative_text", ""), "clip": ["clip", 0]}},
+        "pp": {"class_type": "EditPrompts", "inputs": {"clip": ["clip", 0], "source_text": SRC, "edit_text": EDIT}},
     }
     rec = ["model", 0]
     if method == "fatezero":
@@ -55,24 +56,21 @@ def _graph(method, inv_steps=STEPS, sampler="ksa", latent=("inv", 0), **s):
                                                             "steps": inv_steps, "cfg": 1.0}}
     if method == "fatezero":
         g["edit_model"] = {"class_type": "AttentionBlend", "inputs": {
-            "model": ["model", 0], "inversion": ["inv", 1], "clip": ["clip", 0], "source_prompt": SRC,
-            "edit_prompt": EDIT, "mode": "refine", "cross_replace": 0.8, "cross_replace_words": "",
+            "model": ["model", 0], "inversion": ["inv", 1], "prompts": ["pp", 3], "mode": "refine", "cross_replace": 0.8, "cross_replace_words": "",
             "self_replace_start": 0.0, "self_replace_end": 0.8, "reweight": "", "blend_words": "",
             "blend_threshold": 0.3, "only_cond": True}}
     elif method == "infusion":
         g["edit_model"] = {"class_type": "InFusionInject", "inputs": dict(
-            TINY_INFUSION, model=["model", 0], inversion=["inv", 1], clip=["clip", 0], source_prompt=SRC,
-            edit_prompt=EDIT, concepts="circle->square", strength=1.0, alpha=0.5, mask_threshold=0.3,
+            TINY_INFUSION, model=["model", 0], inversion=["inv", 1], prompts=["pp", 3], concepts="circle->square", strength=1.0, alpha=0.5, mask_threshold=0.3,
             inject_uncond=True)}
     elif method == "blend":
         g["edit_model"] = {"class_type": "LatentBlendWithInversion", "inputs": {
             "model": ["model", 0], "inversion": ["inv", 1], "mask_source": "cross-attention", "start": 0.0,
-            "end": 1.0, "threshold": 0.3, "dilation": 1, "temporal_smoothing": 0, "clip": ["clip", 0],
-            "prompt": EDIT, "words": "square"}}
+            "end": 1.0, "threshold": 0.3, "dilation": 1, "temporal_smoothing": 0, "prompts": ["pp", 3],
+            "words": "square"}}
     if method == "videop2p":
         g["guider"] = {"class_type": "VideoP2PGuider", "inputs": {
-            "model": ["model", 0], "inversion": ["inv", 1], "source": ["pos", 0], "edit": ["epos", 0],
-            "negative": ["neg", 0], "clip": ["clip", 0], "source_prompt": SRC, "edit_prompt": EDIT, "cfg": 7.5,
+            "model": ["model", 0], "inversion": ["inv", 1], "prompts": ["pp", 3], "cfg": 7.5,
             "mode": "refine", "cross_replace": 0.2, "cross_replace_words": "", "self_replace": 0.5, "reweight": "",
             "blend_words": "", "blend_words_edit": "", "blend_start": 0.2, "blend_threshold": 0.3,
             "target_uncond": "empty prompt (Video-P2P)"}}
@@ -283,6 +281,5 @@ def test_memory_figures_below_one_gib_are_given_in_mib():
 def test_a_word_that_is_only_part_of_a_longer_word_is_named():
     msg = _refused(_graph("blend", sampler="ksa") | {"edit_model": {"class_type": "LatentBlendWithInversion", "inputs": {
         "model": ["model", 0], "inversion": ["inv", 1], "mask_source": "cross-attention", "start": 0.0, "end": 1.0,
-        "threshold": 0.3, "dilation": 1, "temporal_smoothing": 0, "clip": ["clip", 0], "prompt": EDIT,
-        "words": "squ"}}}, "'squ' is only part of the word 'square'")
+        "threshold": 0.3, "dilation": 1, "temporal_smoothing": 0, "prompts": ["pp", 3], "words": "squ"}}}, "'squ' is only part of the word 'square'")
     assert "give 'square'" in msg

@@ -12,7 +12,7 @@ from zsve.attention.fatezero import FateZeroController
 from zsve.attention.store import AttentionStore as StoreObject
 from zsve.nodes import _attn_patch
 from zsve.nodes.fatezero import AttentionBlend, AttentionStore, TemporalSelfAttentionPatch
-from zsve_harness import CAPTURED, OBJECTS, GraphError, encode_text, run_prompt
+from zsve_harness import CAPTURED, OBJECTS, GraphError, encode_text, prompt_pair, run_prompt
 
 SRC = "a red circle on blue stripes"
 STEPS = 5  # ddim_uniform gives exactly 5 steps for 1000 training steps (6 would give 7)
@@ -43,12 +43,12 @@ def _store_model(model, **kw):
     return AttentionStore.execute(model, **args).result[0]
 
 
-def _blend(model, inversion, clip, edit=SRC, **kw):
-    args = dict(source_prompt=SRC, edit_prompt=edit, mode="refine", cross_replace=1.0, cross_replace_words="",
+def _blend(model, inversion, clip, edit=SRC, source=SRC, **kw):
+    args = dict(mode="refine", cross_replace=1.0, cross_replace_words="",
                 self_replace_start=0.0, self_replace_end=1.0, reweight="", blend_words="", blend_threshold=0.3,
                 only_cond=True)
     args.update(kw)
-    return AttentionBlend.execute(model, inversion, clip, **args).result
+    return AttentionBlend.execute(model, inversion, prompt_pair(clip, source, edit), **args).result
 
 
 def _temporal(model, mode="middle"):
@@ -143,11 +143,11 @@ def _toy():
 
 
 def _graph(edit=SRC, steps=STEPS, edit_steps=None, scheduler="ddim_uniform", **blend):
-    b = dict(source_prompt=SRC, edit_prompt=edit, mode="refine", cross_replace=0.8, cross_replace_words="",
+    b = dict(mode="refine", cross_replace=0.8, cross_replace_words="",
              self_replace_start=0.0, self_replace_end=0.8, reweight="", blend_words="", blend_threshold=0.3,
              only_cond=True)
     b.update(blend)
-    b.update({"model": ["tmp", 0], "inversion": ["inv", 1], "clip": ["clip", 0]})
+    b.update({"model": ["tmp", 0], "inversion": ["inv", 1], "prompts": ["pp", 3]})
     return {
         "model": {"class_type": "ZSVETestProvide", "inputs": {"key": "model"}},
         "clip": {"class_type": "ZSVETestProvide", "inputs": {"key": "clip"}},
@@ -155,6 +155,7 @@ def _graph(edit=SRC, steps=STEPS, edit_steps=None, scheduler="ddim_uniform", **b
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": SRC, "clip": ["clip", 0]}},
         "epos": {"class_type": "CLIPTextEncode", "inputs": {"text": edit, "clip": ["clip", 0]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["clip", 0]}},
+        "pp": {"class_type": "EditPrompts", "inputs": {"clip": ["clip", 0], "source_text": SRC, "edit_text": edit}},
         "tmp": {"class_type": "TemporalSelfAttentionPatch",
                 "inputs": {"model": ["model", 0], "mode": "middle", "include_own_frame": False, "min_channels": 0}},
         "store": {"class_type": "AttentionStore",
@@ -238,7 +239,7 @@ def small_inversion(tiny_model, conds):
         ({"cross_replace_words": "red"}, "not 'word:value'"),
         ({"self_replace_end": 1.0}, "raise record_window"),
         ({"self_replace_start": 0.6, "self_replace_end": 0.2}, "is before self_replace_start"),
-        ({"source_prompt": ""}, "give both the source prompt"),
+        ({"source": ""}, "give both the source prompt"),
     ],
 )
 def test_blend_bad_input_says_what_to_change(tiny_model, tiny_clip, small_inversion, kwargs, match):
@@ -256,7 +257,8 @@ def test_blend_without_store_and_replace_fallback(tiny_model, tiny_clip, conds, 
         _blend(tiny_model, inv, tiny_clip)
     _, inv = glue.run_inversion(_store_model(tiny_model), _latent(frames=1), positive, None, 3, 1.0, disable_pbar=True)
     with caplog.at_level("WARNING"):
-        out = AttentionBlend.execute(tiny_model, inv, tiny_clip, SRC, "a big red circle on blue stripes", "replace",
+        out = AttentionBlend.execute(tiny_model, inv, prompt_pair(tiny_clip, SRC, "a big red circle on blue stripes"),
+                                     "replace",
                                      0.8, "", 0.0, 0.8, "", "", 0.3, True)
     assert "using refinement" in caplog.text and "using refinement" in " ".join(out.ui["text"])
 

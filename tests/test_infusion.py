@@ -17,7 +17,7 @@ import zsve.nodes._comfy as glue
 from zsve.attention.infusion import InFusionController, InFusionRecord
 from zsve.nodes._attn_patch import PROCESSORS_KEY
 from zsve.nodes.infusion import InFusionInject, InFusionSource
-from zsve_harness import CAPTURED, OBJECTS, encode_text, moving_square_frames, run_prompt, write_video
+from zsve_harness import CAPTURED, OBJECTS, encode_text, moving_square_frames, prompt_pair, run_prompt, write_video
 from zsve_workflows import load_ui, ui_to_api
 
 SRC = "a red circle and a green square"
@@ -45,11 +45,11 @@ def _source(model, **kw):
     return InFusionSource.execute(model, **args).result[0]
 
 
-def _inject(model, inv, clip, **kw):
-    args = dict(TINY, source_prompt=SRC, edit_prompt=EDIT, concepts=CONCEPTS, strength=1.0, alpha=0.5,
+def _inject(model, inv, clip, source=SRC, edit=EDIT, **kw):
+    args = dict(TINY, concepts=CONCEPTS, strength=1.0, alpha=0.5,
                 mask_threshold=0.3, inject_uncond=True)
     args.update(kw)
-    return InFusionInject.execute(model, inv, clip, **args).result
+    return InFusionInject.execute(model, inv, prompt_pair(clip, source, edit), **args).result
 
 
 def _sample(model, z_T, positive, negative, cfg=5.0):
@@ -280,13 +280,14 @@ def test_node_graph_with_core_lora_loader_through_the_executor(tiny_model, tiny_
             "src": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": SRC}},
             "edit": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": EDIT}},
             "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
+            "pp": {"class_type": "EditPrompts", "inputs": {"clip": ["ckpt", 1], "source_text": SRC, "edit_text": EDIT}},
             "source": {"class_type": "InFusionSource",
                        "inputs": dict(TINY, model=["lora", 0], skip_full_res=True, memory_budget_gb=0.0)},
             "invert": {"class_type": "VideoDDIMInvert", "inputs": {"model": ["source", 0], "latent": ["latent", 0],
                                                                    "positive": ["src", 0], "steps": STEPS, "cfg": 1.0}},
             "inject": {"class_type": "InFusionInject",
-                       "inputs": dict(TINY, model=["lora", 0], inversion=["invert", 1], clip=["ckpt", 1],
-                                      source_prompt=SRC, edit_prompt=EDIT, concepts=CONCEPTS, strength=1.0,
+                       "inputs": dict(TINY, model=["lora", 0], inversion=["invert", 1], prompts=["pp", 3],
+                                      concepts=CONCEPTS, strength=1.0,
                                       alpha=0.5, mask_threshold=0.3, inject_uncond=True)},
             "sample": {"class_type": "KSamplerAdvanced",
                        "inputs": {"model": ["inject", 0], "add_noise": "disable", "noise_seed": 0, "steps": STEPS,

@@ -21,7 +21,7 @@ from zsve.attention.videop2p import (
     local_blend,
     null_text_lr,
 )
-from zsve_harness import CAPTURED, OBJECTS, encode_text, make_tiny_model, run_prompt
+from zsve_harness import CAPTURED, OBJECTS, encode_text, make_tiny_model, prompt_pair, run_prompt
 
 SRC = "a red circle on blue stripes"
 EDIT = "a green square on blue stripes"
@@ -84,8 +84,7 @@ def _guider(model, clip, conds, null_text=None, edit=EDIT, inv=None, z=None, **k
                     target_uncond=vp.TARGET_UNCOND[0])
     settings.update(kw)
     with torch.inference_mode():
-        edit_cond = conds["src"] if edit == SRC else conds["edit"]
-        out = vp.VideoP2PGuiderNode.execute(model, inv, conds["src"], edit_cond, conds["empty"], clip, SRC, edit, 7.5,
+        out = vp.VideoP2PGuiderNode.execute(model, inv, prompt_pair(clip, SRC, edit), 7.5,
                                             null_text=null_text, **settings)
     return out.result[0]
 
@@ -327,6 +326,7 @@ def test_api_graph_null_text_and_guider_through_sampler_custom_advanced(inf_mode
         "src": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": SRC}},
         "edit": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": EDIT}},
         "empty": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": ""}},
+        "pp": {"class_type": "EditPrompts", "inputs": {"clip": ["clip", 0], "source_text": SRC, "edit_text": EDIT}},
         "inv": {"class_type": "VideoDDIMInvert", "inputs": {"model": ["tkv", 0], "latent": ["lat", 0],
                                                              "positive": ["src", 0], "steps": 3, "cfg": 1.0}},
         "nt": {"class_type": "NullTextOptimize", "inputs": {"model": ["tkv", 0], "inversion": ["inv", 1],
@@ -334,9 +334,7 @@ def test_api_graph_null_text_and_guider_through_sampler_custom_advanced(inf_mode
                                                              "guidance": 7.5, "inner_steps": 2,
                                                              "early_stop_epsilon": 1e-5}},
         "guider": {"class_type": "VideoP2PGuider", "inputs": {
-            "model": ["tkv", 0], "inversion": ["inv", 1], "source": ["src", 0], "edit": ["edit", 0],
-            "negative": ["empty", 0],
-            "clip": ["clip", 0], "source_prompt": SRC, "edit_prompt": EDIT, "cfg": 7.5, "mode": "replace",
+            "model": ["tkv", 0], "inversion": ["inv", 1], "prompts": ["pp", 3], "cfg": 7.5, "mode": "replace",
             "cross_replace": 0.2, "cross_replace_words": "", "self_replace": 0.5, "reweight": "square:2",
             "blend_words": "circle", "blend_words_edit": "square", "blend_start": 0.2, "blend_threshold": 0.3,
             "target_uncond": vp.TARGET_UNCOND[0], "null_text": ["nt", 0]}},

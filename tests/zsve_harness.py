@@ -285,3 +285,16 @@ def make_tiny_controlnet(model, seed: int = 0):
     cn = comfy.cldm.cldm.ControlNet(**cfg)
     init_module_(cn, seed + 7)
     return comfy.controlnet.ControlNet(cn, load_device=torch.device("cpu"), manual_cast_dtype=None)
+
+
+_PAIRS: dict = {}
+
+
+def prompt_pair(clip, source: str, edit: str, negative: str = ""):
+    """The prompt pair Edit Prompts makes (cached per CLIP and texts)."""
+    from zsve.nodes.prompts import make_prompt_pair
+
+    key = (id(clip), source, edit, negative)
+    if key not in _PAIRS:
+        _PAIRS[key] = make_prompt_pair(clip, source, edit, negative)
+    return _PAIRS[key]

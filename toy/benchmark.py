@@ -67,6 +67,11 @@ def _pack():
     return boot.load_pack()
 
 
+def prompt_pair(clip, source: str, edit: str, negative: str = ""):
+    """Edit Prompts' prompt pair (the attention-control nodes read their word positions from it)."""
+    return _pack().nodes.prompts.make_prompt_pair(clip, source, edit, negative)
+
+
 def encode_text(clip, text: str):
     import nodes
 

@@ -29,7 +29,7 @@ def measure(model, clip, vae, clips: int = 5, frames: int = 4, steps: int = 20, 
     import torch
 
     from . import scenes
-    from .benchmark import BenchSpec, _pack, decode, encode_frames, encode_text, invert, sample_from
+    from .benchmark import BenchSpec, _pack, decode, encode_frames, encode_text, invert, prompt_pair, sample_from
 
     fz = _pack().nodes.fatezero
     m = fz.TemporalSelfAttentionPatch.execute(model, mode="middle", include_own_frame=False,
@@ -44,7 +44,7 @@ def measure(model, clip, vae, clips: int = 5, frames: int = 4, steps: int = 20, 
         pos, neg = encode_text(clip, c.prompt), encode_text(clip, "")
         z_T, inv = invert(store_model, encode_frames(vae, src), pos, spec)
         plain = decode(vae, sample_from(m, z_T, pos, neg, spec))
-        blend = fz.AttentionBlend.execute(m, inv, clip, source_prompt=c.prompt, edit_prompt=c.prompt, mode="replace",
+        blend = fz.AttentionBlend.execute(m, inv, prompt_pair(clip, c.prompt, c.prompt), mode="replace",
                                           cross_replace=1.0, cross_replace_words="", self_replace_start=0.0,
                                           self_replace_end=1.0, reweight="", blend_words="", blend_threshold=0.3,
                                           only_cond=only_cond).result[0]

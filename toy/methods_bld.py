@@ -20,6 +20,7 @@ from .benchmark import (
     encode_frames,
     encode_text,
     invert,
+    prompt_pair,
     register,
     sample_from,
 )
@@ -58,7 +59,8 @@ def bld_attention(model, clip, vae, frames, source_prompt, edit_prompt, spec):
     # dilation 1: on the toy's 16x16 latent one latent pixel is 8 px, and the mask recipe's 3x3 max-pool
     # already grows the map by one latent pixel; the node default 3 (SD1.5's 64x64 latent) adds another ring.
     # Measured (toy/RESULTS.md): dilation 3 -> 27.7 dB bg, 60% edit ok; dilation 1 -> 30.8 dB, 32%.
-    kw = dict(mask_source="cross-attention", clip=clip, prompt=edit_prompt, words=edit_words(spec), threshold=0.3,
+    kw = dict(mask_source="cross-attention", prompts=prompt_pair(clip, source_prompt, edit_prompt, spec.negative_prompt),
+              words=edit_words(spec), threshold=0.3,
               dilation=1, temporal_radius=1)
     return _blend_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, kw)
 

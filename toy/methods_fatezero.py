@@ -30,7 +30,17 @@ reaches only the toy's 8x8 layers and the rows keep little (docs/fatezero.md has
 
 from __future__ import annotations
 
-from .benchmark import BenchSpec, _pack, decode, encode_frames, encode_text, invert, register, sample_from
+from .benchmark import (
+    BenchSpec,
+    _pack,
+    decode,
+    encode_frames,
+    encode_text,
+    invert,
+    prompt_pair,
+    register,
+    sample_from,
+)
 from .methods_bld import edit_words
 
 TEMPORAL_MODE = "middle"
@@ -64,15 +74,16 @@ def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
                                             memory_budget_gb=0.0).result[0]
     z_T, inv = invert(store_model, latent, encode_text(clip, source_prompt), spec)
     reweight = ", ".join(f"{w}:{blend['eq']}" for w in added_words(spec)) if blend.get("eq") else ""
-    args = dict(source_prompt=source_prompt, edit_prompt=edit_prompt, mode=blend["mode"],
+    pair = prompt_pair(clip, source_prompt, edit_prompt, spec.negative_prompt)
+    args = dict(mode=blend["mode"],
                 cross_replace=blend["cross"], cross_replace_words="", self_replace_start=0.0,
                 self_replace_end=blend["self"], reweight=reweight, blend_words=blend.get("blend_words", ""),
                 blend_threshold=0.3, only_cond=True)
-    edit_model, source_mask = fz.AttentionBlend.execute(m, inv, clip, **args).result
+    edit_model, source_mask = fz.AttentionBlend.execute(m, inv, pair, **args).result
     if blend.get("latent_blend"):
         edit_model, _, _ = _pack().nodes.blend.apply_latent_blend(
             edit_model, inv, mask_source="union", start=0.2, end=0.8, threshold=0.3, dilation=1,
-            clip=clip, prompt=edit_prompt, words=edit_words(spec), mask=source_mask)
+            prompts=pair, words=edit_words(spec), mask=source_mask)
     pos, neg = encode_text(clip, edit_prompt), encode_text(clip, spec.negative_prompt)
     return decode(vae, sample_from(edit_model, z_T, pos, neg, spec))
 

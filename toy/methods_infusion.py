@@ -13,7 +13,17 @@ features and blocks 1-3 for attention; the windows are the node defaults (S1 0.5
 
 from __future__ import annotations
 
-from .benchmark import BenchSpec, _pack, decode, encode_frames, encode_text, invert, register, sample_from
+from .benchmark import (
+    BenchSpec,
+    _pack,
+    decode,
+    encode_frames,
+    encode_text,
+    invert,
+    prompt_pair,
+    register,
+    sample_from,
+)
 
 TEMPORAL_MODE = "middle"
 TOY_LAYERS = dict(feature_blocks="1", attention_blocks="1-3", feature_end=0.5, kv_end=0.8)
@@ -39,7 +49,8 @@ def infusion_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     inject = dict(strength=1.0, alpha=0.5, mask_threshold=0.3, inject_uncond=True)
     inject.update({k: v for k, v in overrides.items() if k in inject})
     concepts = overrides.get("concepts", concepts_of(source_prompt, edit_prompt))
-    edit_model, masks = nodes_inf.InFusionInject.execute(m, inv, clip, source_prompt, edit_prompt, concepts,
+    pair = prompt_pair(clip, source_prompt, edit_prompt, spec.negative_prompt)
+    edit_model, masks = nodes_inf.InFusionInject.execute(m, inv, pair, concepts,
                                                          **layers, **inject).result
     pos, neg = encode_text(clip, edit_prompt), encode_text(clip, spec.negative_prompt)
     out = decode(vae, sample_from(edit_model, z_T, pos, neg, spec))

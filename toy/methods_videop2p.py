@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .benchmark import BenchSpec, _pack, decode, encode_frames, encode_text, invert, register
+from .benchmark import BenchSpec, _pack, decode, encode_frames, invert, prompt_pair, register
 from .methods_fatezero import source_words
 
 
@@ -30,12 +30,12 @@ def videop2p_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     vp, fz = pack.nodes.videop2p, pack.nodes.fatezero
     m = fz.TemporalSelfAttentionPatch.execute(model, mode="first", include_own_frame=False,
                                               min_channels=0).result[0]
-    src, edit = encode_text(clip, source_prompt), encode_text(clip, edit_prompt)
-    neg = encode_text(clip, spec.negative_prompt)
+    pair = prompt_pair(clip, source_prompt, edit_prompt, spec.negative_prompt)
+    src, neg = pair.source.conditioning, pair.negative.conditioning
     z_T, inv = invert(m, encode_frames(vae, frames), src, spec)
     nt = vp.run_null_text(m, inv, src, neg, spec.cfg, 10, 1e-5, disable_pbar=True) if null_text else None
     guider = vp.VideoP2PGuiderNode.execute(
-        m, inv, src, edit, neg, clip, source_prompt, edit_prompt, spec.cfg, "refine", 0.2, "", 0.5, "",
+        m, inv, pair, spec.cfg, "refine", 0.2, "", 0.5, "",
         source_words(spec), "", 0.2, 0.3, vp.TARGET_UNCOND[0], null_text=nt).result[0]
     ms = m.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, spec.scheduler, spec.steps).cpu()
