@@ -128,14 +128,19 @@ def test_word_positions_from_comfyui_tokenizer(tiny_clip):
     from transformers import CLIPTokenizer
 
     assert isinstance(tiny_clip.tokenizer.clip_l.tokenizer, CLIPTokenizer)
-    pos, per_word = blend_nodes.word_token_positions(tiny_clip, "a photo of a tabby cat", "tabby cat")
+    def pair(edit):
+        return prompt_pair(tiny_clip, "a photo", edit)
+
+    pos, per_word = blend_nodes.word_token_positions(pair("a photo of a tabby cat"), "tabby cat")
     assert pos == [5, 6]
-    pos, per_word = blend_nodes.word_token_positions(tiny_clip, "a (Red:1.3) hat, a red car", "red, car")
+    pos, per_word = blend_nodes.word_token_positions(pair("a (Red:1.3) hat, a red car"), "red, car")
     assert per_word == {"red": [2, 6], "car": [7]}
-    with pytest.raises(glue.ZSVEInputError, match="'dog' is not in the prompt"):
-        blend_nodes.word_token_positions(tiny_clip, "a photo of a cat", "dog")
+    with pytest.raises(glue.ZSVEInputError, match="'dog' is not in the edit prompt"):
+        blend_nodes.word_token_positions(pair("a photo of a cat"), "dog")
+    with pytest.raises(glue.ZSVEInputError, match="'cat' is not in the edit prompt.*only part of the word 'catwalk'"):
+        blend_nodes.word_token_positions(pair("a photo of a catwalk"), "cat")
     with pytest.raises(glue.ZSVEInputError, match="'words' is empty"):
-        blend_nodes.word_token_positions(tiny_clip, "a photo of a cat", " , ")
+        blend_nodes.word_token_positions(pair("a photo of a cat"), " , ")
 
 
 # --- through ComfyUI's samplers ----------------------------------------------------------------------------
@@ -290,7 +295,7 @@ def test_collected_maps_equal_an_independent_computation(tiny_model, tiny_clip, 
     finally:
         lb.MapCollector.add = orig
     assert len(seen) == STEPS and len(collected) == STEPS
-    pos = blend_nodes.word_token_positions(tiny_clip, EDIT, "green")[0]
+    pos = blend_nodes.word_token_positions(_pair(tiny_clip), "green")[0]
     for sigma, got in collected:
         q, k, cou = seen[sigma]
         heads = 2
@@ -652,12 +657,10 @@ def test_context_windows_give_every_frame_its_mask(tiny_model, tiny_clip, setup)
     assert torch.allclose(out[lm == 0], src[lm == 0], atol=1e-5)
 
 
-def test_a_prompt_that_is_not_the_positive_conditioning_is_reported(tiny_model, tiny_clip, setup, caplog):
-    import logging
-
+def test_a_positive_that_is_not_the_pairs_edit_prompt_is_refused(tiny_model, tiny_clip, setup):
+    """The mask words are located in the pair's edit prompt: a sampler sampling another positive is refused by
+    the edit contract (it was a log warning before the prompt pair)."""
     m, _ = _patch(tiny_model, setup, mask_source="cross-attention", prompts=_pair(tiny_clip), words="green")
-    with caplog.at_level(logging.WARNING):
-        _sample(m, setup, steps=STEPS)
-        assert "not the encoding of the blend's 'prompt'" not in caplog.text
+    _sample(m, setup, steps=STEPS)
+    with pytest.raises(glue.ZSVEInputError, match="positive CONDITIONING is not the edit prompt of the prompt"):
         _sample(m, dict(setup, pos=setup["src_pos"]), steps=STEPS)
-        assert "not the encoding of the blend's 'prompt'" in caplog.text
