@@ -59,7 +59,7 @@ from ..attention.videop2p import (
 )
 from ._attn_patch import PROCESSORS_KEY, ensure_dispatchers
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_choice, check_diffusion_model, timestep_of
-from .contract import ContractEntry, check_conditioning, check_edit_run, ui_warning
+from .contract import ContractEntry, check_conditioning, check_edit_run, conditioning_matches, ui_warning
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
 VP_CATEGORY = CATEGORY + "/Video-P2P"
@@ -463,6 +463,16 @@ class VideoP2PGuiderNode(io.ComfyNode):
                                tooltip="Unconditional embedding of the target branch: the empty prompt (Video-P2P's "
                                "decoupled guidance) or the source's null text (image Prompt-to-Prompt with null-text "
                                "inversion; with identical prompts the target then equals the source)."),
+                io.Conditioning.Input("source", optional=True,
+                                      tooltip="Optional: the source prompt's CONDITIONING after other nodes processed "
+                                      "it (e.g. ControlNet Apply on Edit Prompts' 'source'); it must carry the pair's "
+                                      "source prompt. Not connected: the pair's own."),
+                io.Conditioning.Input("edit", optional=True,
+                                      tooltip="Optional: the edit prompt's CONDITIONING after other nodes processed it "
+                                      "(e.g. ControlNet Apply); it must carry the pair's edit prompt."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Optional: the negative CONDITIONING after other nodes processed it; it "
+                                      "must carry the pair's negative prompt."),
                 NullTextType.Input("null_text", optional=True,
                                    tooltip="From Null-Text Optimize. Not connected: fast mode (the source branch uses "
                                    "its conditional prediction without guidance)."),
@@ -476,7 +486,8 @@ class VideoP2PGuiderNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, prompts, cfg, mode, cross_replace,
                 cross_replace_words, self_replace, reweight, blend_words, blend_words_edit, blend_start,
-                blend_threshold, target_uncond, null_text=None) -> io.NodeOutput:
+                blend_threshold, target_uncond, null_text=None, source=None, edit=None,
+                negative=None) -> io.NodeOutput:
         node = "VideoP2PGuider"
         check_diffusion_model(model, node)
         handler = model.model_options.get("context_handler")
@@ -533,7 +544,19 @@ class VideoP2PGuiderNode(io.ComfyNode):
             "inversion": inversion,
         }
         guider = VideoP2PGuider(m, settings)
-        guider.set_conds(pair.source.conditioning, pair.edit.conditioning, pair.negative.conditioning)
+        conds = []
+        for given, side, name in ((source, pair.source, "source"), (edit, pair.edit, "edit"),
+                                  (negative, pair.negative, "negative")):
+            if given is None:
+                conds.append(side.conditioning)
+                continue
+            if not given or not conditioning_matches([{"cross_attn": c[0]} for c in given], side.embedding):
+                raise ZSVEInputError(
+                    f"{node}: the '{name}' CONDITIONING does not carry the prompt pair's {name} prompt "
+                    f"({side.text!r}): connect Edit Prompts' '{name}' output (through ControlNet Apply or the like), "
+                    "or leave the input empty.")
+            conds.append(given)
+        guider.set_conds(*conds)
         guider.set_cfg(float(cfg))
         text = [f"Video-P2P: {'null-text' if null_text is not None else 'fast'} mode, cross mode {plan.cross_mode}"]
         return io.NodeOutput(guider, ui={"text": text + plan.notes})

@@ -125,15 +125,22 @@ def _with_controlnet(prompt: dict) -> dict:
     p = copy.deepcopy(prompt)
     frames = next(k for k, v in p.items() if v["class_type"] == "GetVideoComponents")
     p["cn"] = {"class_type": "ZSVETestProvide", "inputs": {"key": "compose_cn"}}
-    encoders = [k for k, v in p.items() if v["class_type"] == "CLIPTextEncode"]
-    for enc in encoders:
+    # every CONDITIONING output (CLIP Text Encode's, Edit Prompts' source / edit / negative) goes through ControlNet
+    # Apply; the Video-P2P guider takes the processed ones through its optional conditioning inputs
+    outs = [(k, 0) for k, v in p.items() if v["class_type"] == "CLIPTextEncode"]
+    outs += [(k, i) for k, v in p.items() if v["class_type"] == "EditPrompts" for i in range(3)]
+    for enc, slot in outs:
         for node in p.values():
             for name, val in node["inputs"].items():
-                if isinstance(val, list) and val[0] == enc:
-                    node["inputs"][name] = [f"cn_{enc}", 0]
-        p[f"cn_{enc}"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": [enc, 0],
-                                                                       "control_net": ["cn", 0],
-                                                                       "image": [frames, 0], "strength": 1.0}}
+                if isinstance(val, list) and val[0] == enc and val[1] == slot:
+                    node["inputs"][name] = [f"cn_{enc}_{slot}", 0]
+        p[f"cn_{enc}_{slot}"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": [enc, slot],
+                                                                             "control_net": ["cn", 0],
+                                                                             "image": [frames, 0], "strength": 1.0}}
+    pair = next((k for k, v in p.items() if v["class_type"] == "EditPrompts"), None)
+    for node in p.values():
+        if node["class_type"] == "VideoP2PGuider" and pair is not None:
+            node["inputs"].update(source=[f"cn_{pair}_0", 0], edit=[f"cn_{pair}_1", 0], negative=[f"cn_{pair}_2", 0])
     return p
 
 

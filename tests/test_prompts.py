@@ -125,3 +125,19 @@ def test_the_pair_drives_an_edit_and_a_mismatched_conditioning_is_refused(tiny_m
     # the inversion was made with another prompt than the pair's source
     with pytest.raises(GraphError, match="AttentionBlend.*inversion was made with another positive prompt"):
         run_prompt(_graph(invert_positive=("other", 0)))
+
+
+def test_video_p2p_takes_processed_conditionings_only_when_they_carry_the_pairs_prompts(tiny_model, tiny_clip):
+    import zsve.nodes._comfy as glue
+    import zsve.nodes.videop2p as vp
+
+    pair = make_prompt_pair(tiny_clip, SRC, EDIT)
+    _, inv = glue.run_inversion(tiny_model, {"samples": torch.randn(2, 4, 8, 8)}, pair.source.conditioning, None, 3,
+                                1.0, disable_pbar=True)
+    args = dict(cfg=7.5, mode="refine", cross_replace=0.2, cross_replace_words="", self_replace=0.5, reweight="",
+                blend_words="", blend_words_edit="", blend_start=0.2, blend_threshold=0.3,
+                target_uncond=vp.TARGET_UNCOND[0])
+    g = vp.VideoP2PGuiderNode.execute(tiny_model, inv, pair, edit=encode_text(tiny_clip, EDIT), **args).result[0]
+    assert torch.equal(g.original_conds["positive"][0]["cross_attn"], pair.edit.embedding)
+    with pytest.raises(ZSVEInputError, match="'edit' CONDITIONING does not carry the prompt pair's edit prompt"):
+        vp.VideoP2PGuiderNode.execute(tiny_model, inv, pair, edit=encode_text(tiny_clip, "a dog"), **args)
