@@ -15,6 +15,7 @@ import torch
 from comfy_api.latest import io
 
 from ._comfy import CATEGORY
+from ._compat import index_list_window, window_init_kwargs
 
 KEY_FRAMES = {"first and middle": ("first", "middle"), "first": ("first",), "middle": ("middle",), "none": ()}
 
@@ -24,7 +25,7 @@ class KeyFrameWindow(cw.IndexListContextWindow):
     window). `zsve_total_frames` lets temporal attention find the clip's middle frame."""
 
     def __init__(self, index_list: list[int], anchors: list[int], total_frames: int, dim: int = 0):
-        super().__init__(index_list, dim=dim)
+        super().__init__(index_list, dim=dim, **window_init_kwargs(total_frames))
         self.zsve_anchors = list(anchors)
         self.zsve_total_frames = int(total_frames)
 
@@ -57,7 +58,7 @@ class FrameBatchContextHandler(cw.IndexListContextHandler):
         added = getattr(window, "zsve_anchors", None)
         if added:  # fuse only the window's own frames: a key frame added for attention is not the window's
             keep = [p for p, i in enumerate(window.index_list) if i not in added]
-            own = cw.IndexListContextWindow([window.index_list[p] for p in keep], dim=self.dim)
+            own = index_list_window([window.index_list[p] for p in keep], self.dim, x_in.size(self.dim))
             sel = torch.as_tensor(keep, device=sub_conds_out[0].device)
             sub_conds_out = [o.index_select(self.dim, sel) for o in sub_conds_out]
             window = own
