@@ -1,11 +1,12 @@
 """Context windows over the frames of SD1.5-family video edits (frames are the latent batch).
 
-ComfyUI's core context-window handler is used as is, except for one thing: at this ComfyUI version
-(0.3.64) its `set_step` compares the whole per-frame sigma tensor with the schedule
-(`isclose(sample_sigmas, timestep)`), which only works when the batch is 1 (WAN, dim 2) — with frames as
-the batch (dim 0) it fails whenever the frame count differs from steps + 1. This node installs the core
-handler subclass with that comparison done on the (shared) sigma, through the same public model_options
-slot ContextWindowsManual uses.
+ComfyUI's core context-window handler is used as is, except for one thing: at ComfyUI 0.3.64 its
+`set_step` compares the whole per-frame sigma tensor with the schedule (`isclose(sample_sigmas, timestep)`),
+which only works when the batch is 1 (WAN, dim 2) — with frames as the batch (dim 0) it fails whenever the
+frame count differs from steps + 1 (0.8.0 compares the first sigma only, as this override does on every
+version). This node installs the core handler subclass with that comparison done on the (shared) sigma,
+through the same public model_options slot ContextWindowsManual uses. Windows are built through
+nodes/_compat.py (0.8.0's windows take the clip's frame count).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ class VideoContextWindows(io.ComfyNode):
                 "Video DDIM Invert and the edit sampler. The attention patches of this pack receive absolute "
                 "frame indices of each window, and the clip's first/middle frames are added to every window "
                 "(key_frames), so temporal key frames stay global. Same options as the core "
-                "Context Windows (Manual) node, with the frame dimension fixed (the core node fails at this "
-                "ComfyUI version when frames are the batch and the frame count differs from steps + 1)."
+                "Context Windows (Manual) node, with the frame dimension fixed (at ComfyUI 0.3.64 the core node "
+                "fails when frames are the batch and the frame count differs from steps + 1)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with context windows over its frames."),
