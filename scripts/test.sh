@@ -57,7 +57,13 @@ run_pytest() {
 run_pytest "" "$COMFYUI_PATH" "$logs/main.log" "$@"
 
 if [[ $compat == 1 ]]; then
-  mapfile -t extras < <(zsve_extra_comfyuis)
+  extras=()
+  if found="$(zsve_extra_comfyuis)"; then
+    [[ -z "$found" ]] || mapfile -t extras <<< "$found"
+  else
+    summaries+=("[zsve] COMFYUI_EXTRA_PATHS names a directory that is not a ComfyUI checkout: compat not run")
+    total_failed=$(( total_failed + 1 )); status=1
+  fi
   for extra in "${extras[@]}"; do
     [[ -n "$extra" ]] || continue
     echo "[zsve] compatibility pass: ComfyUI $(zsve_comfy_version "$extra") at $extra" >&2
