@@ -167,6 +167,7 @@ class _ServerStub:
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
+        self.sockets_metadata = {}  # read by the progress handler when a preview image is sent
         self.messages = []
 
     def send_sync(self, event, data, sid=None):
