@@ -19,6 +19,7 @@ from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
 from ..attention.attn import apply_probs, attention_probs
 from ..attention.processor import AttnCall
+from ._compat import attention_kwargs
 
 PROCESSORS_KEY = "zsve_processors"
 RECORDERS_KEY = "zsve_recorders"
@@ -73,7 +74,9 @@ class _Dispatcher:
     def _fallback(self, q, k, v, extra):
         if self.previous is not None:
             return self.previous(q, k, v, extra)
-        return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"))
+        # transformer_options (the block's extra options) where accepted, so attention overrides still apply
+        return optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                   **attention_kwargs(optimized_attention, extra))
 
     def make_call(self, q, extra) -> AttnCall:
         shape = extra.get("activations_shape") or extra.get("original_shape")

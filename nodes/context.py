@@ -1,11 +1,12 @@
 """Context windows over the frames of SD1.5-family video edits (frames are the latent batch).
 
-ComfyUI's core context-window handler is used as is, except for one thing: at this ComfyUI version
-(0.3.64) its `set_step` compares the whole per-frame sigma tensor with the schedule
-(`isclose(sample_sigmas, timestep)`), which only works when the batch is 1 (WAN, dim 2) — with frames as
-the batch (dim 0) it fails whenever the frame count differs from steps + 1. This node installs the core
-handler subclass with that comparison done on the (shared) sigma, through the same public model_options
-slot ContextWindowsManual uses.
+ComfyUI's core context-window handler is used as is, except for one thing: at ComfyUI 0.3.64 its
+`set_step` compares the whole per-frame sigma tensor with the schedule (`isclose(sample_sigmas, timestep)`),
+which only works when the batch is 1 (WAN, dim 2) — with frames as the batch (dim 0) it fails whenever the
+frame count differs from steps + 1 (0.8.0 compares the first sigma only, as this override does on every
+version). This node installs the core handler subclass with that comparison done on the (shared) sigma,
+through the same public model_options slot ContextWindowsManual uses. Windows are built through
+nodes/_compat.py (0.8.0's windows take the clip's frame count).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from comfy_api.latest import io
 
 from ._comfy import CATEGORY, check_choice
+from ._compat import index_list_window, window_init_kwargs
 
 SCHEDULES = [cw.ContextSchedules.STATIC_STANDARD, cw.ContextSchedules.UNIFORM_STANDARD,
              cw.ContextSchedules.UNIFORM_LOOPED, cw.ContextSchedules.BATCHED]
@@ -26,7 +28,7 @@ class KeyFrameWindow(cw.IndexListContextWindow):
     window). `zsve_total_frames` lets temporal attention find the clip's middle frame."""
 
     def __init__(self, index_list: list[int], anchors: list[int], total_frames: int, dim: int = 0):
-        super().__init__(index_list, dim=dim)
+        super().__init__(index_list, dim=dim, **window_init_kwargs(total_frames))
         self.zsve_anchors = list(anchors)
         self.zsve_total_frames = int(total_frames)
 
@@ -59,7 +61,7 @@ class FrameBatchContextHandler(cw.IndexListContextHandler):
         added = getattr(window, "zsve_anchors", None)
         if added:  # fuse only the window's own frames: a key frame added for attention is not the window's
             keep = [p for p, i in enumerate(window.index_list) if i not in added]
-            own = cw.IndexListContextWindow([window.index_list[p] for p in keep], dim=self.dim)
+            own = index_list_window([window.index_list[p] for p in keep], self.dim, x_in.size(self.dim))
             sel = torch.as_tensor(keep, device=sub_conds_out[0].device)
             sub_conds_out = [o.index_select(self.dim, sel) for o in sub_conds_out]
             window = own
@@ -81,8 +83,8 @@ class VideoContextWindows(io.ComfyNode):
                 "Video DDIM Invert and the edit sampler. The attention patches of this pack receive absolute "
                 "frame indices of each window, and the clip's first/middle frames are added to every window "
                 "(key_frames), so temporal key frames stay global. Same options as the core "
-                "Context Windows (Manual) node, with the frame dimension fixed (the core node fails at this "
-                "ComfyUI version when frames are the batch and the frame count differs from steps + 1)."
+                "Context Windows (Manual) node, with the frame dimension fixed (at ComfyUI 0.3.64 the core node "
+                "fails when frames are the batch and the frame count differs from steps + 1)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with context windows over its frames."),

@@ -105,7 +105,8 @@ class _NullTextSampler(comfy.samplers.Sampler):
         self.disable = disable
         self.result: NullText | None = None
 
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar=False):
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False, *args, **kwargs):
         guider = model_wrap
         inner = guider.inner_model
         mo = extra_args["model_options"]
@@ -247,7 +248,7 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"src_positive": source, "positive": edit, "negative": negative})
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
-               seed=None):
+               seed=None, *args, **kwargs):
         inv = self.settings.get("inversion")
         if inv is not None and sigmas.numel() > 1:
             entry = ContractEntry("VideoP2PGuider", inv)
@@ -263,7 +264,7 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
             def cb(step, x0, x, total):
                 return callback(step, x0[f:], x[f:], total)
         out = super().sample(torch.cat([noise, noise]), torch.cat([latent_image, latent_image]), sampler, sigmas,
-                             dm, cb, disable_pbar, seed)
+                             dm, cb, disable_pbar, seed, *args, **kwargs)
         run = self._run
         self.last_source = out[:f]
         self.last_mask = None if run.mask is None else run.mask.detach().to("cpu", copy=True)
@@ -287,7 +288,7 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
                             blend_threshold=s["blend_threshold"], blend_start=s["blend_start"])
         run.controller = VideoP2PController(run.plan, branch, run.frames, run.hw)
 
-    def predict_noise(self, x, timestep, model_options=None, seed=None):
+    def predict_noise(self, x, timestep, model_options=None, seed=None, *args, **kwargs):
         model_options = {} if model_options is None else model_options
         run = self._run
         if run is None or x.shape[0] != 2 * run.frames:

@@ -2,7 +2,6 @@
 # The project's main command: runs a shipped workflow headless (see scripts/demo.py --help).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-zsve_venv
-zsve_find_comfyui
+zsve_setup
 cd "$ZSVE_ROOT"
 exec "$PY" scripts/demo.py "$@"

@@ -43,6 +43,84 @@ zsve_venv() {
   export PY
 }
 
+# The requirements of a ComfyUI checkout itself (its requirements.txt), minus what the venv pins or headless tests
+# never import: torch/torchvision/torchaudio (pinned above, torchaudio has no matching build) and the UI's
+# frontend, workflow-templates and embedded-docs packages. Installed per checkout (a newer ComfyUI needs e.g.
+# comfy-kitchen), keyed by the filtered list so pip runs again only when those requirements change.
+ZSVE_COMFY_REQ_SKIP='^(torch|torchvision|torchaudio|comfyui-frontend-package|comfyui-workflow-templates.*|comfyui-embedded-docs)$'
+
+zsve_comfy_requirements_list() {
+  # Prints the checkout's requirements, filtered, one a line.
+  local req="$1/requirements.txt" line name
+  [ -f "$req" ] || return 0
+  while IFS= read -r line || [ -n "$line" ]; do
+    line="${line%%#*}"; line="$(echo "$line" | tr -d '[:space:]')"
+    [ -n "$line" ] || continue
+    [[ "$line" == -* ]] && continue
+    name="$(echo "$line" | sed -E 's/[<>=!~;\[].*$//' | tr '[:upper:]_' '[:lower:]-')"
+    [[ "$name" =~ $ZSVE_COMFY_REQ_SKIP ]] && continue
+    echo "$line"
+  done < "$req"
+}
+
+zsve_comfy_requirements() {
+  # Installs what the ComfyUI checkout $1 needs into the venv (zsve_venv first); torch/torchvision stay pinned.
+  local list stamp marker tmp
+  list="$(zsve_comfy_requirements_list "$1")"
+  [ -n "$list" ] || return 0
+  stamp="$(printf '%s\n%s\n' "$ZSVE_TORCH" "$list" | sha256sum | cut -c1-16)"
+  marker="$ZSVE_VENV/.zsve-comfy-req-$stamp"
+  [ -f "$marker" ] && return 0
+  echo "[zsve] installing the requirements of $1 into $ZSVE_VENV" >&2
+  tmp="$(mktemp -d)"
+  # shellcheck disable=SC2086
+  printf '%s\n' $ZSVE_TORCH > "$tmp/constraints.txt"
+  printf '%s\n' "$list" > "$tmp/requirements.txt"
+  if ! "$ZSVE_VENV/bin/python" -m pip install -q -c "$tmp/constraints.txt" -r "$tmp/requirements.txt" >&2; then
+    rm -rf "$tmp"
+    echo "[zsve] ERROR: could not install the requirements of $1 (see pip's message above)." >&2
+    return 1
+  fi
+  rm -rf "$tmp"
+  echo "$list" > "$marker"
+}
+
+zsve_comfy_version() {
+  # The version a ComfyUI checkout declares (comfyui_version.py, else pyproject.toml), or "unknown".
+  local v=""
+  [ -f "$1/comfyui_version.py" ] && v="$(sed -nE 's/^__version__ *= *["'"'"']([^"'"'"']+)["'"'"'].*/\1/p' "$1/comfyui_version.py" | head -1)"
+  [ -z "$v" ] && [ -f "$1/pyproject.toml" ] && v="$(sed -nE 's/^version *= *"([^"]+)".*/\1/p' "$1/pyproject.toml" | head -1)"
+  echo "${v:-unknown}"
+}
+
+zsve_extra_comfyuis() {
+  # The further ComfyUI checkouts for the compatibility pass, one a line: COMFYUI_EXTRA_PATHS (colon-separated;
+  # set but empty: none), else every other ~/comfy/ComfyUI* directory that is a ComfyUI checkout.
+  local main cand real seen=""
+  main="$(cd "$COMFYUI_PATH" && pwd -P)"
+  if [ -n "${COMFYUI_EXTRA_PATHS+x}" ]; then
+    local IFS=:
+    for cand in $COMFYUI_EXTRA_PATHS; do
+      [ -n "$cand" ] || continue
+      if ! zsve_is_comfy "$cand"; then
+        echo "[zsve] COMFYUI_EXTRA_PATHS: $cand is not a ComfyUI checkout (no comfy/model_management.py)." >&2
+        return 1
+      fi
+      real="$(cd "$cand" && pwd -P)"
+      [ "$real" = "$main" ] && continue
+      case ":$seen:" in *":$real:"*) continue ;; esac
+      seen="$seen:$real"; echo "$real"
+    done
+    return 0
+  fi
+  for cand in "$HOME"/comfy/ComfyUI*; do
+    [ -d "$cand" ] && zsve_is_comfy "$cand" || continue
+    real="$(cd "$cand" && pwd -P)"
+    [ "$real" = "$main" ] && continue
+    echo "$real"
+  done
+}
+
 zsve_is_comfy() { [ -f "$1/comfy/model_management.py" ] && [ -f "$1/execution.py" ]; }
 
 zsve_find_comfyui() {
@@ -77,4 +155,11 @@ zsve_find_comfyui() {
   Tested against ComfyUI commit $ZSVE_COMFYUI_REF (v0.3.64).
 MSG
   return 1
+}
+
+zsve_setup() {
+  # Everything a project command needs: ComfyUI located, the venv with its requirements. Exports PY, COMFYUI_PATH.
+  zsve_find_comfyui
+  zsve_venv
+  zsve_comfy_requirements "$COMFYUI_PATH"
 }

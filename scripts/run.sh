@@ -3,7 +3,6 @@
 # Usage: bash scripts/run.sh scripts/some_script.py [args...]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-zsve_venv
-zsve_find_comfyui
+zsve_setup
 cd "$ZSVE_ROOT"
 exec "$PY" "$@"

@@ -12,6 +12,33 @@ import pytest
 from zsve_boot import PACK, PACK_NODE_IDS  # boots ComfyUI before anything imports comfy
 from zsve_harness import make_tiny_clip, make_tiny_model, make_tiny_vae, run_prompt
 
+# The compatibility selection (`pytest -m compat`): what scripts/test.sh runs on every further ComfyUI checkout
+# (README, "Tested ComfyUI versions"). Kept short (about two minutes on 2 cores): the pack loads and every node
+# schema builds, every shipped workflow runs headless (test_workflows.py), the context windows (the handler, the
+# inversion, Video-P2P's windowed guider, one workflow with FateZero's store and latent blending under windows),
+# the attention dispatcher with and without processors, and tests/test_compat.py (the ComfyUI APIs the pack
+# builds on).
+COMPAT_MODULES = {"test_compat.py", "test_pack.py", "test_workflows.py", "test_attn_patch.py"}
+COMPAT_TESTS = {  # module::test (every parametrization) or module::test[param]
+    "test_composition.py::test_inversion_and_reconstruction_under_core_context_windows",
+    "test_composition.py::test_key_frames_join_every_window_and_are_fused_only_from_their_own",
+    "test_videop2p.py::test_context_windows_give_the_unwindowed_edit_without_temporal_attention",
+    "test_every_method_composes.py::test_workflow_under_context_windows[fatezero_local_latent_blend]",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compat: the compatibility selection run on every ComfyUI checkout "
+                                       "(scripts/test.sh)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        if module in COMPAT_MODULES or {f"{module}::{item.originalname}", f"{module}::{item.name}"} & COMPAT_TESTS:
+            item.add_marker(pytest.mark.compat)
+
 
 @pytest.fixture(scope="session")
 def pack():

@@ -9,7 +9,7 @@ import nodes
 import pytest
 import torch
 
-from zsve_harness import CAPTURED, run_prompt
+from zsve_harness import CAPTURED, OBJECTS, moving_square_frames, run_prompt, write_video
 from zsve_workflows import load_ui, shipped_prompt, ui_to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
@@ -65,3 +65,67 @@ def test_ui_to_api_maps_widgets_positionally():
     assert ks["return_with_leftover_noise"] == "disable"
     json.dumps(prompt)
     assert torch.is_tensor(torch.zeros(1))
+
+
+# The tiny UNet is narrower and shallower than SD1.5: settings of the shipped workflows adapted to it (as in
+# tests/test_every_method_composes.py), and few steps.
+TINY_SETTINGS = {"InFusionSource": dict(feature_blocks="1", attention_blocks="0-3"),
+                 "InFusionInject": dict(feature_blocks="1", attention_blocks="0-3"),
+                 "NullTextOptimize": dict(inner_steps=1), "TemporalSelfAttentionPatch": dict(min_channels=0)}
+PACK_TYPES = {"VideoDDIMInvert", "AttentionStore", "AttentionBlend", "TemporalSelfAttentionPatch",
+              "LatentBlendWithInversion", "NullTextOptimize", "VideoP2PGuider", "VideoP2PBranchOutputs",
+              "InFusionSource", "InFusionInject", "LatentBlendMaskPreview"}
+
+
+@pytest.fixture(scope="module")
+def headless_dirs(tmp_path_factory, tiny_model, tiny_clip, tiny_vae):
+    """Input/output folders for the shipped workflows: a 3-frame clip, a mask image, an empty LoRA file."""
+    import comfy.utils
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+
+    work = tmp_path_factory.mktemp("headless")
+    for d in ("in", "out", "loras"):
+        (work / d).mkdir()
+    write_video(moving_square_frames(frames=3, size=64), work / "in" / "input.mp4")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(np.stack([mask] * 3, -1), "RGB").save(work / "in" / "mask.png")
+    comfy.utils.save_torch_file({}, str(work / "loras" / "zsve_empty_lora.safetensors"))
+    folder_paths.add_model_folder_path("loras", str(work / "loras"))
+    old = folder_paths.get_input_directory(), folder_paths.get_output_directory()
+    folder_paths.set_input_directory(str(work / "in"))
+    folder_paths.set_output_directory(str(work / "out"))
+    OBJECTS["headless_ckpt"] = (tiny_model, tiny_clip, tiny_vae)
+    yield work
+    folder_paths.set_input_directory(old[0])
+    folder_paths.set_output_directory(old[1])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_every_shipped_workflow_runs_headless(headless_dirs, path):
+    """Each shipped workflow, as shipped (its SaveVideo and previews included), runs through ComfyUI's executor
+    on the tiny models: every node of the pack executes, the video is written, the decoded frames are finite."""
+    prompt = ui_to_api(load_ui(path), replace={"CheckpointLoaderSimple": {
+        "class_type": "ZSVETestCheckpoint", "inputs": {"key": "headless_ckpt"}}})
+    for node in prompt.values():
+        ct, inputs = node["class_type"], node["inputs"]
+        if isinstance(inputs.get("steps"), int):
+            inputs["steps"] = 3
+        inputs.update(TINY_SETTINGS.get(ct, {}))
+        if ct == "LoraLoader":
+            inputs["lora_name"] = "zsve_empty_lora.safetensors"
+        if ct == "LoadImageMask":
+            inputs.update(image="mask.png", channel="red")
+        if ct == "SaveVideo":
+            inputs["filename_prefix"] = f"headless/{path.stem}"
+    dec = next(k for k, v in prompt.items() if v["class_type"] == "VAEDecode")
+    prompt["cap"] = {"class_type": "ZSVETestCapture", "inputs": {"value": [dec, 0], "key": "headless_out"}}
+    res = run_prompt(prompt)
+    ran = {prompt[n]["class_type"] for n in res["executed"] | {str(c) for c in res["cached"]} if n in prompt}
+    ours = {v["class_type"] for v in prompt.values()} & PACK_TYPES
+    assert ours and ours <= ran, f"{path.name}: pack nodes that did not run: {ours - ran}"
+    out = CAPTURED["headless_out"]
+    assert out.shape[0] == 3 and torch.isfinite(out).all()
+    assert list((headless_dirs / "out" / "headless").glob(f"{path.stem}*.mp4")), f"{path.name} wrote no video"

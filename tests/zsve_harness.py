@@ -7,6 +7,7 @@ Imported after ComfyUI has been configured for CPU (tests/conftest.py or scripts
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
 
 import comfy.model_base
@@ -166,6 +167,7 @@ class _ServerStub:
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
+        self.sockets_metadata = {}  # read by the progress handler when a preview image is sent
         self.messages = []
 
     def send_sync(self, event, data, sid=None):
@@ -181,11 +183,21 @@ class GraphError(RuntimeError):
 _EXECUTOR = None
 
 
+def executor_kwargs() -> dict:
+    """PromptExecutor's keywords for ComfyUI's classic cache on this ComfyUI (feature-detected): newer versions
+    (0.8 on) take `cache_args` and read its "ram" (and, newer still, "ram_inactive") entries on every run, as
+    main.py passes them ({"lru": 0, "ram": 0} for the classic cache); older ones take `cache_size`."""
+    kw = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        kw["cache_args"] = {"lru": 0, "ram": 0.0, "ram_inactive": 0.0}
+    return kw
+
+
 def get_executor(fresh: bool = False):
     """One PromptExecutor with ComfyUI's classic cache, shared so that re-runs hit the cache."""
     global _EXECUTOR
     if _EXECUTOR is None or fresh:
-        _EXECUTOR = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC)
+        _EXECUTOR = execution.PromptExecutor(_ServerStub(), **executor_kwargs())
     return _EXECUTOR
 
 
