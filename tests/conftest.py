@@ -16,14 +16,18 @@ from zsve_harness import make_tiny_clip, make_tiny_model, make_tiny_vae, run_pro
 # (README, "Tested ComfyUI versions"). Kept short (about two minutes on 2 cores): the pack loads and every node
 # schema builds, every shipped workflow runs headless (test_workflows.py), the context windows (the handler, the
 # inversion, Video-P2P's windowed guider, one workflow with FateZero's store and latent blending under windows),
-# the attention dispatcher with and without processors, and tests/test_compat.py (the ComfyUI APIs the pack
-# builds on).
-COMPAT_MODULES = {"test_compat.py", "test_pack.py", "test_workflows.py", "test_attn_patch.py"}
+# the attention dispatcher with and without processors, tests/test_compat.py (the ComfyUI APIs the pack
+# builds on), Edit Prompts' tokenization (test_prompts.py) and the edit contract's wrapper on every method.
+COMPAT_MODULES = {"test_compat.py", "test_pack.py", "test_workflows.py", "test_attn_patch.py", "test_prompts.py"}
 COMPAT_TESTS = {  # module::test (every parametrization) or module::test[param]
     "test_composition.py::test_inversion_and_reconstruction_under_core_context_windows",
     "test_composition.py::test_key_frames_join_every_window_and_are_fused_only_from_their_own",
     "test_videop2p.py::test_context_windows_give_the_unwindowed_edit_without_temporal_attention",
     "test_every_method_composes.py::test_workflow_under_context_windows[fatezero_local_latent_blend]",
+    "test_contract.py::test_a_correct_run_passes_and_every_method_installs_the_contract",
+    "test_contract.py::test_noise_added_on_top_of_z_T_is_refused[add_noise enable-fatezero]",
+    "test_contract.py::test_fewer_steps_than_the_inversion_are_refused[10-5-videop2p]",
+    "test_contract.py::test_a_latent_that_is_not_the_inversions_z_T_is_warned_in_the_ui_text",
 }
 
 
