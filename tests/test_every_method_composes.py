@@ -76,8 +76,9 @@ def world(tmp_path_factory, tiny_model, tiny_clip, tiny_vae):
 
 
 def _base_prompt(path: Path, work: Path, mask: np.ndarray) -> dict:
-    prompt = ui_to_api(load_ui(path), replace={"CheckpointLoaderSimple": {
-        "class_type": "ZSVETestCheckpoint", "inputs": {"key": "compose_ckpt"}}})
+    prompt = ui_to_api(load_ui(path), replace={
+        "CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint", "inputs": {"key": "compose_ckpt"}},
+        "ControlNetLoader": {"class_type": "ZSVETestProvide", "inputs": {"key": "compose_cn"}}})
     for node in prompt.values():
         inputs, ct = node["inputs"], node["class_type"]
         if "steps" in inputs and isinstance(inputs["steps"], int):
