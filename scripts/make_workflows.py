@@ -243,8 +243,9 @@ def _fatezero_controlnet_lora() -> list[dict]:
             "widgets": {"lora_name": "your_lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
             "links": {"model": ("ckpt", 0), "clip": ("ckpt", 1)}, "title": "LoRA (put your file in models/loras)"}
     control = [
-        {"id": "canny", "type": "Canny", "widgets": {"low_threshold": 0.4, "high_threshold": 0.8},
+        {"id": "canny", "type": "Canny", "widgets": {"low_threshold": 0.2, "high_threshold": 0.4},
          "links": {"image": ("frames", 0)}, "title": "Canny edges of every frame (per-frame hints)"},
+        {"id": "show_edges", "type": "PreviewImage", "links": {"images": ("canny", 0)}, "title": "ControlNet hints"},
         {"id": "cnet", "type": "ControlNetLoader", "widgets": {"control_net_name": "control_v11p_sd15_canny.pth"},
          "title": "ControlNet (SD1.5 canny, in models/controlnet)"},
         {"id": "cn_src", "type": "ControlNetApplyAdvanced",
