@@ -97,7 +97,7 @@ def declared_additive(patch) -> bool:
     patches are known to (KNOWN_ADDITIVE_MODULES)."""
     if getattr(patch, "zsve_compose", None) == "additive":
         return True
-    module = (getattr(type(patch), "__module__", "") or "").lower()
+    module = (getattr(patch, "__module__", None) or getattr(type(patch), "__module__", "") or "").lower()
     return any(m in module for m in KNOWN_ADDITIVE_MODULES)
 
 
