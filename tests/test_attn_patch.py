@@ -144,3 +144,25 @@ def test_recording_processor_changes_nothing_and_input_model_untouched(tiny_mode
     assert all(not getattr(p.previous, "is_zsve_dispatcher", False) for p in replace.values())
     # a plain run afterwards is bit-identical to the one before: nothing stays patched
     assert torch.equal(_sample(tiny_model, tiny_clip), plain)
+
+
+def test_a_composition_warning_reaches_the_running_node(monkeypatch, caplog):
+    """warn_once: in the log and as the UI text of the node that is running (how ComfyUI's own nodes send text
+    while they run), once per key."""
+    import server
+    from comfy_execution.utils import CurrentNodeContext
+
+    from zsve.nodes import _attn_patch
+
+    sent = []
+
+    class Server:
+        def send_progress_text(self, text, node_id, sid=None):
+            sent.append((node_id, text))
+
+    monkeypatch.setattr(server.PromptServer, "instance", Server(), raising=False)
+    with caplog.at_level(logging.WARNING), CurrentNodeContext("prompt", "42"):
+        _attn_patch.warn_once(("test", id(sent)), "combined by the rule")
+        _attn_patch.warn_once(("test", id(sent)), "combined by the rule")
+    assert sent == [("42", "combined by the rule")]
+    assert [r.getMessage() for r in caplog.records].count("combined by the rule") == 1
