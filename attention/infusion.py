@@ -686,7 +686,8 @@ class InFusionController:
         t = call.timestep
         win = call.frame_index
         chunks = self._chunks(call.cond_or_uncond, call.frames, fusion=True)
-        if call.kind == "cross" and call.layer in self._mask_layers and i >= b - 1:
+        if call.kind == "cross" and call.layer in self._mask_layers and i >= b - 1 and not call.guidance:
+            # (the edit masks come from the main pass, never from another node's guidance pass)
             maps = self._edit_maps.setdefault(i, {})
             m = probs[chunks[0]].float().mean(1).detach()
             if win is not None:  # a context window writes its frames into the clip's map

@@ -231,7 +231,8 @@ class MapCollector:
 class BlendMapProcessor:
     """An attention processor (attention/processor.py) that reads cross-attention probabilities for the
     blend: active only for cross-attention at `layers` and only while the blend's wrapper has put a
-    collector for `key` into the call's transformer options. It never changes the attention."""
+    collector for `key` into the call's transformer options, and not in another node's guidance pass (PAG's
+    perturbed pass would otherwise add its maps to the step's mask). It never changes the attention."""
 
     def __init__(self, key: str, layers: Sequence[str]):
         self.key = key
@@ -245,7 +246,7 @@ class BlendMapProcessor:
 
     def active(self, call) -> bool:
         return call.kind == "cross" and call.layer in self.layers and 0 in call.cond_or_uncond \
-            and self._collector(call) is not None
+            and not call.guidance and self._collector(call) is not None
 
     def __call__(self, call, probs: torch.Tensor) -> None:
         self._collector(call).add(call, probs)

@@ -5,8 +5,16 @@ For every attention call of every transformer block the dispatcher builds an `At
 processor whether it is `active` for it. Only if one is, the probabilities are computed explicitly
 (float32, [B, heads, Nq, Nk]) and passed through the active processors in order; a processor returns
 None (it only read them, e.g. a recorder) or new probabilities (a controller). The output is then
-probs @ v. If none is active, the ordinary fast attention (or a replace patch that was already on the
-block) runs untouched.
+probs @ v. If none is active, the ordinary fast attention (or another pack's replace patch for the block)
+runs untouched; how the dispatcher combines a changed call with another pack's patch is described in
+nodes/_attn_patch.py and docs/ARCHITECTURE.md.
+
+Guidance passes: nodes such as PAG and SAG evaluate the model a second time inside their post-CFG
+function (a perturbed or blurred pass). Such calls carry `guidance=True`. Controllers act in them as in
+the main pass (the pass is then a perturbation of the *edited* model); anything that records (stores,
+mask collectors, running sums) must ignore them, or it would record the perturbed pass. In those passes
+`cond_or_uncond` gives the chunk's kind as in the main pass of the step (SAG's pass of the negative prompt
+reaches ComfyUI as chunk kind 0).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ class AttnCall:
     q: torch.Tensor | None = field(default=None, repr=False)
     k: torch.Tensor | None = field(default=None, repr=False)
     v: torch.Tensor | None = field(default=None, repr=False)  # the call's projected values (read-only)
+    guidance: bool = False  # a pass of another node's guidance (PAG, SAG, ...): control, but do not record
 
     @property
     def tokens(self) -> int:

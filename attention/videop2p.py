@@ -373,7 +373,7 @@ class VideoP2PController:
                 if a.any():
                     new = p2p.cross_control(src, tgt, a, self.plan.cross_mode, self.plan.mapper,
                                             self.plan.refine_alphas, self.plan.equalizer)
-                if self._records(call):
+                if self._records(call) and not call.guidance:  # Local Blend reads the main pass only
                     self._record(call, src, tgt if new is None else new)
             else:
                 new = p2p.self_fusion(tgt, src, None)

@@ -31,7 +31,14 @@ from ..attention.infusion import (
     make_plan,
     parse_blocks,
 )
-from ._attn_patch import PROCESSORS_KEY, RECORDERS_KEY, add_processor, add_record_spec
+from ._attn_patch import (
+    PROCESSORS_KEY,
+    RECORDERS_KEY,
+    add_processor,
+    add_record_spec,
+    chunk_kinds,
+    in_guidance_pass,
+)
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
 from .contract import install_contract
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
@@ -75,14 +82,14 @@ class ResBlockHooks:
         return self
 
     def _targets(self, to: dict, timesteps, batch: int) -> dict:
-        cou = list(to.get("cond_or_uncond") or [0])
+        cou = chunk_kinds(to)  # in a guidance pass (SAG's), the kinds of the main pass
         t = int(torch.as_tensor(timesteps).reshape(-1)[0].round().item())
         window = to.get("context_window")
         frame_index = list(window.index_list) if window is not None and hasattr(window, "index_list") else None
         found: dict = {}
         if self.controller is None:
             rec = (to.get(RECORDERS_KEY) or {}).get(RECORD_NAME)
-            if rec is None or to.get("sigmas") is None:
+            if rec is None or to.get("sigmas") is None or in_guidance_pass(to):
                 return {}
             step, total = edit_step(to.get("sample_sigmas"), to["sigmas"])
             found = rec.feature_targets(t, step, total, cou, batch, frame_index)

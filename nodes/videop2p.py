@@ -35,6 +35,7 @@ import math
 import comfy.conds
 import comfy.context_windows as cw
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 import torch
@@ -57,7 +58,7 @@ from ..attention.videop2p import (
     local_blend,
     optimize_null_text,
 )
-from ._attn_patch import PROCESSORS_KEY, ensure_dispatchers
+from ._attn_patch import PROCESSORS_KEY, begin_guidance_phase, ensure_dispatchers
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_choice, check_diffusion_model, timestep_of
 from .contract import ContractEntry, check_conditioning, check_edit_run, conditioning_matches, ui_warning
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
@@ -353,8 +354,20 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
             dc, du = comfy.samplers.calc_cond_batch(self.inner_model, conds(), x, timestep, mo)
         src_guidance = None if self.null_text is None else self.null_text.guidance
         den_src = dc[:f] if src_guidance is None else cfg(du[:f], dc[:f], src_guidance)
+        # The target's guidance; other nodes' post-CFG passes (PAG, SAG) evaluate the target branch again:
+        # _GuidancePasses gives them the source rows too, so the Prompt-to-Prompt control acts there as well.
+        begin_guidance_phase()
+        cond_list, uncond_list = [tgt], [neg]
+        mo_cfg = dict(mo)
+        to_cfg = dict(to)
+        to_cfg["wrappers"] = {t: {k: list(v) for k, v in d.items()} for t, d in (to.get("wrappers") or {}).items()}
+        comfy.patcher_extension.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "zsve_videop2p_guidance",
+            _GuidancePasses(x, timestep, f, handler, {id(cond_list): (c_src, c_tgt), id(uncond_list): (u_src, u_tgt)},
+                            cond_list), to_cfg)
+        mo_cfg["transformer_options"] = to_cfg
         den_tgt = comfy.samplers.cfg_function(self.inner_model, dc[f:], du[f:], self.cfg, x[f:], timestep[f:],
-                                              model_options=mo, cond=[tgt], uncond=[neg])
+                                              model_options=mo_cfg, cond=cond_list, uncond=uncond_list)
         den = torch.cat([den_src, den_tgt])
         s_next = float(ss[i + 1])
         if run.controller.branch.blends and i >= blend_start_step(n, s["blend_start"]):
@@ -372,15 +385,17 @@ def _windowed_eval(inner_model, handler, conds, x, timestep, mo, f):
     """Both branches under the frame context windows of `handler` (ComfyUI's IndexListContextHandler): the
     windows are laid over the F frames, each window is evaluated for the source and the target rows of its
     frames together (so P2P control and Local Blend see matching frames), and the results are fused per
-    branch with the handler's own fuse method and weights, identical for both branches."""
+    branch with the handler's own fuse method and weights, identical for both branches. `conds(n)` gives the
+    cond lists for a window of n frames; returns one [2F] result per list."""
     handler.set_step(timestep[:1], mo)
     windows = handler.get_context_windows(inner_model, x[:f], mo)
     relative = handler.fuse_method.name == cw.ContextFuseMethods.RELATIVE
-    finals = [torch.zeros_like(x[:f]) for _ in range(4)]  # cond src, cond tgt, uncond src, uncond tgt
+    lists = len(conds(1))
+    finals = [torch.zeros_like(x[:f]) for _ in range(2 * lists)]  # per list: source, target
     shape = cw.get_shape_for_dim(x[:f], handler.dim)
     counts = [torch.ones(shape, device=x.device) if relative else torch.zeros(shape, device=x.device)
-              for _ in range(4)]
-    biases = [[0.0] * f for _ in range(4)]
+              for _ in range(2 * lists)]
+    biases = [[0.0] * f for _ in range(2 * lists)]
     to = mo["transformer_options"]
     for wi, window in enumerate(windows):
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -389,12 +404,71 @@ def _windowed_eval(inner_model, handler, conds, x, timestep, mo, f):
         sel = torch.as_tensor(idx + [f + i for i in idx], device=x.device)
         mo_w = dict(mo)
         mo_w["transformer_options"] = dict(to, context_window=window)
-        c, u = comfy.samplers.calc_cond_batch(inner_model, conds(n), x[sel], timestep[sel], mo_w)
-        handler.combine_context_window_results(x[:f], [c[:n], c[n:], u[:n], u[n:]], None, window, wi, len(windows),
-                                               timestep[:f], finals, counts, biases)
+        outs = comfy.samplers.calc_cond_batch(inner_model, conds(n), x[sel], timestep[sel], mo_w)
+        parts = [part for o in outs for part in (o[:n], o[n:])]
+        handler.combine_context_window_results(x[:f], parts, None, window, wi, len(windows), timestep[:f], finals,
+                                               counts, biases)
     if not relative:
         finals = [v / counts[k].to(v) for k, v in enumerate(finals)]
-    return torch.cat(finals[:2]), torch.cat(finals[2:])
+    return [torch.cat(finals[2 * j:2 * j + 2]) for j in range(lists)]
+
+
+class _GuidancePasses:
+    """CALC_COND_BATCH wrapper on the model options the guider hands to cfg_function for the target branch:
+    a post-CFG node's pass (PAG's perturbed pass, SAG's blurred one) evaluates the F target rows only. A pass
+    of the edit prompt is evaluated with the source rows of the step added in front (source latent, source
+    prompt), so the Prompt-to-Prompt control acts in it as in the main pass; its target half is returned. A
+    pass of other conditioning (SAG's of the negative prompt, never controlled) runs as a plain F-frame batch
+    under the model's context windows."""
+
+    def __init__(self, x, timestep, f, handler, texts: dict, cond_list):
+        self.x, self.timestep, self.f, self.handler = x, timestep, f, handler
+        self.texts = texts  # id(cond list) -> (source text embedding, target text embedding)
+        self.cond_list = cond_list
+        self.busy = False
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+        f = self.f
+        if self.busy or x_in.shape[0] != f:
+            return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+        to = model_options.get("transformer_options", {})
+        if not any(c is self.cond_list for c in conds):
+            mo = dict(model_options)
+            mo["transformer_options"] = {k: v for k, v in to.items() if k != BRANCHES_KEY}
+            if self.handler is not None:
+                mo["context_handler"] = self.handler
+            self.busy = True
+            try:
+                return comfy.samplers.calc_cond_batch(model, conds, x_in, timestep, mo)
+            finally:
+                self.busy = False
+        x2 = torch.cat([self.x[:f].to(x_in), x_in])
+        t2 = torch.cat([self.timestep[:f].to(timestep), timestep])
+
+        def expand(n=f):
+            out = []
+            for c in conds:
+                texts = self.texts.get(id(c))
+                if texts is None:
+                    raise ZSVEInputError("VideoP2PGuider: another node's guidance pass evaluated the edit prompt together "
+                                         "with conditioning the guider does not know; it cannot add the source branch "
+                                         "to that pass.")
+                src, tgt = texts
+                out.append([_with_crossattn(c[0], torch.cat([src[:1].expand(n, -1, -1), tgt[:1].expand(n, -1, -1)]))])
+            return out
+
+        self.busy = True
+        try:
+            if self.handler is not None and self.handler.should_use_context(model, [], x_in, timestep, model_options):
+                outs = _windowed_eval(model, self.handler, expand, x2, t2, model_options, f)
+            else:
+                outs = executor(model, expand(), x2, t2, model_options, *args, **kwargs)
+        finally:
+            self.busy = False
+        return [o[f:] for o in outs]
 
 
 def _check_unit(v: float, name: str):

@@ -7,7 +7,9 @@ Run: `bash scripts/run.sh scripts/make_thumbnails.py [--steps 20] [--frames 4] [
 Substitutions for the toy world: the checkpoint loader gives the toy model; Temporal Self-Attention's
 min_channels is 0 (the toy UNet is narrower than SD1.5); InFusion's blocks are the toy UNet's decoder
 (feature block 1, attention blocks 0-3); a LoRA loader gets an empty LoRA (there is no LoRA for the toy
-model); a user-mask input gets the union of the object's ground-truth masks over the clip.
+model); a user-mask input gets the union of the object's ground-truth masks over the clip; a ControlNet loader gets
+a ControlNet of the toy model's shape whose zero convolutions are zero, as at the start of ControlNet training
+(there is no trained ControlNet for the toy model: the graph runs with it, and it changes nothing).
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import zsve_boot  # noqa: E402,F401  (boots ComfyUI, loads the pack as `zsve`; must come first)
+
+
+def inert_controlnet(model):
+    """A ControlNet shaped for `model` (built through ComfyUI's classes) with zero zero-convolutions: no effect."""
+    from zsve_harness import make_tiny_controlnet
+
+    cn = make_tiny_controlnet(model)
+    for module in list(cn.control_model.zero_convs) + [cn.control_model.middle_block_out]:
+        for param in module.parameters():
+            param.data.zero_()
+    return cn
 
 
 def main():
@@ -56,13 +69,16 @@ def main():
     Image.fromarray(np.stack([(union * 255).astype(np.uint8)] * 3, -1), "RGB").save(tmp / "in" / "mask.png")
     comfy.utils.save_torch_file({}, str(tmp / "loras" / "empty_lora.safetensors"))
     OBJECTS["ckpt"] = (model, clip, vae)
+    OBJECTS["inert_controlnet"] = inert_controlnet(model)
     names = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
     if a.only:
         names = [n for n in names if n in a.only.split(",")]
     for name in names:
         prompt = ui_to_api(load_ui(ROOT / "workflows" / f"{name}.json"),
                            replace={"CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint",
-                                                              "inputs": {"key": "ckpt"}}})
+                                                              "inputs": {"key": "ckpt"}},
+                                    "ControlNetLoader": {"class_type": "ZSVETestProvide",
+                                                         "inputs": {"key": "inert_controlnet"}}})
         previews = []
         for node in list(prompt.values()):
             ct, inputs = node["class_type"], node["inputs"]

@@ -1,6 +1,7 @@
 """Generate the drag-and-drop (UI-format) workflows in workflows/ from compact specs.
 
-Run: `bash scripts/run.sh scripts/make_workflows.py` (boots ComfyUI to read the node schemas).
+Run: `bash scripts/run.sh scripts/make_workflows.py [name,...]` (boots ComfyUI to read the node schemas; with
+names, only those workflows are written).
 Each spec lists nodes in execution order; widgets not given take the node's defaults.
 """
 
@@ -234,6 +235,49 @@ FATEZERO_LOCAL_LATENT_BLEND = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsv
                                              latent_blend_words="yellow circle")
 
 
+# Composition with core ControlNet and a LoRA (issue 17): FateZero's local attribute edit on a LoRA-adapted model,
+# with the Canny edges of every source frame as per-frame ControlNet hints, on the inversion's prompt and on the
+# edit's prompts alike (the store is recorded under the same control the edit samples with).
+def _fatezero_controlnet_lora() -> list[dict]:
+    spec = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_controlnet_lora")
+    lora = {"id": "lora", "type": "LoraLoader",
+            "widgets": {"lora_name": "your_lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
+            "links": {"model": ("ckpt", 0), "clip": ("ckpt", 1)}, "title": "LoRA (put your file in models/loras)"}
+    control = [
+        {"id": "canny", "type": "Canny", "widgets": {"low_threshold": 0.2, "high_threshold": 0.4},
+         "links": {"image": ("frames", 0)}, "title": "Canny edges of every frame (per-frame hints)"},
+        {"id": "show_edges", "type": "PreviewImage", "links": {"images": ("canny", 0)}, "title": "ControlNet hints"},
+        {"id": "cnet", "type": "ControlNetLoader", "widgets": {"control_net_name": "control_v11p_sd15_canny.pth"},
+         "title": "ControlNet (SD1.5 canny, in models/controlnet)"},
+        {"id": "cn_src", "type": "ControlNetApplyAdvanced",
+         "widgets": {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
+         "links": {"positive": ("src", 0), "negative": ("neg", 0), "control_net": ("cnet", 0), "image": ("canny", 0)},
+         "title": "ControlNet on the inversion's prompt"},
+        {"id": "cn_edit", "type": "ControlNetApplyAdvanced",
+         "widgets": {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
+         "links": {"positive": ("edit", 0), "negative": ("neg", 0), "control_net": ("cnet", 0), "image": ("canny", 0)},
+         "title": "ControlNet on the edit's prompts"},
+    ]
+    out = []
+    for node in spec:
+        node = {**node, "links": {k: (("lora", v[1]) if v[0] == "ckpt" and v[1] in (0, 1) else v)
+                                  for k, v in node.get("links", {}).items()}}
+        if node["id"] == "invert":
+            node["links"]["positive"] = ("cn_src", 0)
+        if node["id"] == "sample":
+            node["links"].update(positive=("cn_edit", 0), negative=("cn_edit", 1))
+        out.append(node)
+        if node["id"] == "ckpt":
+            out.append(lora)
+        if node["id"] == "neg":
+            out.extend(control)
+    assert all(c in out for c in control), "the ControlNet nodes go after the prompts of the shared front"
+    return out
+
+
+FATEZERO_CONTROLNET_LORA = _fatezero_controlnet_lora()
+
+
 WORKFLOWS = {
     "invert_and_reconstruct": ("Invert and reconstruct a video", INVERT_AND_RECONSTRUCT),
     "bld_local_edit_attention_mask": ("Blended latent local edit, mask from cross-attention",
@@ -248,13 +292,18 @@ WORKFLOWS = {
     "fatezero_local_latent_blend": ("FateZero local edit with latent blending (blended self-attention, latents "
                                     "outside the source/edit word masks kept on the inversion)",
                                     FATEZERO_LOCAL_LATENT_BLEND),
+    "fatezero_controlnet_lora": ("FateZero local edit on a LoRA with core ControlNet (Canny edges of every frame)",
+                                 FATEZERO_CONTROLNET_LORA),
 }
 
 
 def main():
     out_dir = ROOT / "workflows"
     out_dir.mkdir(exist_ok=True)
+    only = set(sys.argv[1].split(",")) if len(sys.argv) > 1 else None  # e.g. fatezero_controlnet_lora
     for name, (title, spec) in WORKFLOWS.items():
+        if only is not None and name not in only:
+            continue
         path = out_dir / f"{name}.json"
         path.write_text(json.dumps(build_ui(spec, title), indent=1) + "\n")
         print(f"wrote {path}")
