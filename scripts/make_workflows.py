@@ -251,11 +251,11 @@ def _fatezero_controlnet_lora() -> list[dict]:
          "title": "ControlNet (SD1.5 canny, in models/controlnet)"},
         {"id": "cn_src", "type": "ControlNetApplyAdvanced",
          "widgets": {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
-         "links": {"positive": ("src", 0), "negative": ("neg", 0), "control_net": ("cnet", 0), "image": ("canny", 0)},
+         "links": {"positive": SRC, "negative": NEG, "control_net": ("cnet", 0), "image": ("canny", 0)},
          "title": "ControlNet on the inversion's prompt"},
         {"id": "cn_edit", "type": "ControlNetApplyAdvanced",
          "widgets": {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
-         "links": {"positive": ("edit", 0), "negative": ("neg", 0), "control_net": ("cnet", 0), "image": ("canny", 0)},
+         "links": {"positive": EDIT, "negative": NEG, "control_net": ("cnet", 0), "image": ("canny", 0)},
          "title": "ControlNet on the edit's prompts"},
     ]
     out = []
@@ -269,7 +269,7 @@ def _fatezero_controlnet_lora() -> list[dict]:
         out.append(node)
         if node["id"] == "ckpt":
             out.append(lora)
-        if node["id"] == "neg":
+        if node["id"] == "prompts":
             out.extend(control)
     assert all(c in out for c in control), "the ControlNet nodes go after the prompts of the shared front"
     return out
