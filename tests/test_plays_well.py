@@ -243,6 +243,7 @@ def graph(method: str, before=(), after=(), inv_mods=(), ours=None) -> dict:
         "src": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": SRC}},
         "edit": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": EDIT}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": ""}},
+        "pp": {"class_type": "EditPrompts", "inputs": {"clip": ["clip", 0], "source_text": SRC, "edit_text": EDIT}},
     }
     inv_model = _chain(p, ["ckpt", 0], inv_mods, "im")
     blocks = {"feature_blocks": "1", "attention_blocks": "0-3", "feature_end": 0.5, "kv_end": 0.75}
@@ -259,12 +260,12 @@ def graph(method: str, before=(), after=(), inv_mods=(), ours=None) -> dict:
     m = _chain(p, ["ckpt", 0], before, "b")
     if method == "fatezero":
         p["ours"] = {"class_type": "AttentionBlend", "inputs": {
-            "model": m, "inversion": ["inv", 1], "clip": ["clip", 0], "source_prompt": SRC, "edit_prompt": EDIT,
+            "model": m, "inversion": ["inv", 1], "prompts": ["pp", 3],
             "mode": "refine", "cross_replace": 1.0, "cross_replace_words": "", "self_replace_start": 0.0,
             "self_replace_end": 1.0, "reweight": "", "blend_words": "", "blend_threshold": 0.3, "only_cond": True}}
     elif method == "infusion":
         p["ours"] = {"class_type": "InFusionInject", "inputs": {
-            "model": m, "inversion": ["inv", 1], "clip": ["clip", 0], "source_prompt": SRC, "edit_prompt": EDIT,
+            "model": m, "inversion": ["inv", 1], "prompts": ["pp", 3],
             "concepts": "red->yellow", "strength": 1.0, "alpha": 0.5, "mask_threshold": 0.3, "inject_uncond": True,
             **blocks}}
     elif method == "blend":
@@ -273,7 +274,7 @@ def graph(method: str, before=(), after=(), inv_mods=(), ours=None) -> dict:
         p["mask"] = {"class_type": "ZSVETestProvide", "inputs": {"key": "pw_mask"}}
         p["ours"] = {"class_type": "LatentBlendWithInversion", "inputs": {
             "model": m, "inversion": ["inv", 1], "mask_source": "union", "start": 0.0, "end": 1.0,
-            "threshold": 0.95, "dilation": 1, "temporal_smoothing": 0, "clip": ["clip", 0], "prompt": EDIT,
+            "threshold": 0.95, "dilation": 1, "temporal_smoothing": 0, "prompts": ["pp", 3],
             "words": "yellow circle", "mask": ["mask", 0]}}
     elif method == "videop2p":
         # the guider installs the pack's patches when it runs: "after" is after Temporal Self-Attention
@@ -287,8 +288,8 @@ def graph(method: str, before=(), after=(), inv_mods=(), ours=None) -> dict:
         m_out = _chain(p, ["ours", 0], after, "a")
     if method == "videop2p":
         p["guider"] = {"class_type": "VideoP2PGuider", "inputs": {
-            "model": m_out, "source": ["src", 0], "edit": ["edit", 0], "negative": ["neg", 0], "clip": ["clip", 0],
-            "source_prompt": SRC, "edit_prompt": EDIT, "cfg": 5.0, "mode": "replace", "cross_replace": 0.8,
+            "model": m_out, "inversion": ["inv", 1], "prompts": ["pp", 3], "source": ["src", 0], "edit": ["edit", 0],
+            "negative": ["neg", 0], "cfg": 5.0, "mode": "replace", "cross_replace": 0.8,
             "cross_replace_words": "", "self_replace": 0.6, "reweight": "", "blend_words": "", "blend_words_edit": "",
             "blend_start": 0.2, "blend_threshold": 0.3, "target_uncond": "empty prompt (Video-P2P)"}}
         p["noise"] = {"class_type": "DisableNoise", "inputs": {}}

@@ -9,7 +9,7 @@ import nodes
 import pytest
 import torch
 
-from zsve_harness import CAPTURED, OBJECTS, moving_square_frames, run_prompt, write_video
+from zsve_harness import CAPTURED, OBJECTS, make_tiny_controlnet, moving_square_frames, run_prompt, write_video
 from zsve_workflows import load_ui, shipped_prompt, ui_to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
@@ -98,6 +98,7 @@ def headless_dirs(tmp_path_factory, tiny_model, tiny_clip, tiny_vae):
     folder_paths.set_input_directory(str(work / "in"))
     folder_paths.set_output_directory(str(work / "out"))
     OBJECTS["headless_ckpt"] = (tiny_model, tiny_clip, tiny_vae)
+    OBJECTS["headless_cn"] = make_tiny_controlnet(tiny_model)
     yield work
     folder_paths.set_input_directory(old[0])
     folder_paths.set_output_directory(old[1])
@@ -107,8 +108,10 @@ def headless_dirs(tmp_path_factory, tiny_model, tiny_clip, tiny_vae):
 def test_every_shipped_workflow_runs_headless(headless_dirs, path):
     """Each shipped workflow, as shipped (its SaveVideo and previews included), runs through ComfyUI's executor
     on the tiny models: every node of the pack executes, the video is written, the decoded frames are finite."""
-    prompt = ui_to_api(load_ui(path), replace={"CheckpointLoaderSimple": {
-        "class_type": "ZSVETestCheckpoint", "inputs": {"key": "headless_ckpt"}}})
+    prompt = ui_to_api(load_ui(path), replace={
+        "CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint", "inputs": {"key": "headless_ckpt"}},
+        # no ControlNet file here: a tiny ControlNet built through ComfyUI's classes stands in for the loader
+        "ControlNetLoader": {"class_type": "ZSVETestProvide", "inputs": {"key": "headless_cn"}}})
     for node in prompt.values():
         ct, inputs = node["class_type"], node["inputs"]
         if isinstance(inputs.get("steps"), int):
