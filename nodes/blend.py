@@ -13,7 +13,6 @@ ddim_uniform, the inversion's steps) and SamplerCustomAdvanced drive the edit:
 
 from __future__ import annotations
 
-import logging
 import uuid
 
 import comfy.patcher_extension
@@ -44,7 +43,6 @@ from .contract import check_choice, check_finite, install_contract, requested_st
 from .prompts import PromptPair, PromptPairType, check_inversion_prompt, check_pair
 
 NODE = "LatentBlendWithInversion"
-log = logging.getLogger(__name__)
 BlendStateType = io.Custom("ZSVE_BLEND_STATE")
 
 

@@ -24,6 +24,7 @@ from comfy_api.latest import io
 
 from ..attention import align
 from ._comfy import CATEGORY, ZSVEInputError
+from .contract import conditioning_matches
 
 NODE = "EditPrompts"
 PromptPairType = io.Custom("ZSVE_PROMPT_PAIR")
@@ -217,9 +218,7 @@ def check_inversion_prompt(prompts: PromptPair, inversion, node: str) -> None:
     ref = getattr(inversion, "info", {}).get("positive_embedding")
     if ref is None:
         return
-    emb = prompts.source.embedding
-    if tuple(emb.shape) != tuple(ref.shape) or not torch.allclose(emb.detach().float().cpu(), ref.float(), atol=1e-4,
-                                                                  rtol=1e-4):
+    if not conditioning_matches([{"cross_attn": ref}], prompts.source.embedding):
         raise ZSVEInputError(
             f"{node}: the inversion was made with another positive prompt than the prompt pair's source "
             f"({prompts.source.text!r}): the recorded attention belongs to that other prompt. Connect Edit Prompts' "
