@@ -278,22 +278,126 @@ def _fatezero_controlnet_lora() -> list[dict]:
 FATEZERO_CONTROLNET_LORA = _fatezero_controlnet_lora()
 
 
+# --- stages, groups and notes ---------------------------------------------------------------------------
+# Every workflow reads in up to four rows, one group each: inputs, inversion (with what it records), the edit, the
+# outputs and previews. A node's stage is its spec's "stage", else the default of its id below.
+STAGE_OF_ID = {
+    "inputs": ("ckpt", "lora", "video", "frames", "encode", "prompts", "pos", "neg", "mask", "canny", "show_edges",
+               "cnet", "cn_src", "cn_edit"),
+    "invert": ("temporal", "store", "source", "invert", "nulltext"),
+    "edit": ("blend", "lblend", "inject", "guider", "noise", "ksampler", "sigmas", "sample"),
+    "outputs": ("decode", "create", "save", "preview", "show", "branches", "decode_src", "show_src", "mask_img",
+                "show_mask"),
+}
+STAGE_TITLES = {"inputs": "1  Inputs: video, model, prompts", "invert": "2  Inversion (source video -> noise)",
+                "edit": "3  Edit", "outputs": "4  Outputs and previews"}
+
+PROVIDE = ("**Provide**\n"
+           "- your video as `ComfyUI/input/input.mp4` (or pick another in *Load Video*); 8 frames at 512x512 is "
+           "the papers' size\n"
+           "- an SD1.5 checkpoint in `models/checkpoints` (`v1-5-pruned-emaonly.safetensors`: pick yours in "
+           "*Load Checkpoint*)")
+
+
+def _note(what: str, provide: str, change: str, settings: str = "") -> str:
+    return (f"## What this does\n{what}\n\n{PROVIDE}{provide}\n\n**Change first**\n{change}"
+            + (f"\n\n**The papers' settings**\n{settings}" if settings else ""))
+
+
+FZ_SETTINGS = ("- style (jeep_watercolor): mode `refine`, cross 0.8, self 0.0-0.8, the style word reweighted "
+               "x10 (`watercolor:10`), no blend words (full self-attention replacement)\n"
+               "- attribute (duck_rubber, squ_carrot): `refine`, cross 0.5-0.7, self 0.0-0.5, new words x10\n"
+               "- shape / local (jeep_posche): `replace`, cross 0.5, self 0.0-0.5, blend words = the source "
+               "words of the object, threshold 0.3; add latent blending for the cleanest background")
+PROMPTS_FIRST = ("- *Prompts*: the source text describes your video, the edit text the same with your change "
+                 "(same word count for a word swap)")
+
+
+def workflow(title: str, nodes: list[dict], note: str, **stage_titles: str) -> dict:
+    """One shipped workflow: its title, its nodes (execution order), its note; stage titles other than the
+    defaults by stage key (e.g. invert="2  Inversion + attention recorded")."""
+    stage = {i: k for k, ids in STAGE_OF_ID.items() for i in ids}
+    nodes = [{**n, "stage": n.get("stage") or stage[n["id"]]} for n in nodes]
+    return {"title": title, "nodes": nodes, "note": note,
+            "stages": [(k, stage_titles.get(k, t)) for k, t in STAGE_TITLES.items()]}
+
+
+FZ_INVERT = "2  Inversion, attention recorded (Attention Store)"
 WORKFLOWS = {
-    "invert_and_reconstruct": ("Invert and reconstruct a video", INVERT_AND_RECONSTRUCT),
-    "bld_local_edit_attention_mask": ("Blended latent local edit, mask from cross-attention",
-                                      _bld_local_edit("cross-attention")),
-    "bld_local_edit_user_mask": ("Blended latent local edit, user mask", _bld_local_edit("user mask")),
-    "videop2p_word_swap_null_text_local_blend": ("Video-P2P word swap with null-text optimisation and local blend",
-                                                 VIDEOP2P_WORD_SWAP),
-    "infusion_multi_concept_lora": ("InFusion multi-concept edit with a LoRA", INFUSION_MULTI_CONCEPT_LORA),
-    "fatezero_style_edit": ("FateZero style edit (attention fusion, full self-attention replacement)", FATEZERO_STYLE),
-    "fatezero_local_attribute_edit": ("FateZero local attribute edit (word swap, blended self-attention)",
-                                      FATEZERO_LOCAL),
-    "fatezero_local_latent_blend": ("FateZero local edit with latent blending (blended self-attention, latents "
-                                    "outside the source/edit word masks kept on the inversion)",
-                                    FATEZERO_LOCAL_LATENT_BLEND),
-    "fatezero_controlnet_lora": ("FateZero local edit on a LoRA with core ControlNet (Canny edges of every frame)",
-                                 FATEZERO_CONTROLNET_LORA),
+    "invert_and_reconstruct": workflow(
+        "Invert and reconstruct a video", INVERT_AND_RECONSTRUCT, _note(
+            "DDIM-inverts your video to noise with the source prompt, then samples it back with the same prompt "
+            "(cfg 1): the output should look like the input. Run it first to check the inversion on your clip.",
+            "", "- *Source prompt*: describe your video\n- *steps* on Video DDIM Invert and the sampler: the same "
+            "number (20; 50 in the papers)"),
+        edit="3  Reconstruct (sample back, same prompt)"),
+    "bld_local_edit_attention_mask": workflow(
+        "Blended latent local edit, mask from cross-attention", _bld_local_edit("cross-attention"), _note(
+            "A local edit (Blended Latent Diffusion): inside the region where the edited words attend, the edit "
+            "prompt; outside, the latents of the inversion, so the background stays as it was.",
+            "", PROMPTS_FIRST + "\n- *Latent Blend With Inversion*: `words` = the edited words of the edit "
+            "prompt (`yellow circle`); `threshold` (0.3) and `dilation` grow or shrink the region"),
+        edit="3  Edit, blended with the inversion outside the mask"),
+    "bld_local_edit_user_mask": workflow(
+        "Blended latent local edit, user mask", _bld_local_edit("user mask"), _note(
+            "A local edit (Blended Latent Diffusion) inside a mask you paint: inside, the edit prompt; outside, "
+            "the latents of the inversion.",
+            "\n- the mask as `ComfyUI/input/mask.png`: white (red channel) = edit, black = keep, one for all "
+            "frames", PROMPTS_FIRST + "\n- *Edit region*: your mask; *dilation* grows it"),
+        edit="3  Edit, blended with the inversion outside your mask"),
+    "videop2p_word_swap_null_text_local_blend": workflow(
+        "Video-P2P word swap with null-text optimisation and local blend", VIDEOP2P_WORD_SWAP, _note(
+            "Video-P2P: the source and the edit run side by side, the edit's attention driven by the source's "
+            "(word swap circle -> square); null-text optimisation makes the source branch reconstruct the video, "
+            "Local Blend keeps everything outside the edited words.",
+            "", PROMPTS_FIRST + "\n- *Video-P2P Guider*: `blend_words` (source) and `blend_words_edit` (edit) "
+            "= the swapped words; `reweight` (e.g. `square:2`)",
+            "- word swap: cross 0.2, self 0.5, Local Blend threshold 0.3, null text 10 inner steps, cfg 7.5\n"
+            "- attribute / style (words added): mode `refine`, reweight the new words"),
+        invert="2  Inversion + null-text optimisation", edit="3  Edit (source and edit branches together)"),
+    "infusion_multi_concept_lora": workflow(
+        "InFusion multi-concept edit with a LoRA", INFUSION_MULTI_CONCEPT_LORA, _note(
+            "InFusion: features and attention of the source injected into the edit, each edited concept fused "
+            "inside its own cross-attention mask (here two: the object's colour and the background's).",
+            "\n- a LoRA for your checkpoint in `models/loras` (named `infusion_lora.safetensors` here: pick "
+            "yours in the *LoRA* node; strength 0 to run without)",
+            PROMPTS_FIRST + "\n- *InFusion Inject*: `concepts` = `source word->edit word` pairs, comma-separated",
+            "- SD1.5 + LoRA, 50 DDIM steps, cfg 7.5; feature injection in the decoder's first block, attention "
+            "in the decoder (Plug-and-Play's choices where the paper is silent)"),
+        invert="2  Inversion, source features recorded", edit="3  Edit, concepts injected and fused"),
+    "fatezero_style_edit": workflow(
+        "FateZero style edit (attention fusion, full self-attention replacement)", FATEZERO_STYLE, _note(
+            "FateZero style edit: the attention recorded while inverting is fused into the edit, the "
+            "self-attention replaced everywhere, so the structure stays and the style changes.",
+            "", PROMPTS_FIRST + "\n- *Attention Blend*: `reweight` = the style words x10 (`watercolor:10`); "
+            "the windows (cross 0.8, self 0.0-0.8)", FZ_SETTINGS), invert=FZ_INVERT,
+        edit="3  Edit with the recorded attention fused (Attention Blend)"),
+    "fatezero_local_attribute_edit": workflow(
+        "FateZero local attribute edit (word swap, blended self-attention)", FATEZERO_LOCAL, _note(
+            "FateZero local edit: the recorded attention fused into the edit, the self-attention blended inside "
+            "the mask of the source words, so only that object changes.",
+            "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = the source words of the object "
+            "(`red circle`); `mode` replace (word swap) or refine", FZ_SETTINGS), invert=FZ_INVERT,
+        edit="3  Edit with the recorded attention fused (Attention Blend)"),
+    "fatezero_local_latent_blend": workflow(
+        "FateZero local edit with latent blending (blended self-attention, latents outside the source/edit word "
+        "masks kept on the inversion)", FATEZERO_LOCAL_LATENT_BLEND, _note(
+            "FateZero local edit plus latent blending: outside the union of the source words' and edited words' "
+            "masks the latents come from the inversion (steps 0.2-0.8): the cleanest background.",
+            "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = source words (`red circle`)\n"
+            "- *Latent blend*: `words` = edited words (`yellow circle`)", FZ_SETTINGS), invert=FZ_INVERT,
+        edit="3  Edit: attention fused, latents blended with the inversion"),
+    "fatezero_controlnet_lora": workflow(
+        "FateZero local edit on a LoRA with core ControlNet (Canny edges of every frame)", FATEZERO_CONTROLNET_LORA,
+        _note(
+            "FateZero's local edit on a LoRA-adapted model with a core ControlNet: the Canny edges of every frame "
+            "guide the inversion and the edit alike (the attention is recorded under the same control).",
+            "\n- a LoRA in `models/loras` (`your_lora.safetensors` here: pick yours)\n- the SD1.5 Canny "
+            "ControlNet `control_v11p_sd15_canny.pth` in `models/controlnet`",
+            PROMPTS_FIRST + "\n- *Canny*: the thresholds (check the hints preview)\n- *Attention Blend*: "
+            "`blend_words`", FZ_SETTINGS),
+        inputs="1  Inputs: video, model + LoRA, prompts, ControlNet hints", invert=FZ_INVERT,
+        edit="3  Edit with the recorded attention fused (Attention Blend)"),
 }
 
 
@@ -301,11 +405,12 @@ def main():
     out_dir = ROOT / "workflows"
     out_dir.mkdir(exist_ok=True)
     only = set(sys.argv[1].split(",")) if len(sys.argv) > 1 else None  # e.g. fatezero_controlnet_lora
-    for name, (title, spec) in WORKFLOWS.items():
+    for name, wf in WORKFLOWS.items():
         if only is not None and name not in only:
             continue
         path = out_dir / f"{name}.json"
-        path.write_text(json.dumps(build_ui(spec, title), indent=1) + "\n")
+        ui = build_ui(wf["nodes"], wf["title"], stages=wf["stages"], note=wf["note"])
+        path.write_text(json.dumps(ui, indent=1) + "\n")
         print(f"wrote {path}")
 
 

@@ -1,0 +1,233 @@
+"""Layout of the shipped UI workflows: stages as rows that read left to right, one group per stage, a note, a
+starting view; and the geometric checks the tests run on every workflow (no overlap, widths that fit the labels,
+links not hidden behind nodes).
+
+Geometry as LiteGraph has it (frontend 1.27): a node's `pos` is the top-left of its body, its title bar (30 px)
+sits above it; `size` is the body's width and height. A link is drawn as a cubic Bezier from the output slot (right
+edge) to the input slot (left edge), with control points a quarter of the distance out horizontally; links are drawn
+under the nodes. The view is `extra.ds`: screen = (graph + offset) * scale.
+
+Text widths are estimated with Arial's advance widths (the canvas fonts: titles 14 px, widgets and slots 12 px); the
+browser test (tests/test_browser.py) checks the sizes against the real frontend's computeSize and measureText.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+TITLE_H = 30
+SLOT_H = 20
+WIDGET_H = 28
+TITLE_PX = 14
+TEXT_PX = 12
+GAP_X = 120          # between sub-columns of a stage (room for the links)
+GAP_Y = 50          # between nodes of a sub-column (plus the title bar)
+ROW_GAP = 110       # between stage rows (group title bars)
+GROUP_PAD = 20
+GROUP_TITLE_H = 50  # LiteGraph group title (24 px font) and room above the first node's title
+NOTE_W = 420
+SCALE = 0.75        # the starting view's zoom
+# Nodes that show media once run (image previews, video players) get room for it.
+MEDIA_TYPES = {"PreviewImage": 260, "SaveVideo": 300, "LoadVideo": 300, "LoadImageMask": 300, "LoadImage": 300,
+               "SaveImage": 300}
+VIDEO_PLAYERS = {"LoadVideo"}
+MULTILINE_H = 70    # a multiline STRING widget (textarea)
+PACK_BADGE_W = 0    # the node-source badge is drawn inside the title bar's right end (checked in the browser)
+
+# Arial advance widths in em, by character class (close enough to size boxes; the browser test measures).
+_NARROW = set("iljI.,:;|!'`()[]{} ")
+_SEMI = set("frt-\"/\\*")
+_WIDE = set("mwMW@%")
+
+
+def text_width(s: str, px: float) -> float:
+    w = 0.0
+    for ch in str(s):
+        if ch in _NARROW:
+            w += 0.28
+        elif ch in _SEMI:
+            w += 0.36
+        elif ch in _WIDE:
+            w += 0.86
+        elif ch.isupper():
+            w += 0.68
+        elif ch.isdigit():
+            w += 0.56
+        else:
+            w += 0.54
+    return w * px
+
+
+def widget_text(value) -> str:
+    """The value as the widget shows it (booleans as true/false, floats with their decimals)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def min_width(title: str, widgets: list[tuple[str, object, bool]], slots: list[tuple[str, str]]) -> float:
+    """The width a node needs so that nothing in it is cut: its title, every widget's label and value on one line
+    (multiline text boxes excepted), every row of input/output slot names."""
+    need = text_width(title, TITLE_PX) + TITLE_H + 30 + PACK_BADGE_W
+    for label, value, multiline in widgets:
+        if multiline:
+            continue
+        need = max(need, text_width(label, TEXT_PX) + text_width(widget_text(value), TEXT_PX) + 100)
+    for left, right in slots:
+        need = max(need, text_width(left, TEXT_PX) + text_width(right, TEXT_PX) + 70)
+    return need
+
+
+def node_size(node_type: str, title: str, widgets: list[tuple[str, object, bool]], slots: list[tuple[str, str]]
+              ) -> list[int]:
+    w = max(240, min_width(title, widgets, slots))
+    h = SLOT_H * len(slots) + 14
+    for _label, _value, multiline in widgets:
+        h += MULTILINE_H + 8 if multiline else WIDGET_H
+    h = max(h, 46, MEDIA_TYPES.get(node_type, 0))
+    if node_type in VIDEO_PLAYERS:  # the player is as wide as the node and as high as the video (square: width)
+        h = max(h, w + 120)
+    return [int(math.ceil(w / 10) * 10), int(math.ceil(h / 10) * 10)]
+
+
+def rect(node: dict) -> tuple[float, float, float, float]:
+    """x0, y0, x1, y1 of a node with its title bar."""
+    x, y = node["pos"]
+    w, h = node["size"]
+    return x, y - TITLE_H, x + w, y + h
+
+
+def overlaps(a: dict, b: dict, margin: float = 0.0) -> bool:
+    ax0, ay0, ax1, ay1 = rect(a)
+    bx0, by0, bx1, by1 = rect(b)
+    return ax0 < bx1 + margin and bx0 < ax1 + margin and ay0 < by1 + margin and by0 < ay1 + margin
+
+
+def slot_pos(node: dict, slot: int, output: bool) -> tuple[float, float]:
+    x, y = node["pos"]
+    return (x + node["size"][0] if output else x), y + SLOT_H * (slot + 0.5)
+
+
+def link_points(ui: dict, link: list, samples: int = 24) -> list[tuple[float, float]]:
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    _, src, src_slot, dst, dst_slot, _t = link
+    x0, y0 = slot_pos(by_id[src], src_slot, True)
+    x3, y3 = slot_pos(by_id[dst], dst_slot, False)
+    d = math.hypot(x3 - x0, y3 - y0) * 0.25
+    x1, y1, x2, y2 = x0 + d, y0, x3 - d, y3
+    pts = []
+    for i in range(samples + 1):
+        t = i / samples
+        a, b, c, e = (1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2, t ** 3
+        pts.append((a * x0 + b * x1 + c * x2 + e * x3, a * y0 + b * y1 + c * y2 + e * y3))
+    return pts
+
+
+def hidden_links(ui: dict, inset: float = 8.0) -> list[tuple[int, str]]:
+    """(link id, title of a node it runs behind) for every link whose curve passes under a third node."""
+    out = []
+    for link in ui["links"]:
+        pts = link_points(ui, link)
+        for n in ui["nodes"]:
+            if n["id"] in (link[1], link[3]):
+                continue
+            x0, y0, x1, y1 = rect(n)
+            if any(x0 + inset < x < x1 - inset and y0 + inset < y < y1 - inset for x, y in pts):
+                out.append((link[0], n.get("title", n["type"])))
+                break
+    return out
+
+
+def layout(ui: dict, stage_of: dict[int, str], stages: list[tuple[str, str]], note: str,
+           sizes: dict[int, list[int]]) -> dict:
+    """Places the nodes of `ui` (node id -> stage key in stage_of; `stages` = [(key, group title)] in reading
+    order) in one row per stage, the nodes of a stage in sub-columns by their depth in the stage's own chains
+    (so a chain reads left to right), adds a group per stage, a MarkdownNote with `note` left of the first row and
+    a starting view on the note, the first stage and the start of the second."""
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    sources: dict[int, list[int]] = {n["id"]: [] for n in ui["nodes"]}
+    for _lid, src, _ss, dst, _ds, _t in ui["links"]:
+        sources[dst].append(src)
+    order = {n["id"]: i for i, n in enumerate(ui["nodes"])}
+    depth: dict[int, int] = {}
+
+    def depth_of(nid: int) -> int:
+        if nid not in depth:
+            same = [s for s in sources[nid] if stage_of[s] == stage_of[nid]]
+            depth[nid] = 1 + max(depth_of(s) for s in same) if same else 0
+        return depth[nid]
+
+    note_id = max(by_id) + 1
+    x_start = 40 + NOTE_W + 60
+    stage_rank = {k: i for i, (k, _t) in enumerate(stages)}
+    layout_cols: list[tuple[str, str, list[list[int]]]] = []
+    for key, group_title in stages:
+        members = [n["id"] for n in ui["nodes"] if stage_of[n["id"]] == key]
+        if not members:
+            continue
+        far = {nid: sum(1 for _l, src, _s, dst, _d, _t in ui["links"]
+                        if src == nid and stage_rank[stage_of[dst]] > stage_rank[key]) for nid in members}
+        cols: dict[int, list[int]] = {}
+        # in a column, the nodes feeding later rows go to the bottom: their links leave below the row
+        for nid in sorted(members, key=lambda i: (far[i], order[i])):
+            cols.setdefault(depth_of(nid), []).append(nid)
+        layout_cols.append((key, group_title, [cols[d] for d in sorted(cols)]))
+
+    def place() -> list[dict]:
+        y = 60.0
+        groups = []
+        for _key, group_title, cols in layout_cols:
+            x = x_start
+            row_bottom = y
+            top = y + GROUP_TITLE_H + TITLE_H
+            for col in cols:
+                width = max(sizes[nid][0] for nid in col)
+                cy = top
+                for nid in col:
+                    by_id[nid]["pos"] = [x, cy]
+                    by_id[nid]["size"] = [width, sizes[nid][1]]
+                    cy += sizes[nid][1] + TITLE_H + GAP_Y
+                    row_bottom = max(row_bottom, cy - GAP_Y)
+                x += width + GAP_X
+            groups.append({"id": len(groups) + 1, "title": group_title,
+                           "bounding": [x_start - GROUP_PAD, y, (x - GAP_X) - x_start + 2 * GROUP_PAD,
+                                        row_bottom + GROUP_PAD - y],
+                           "color": "#3f789e", "font_size": 24, "flags": {}})
+            y = row_bottom + GROUP_PAD + ROW_GAP
+        return groups
+
+    def cost() -> tuple[int, float]:
+        place()
+        length = sum(math.dist(slot_pos(by_id[src], ss, True), slot_pos(by_id[dst], ds, False))
+                     for _l, src, ss, dst, ds, _t in ui["links"])
+        return len(hidden_links(ui)), length
+
+    # coordinate descent on the order of the nodes in each column: fewest links behind nodes, then shortest
+    best = cost()
+    for _sweep in range(2):
+        for _key, _title, cols in layout_cols:
+            for ci, col in enumerate(cols):
+                if len(col) < 2 or len(col) > 5:
+                    continue
+                keep = list(col)
+                for perm in itertools.permutations(keep):
+                    cols[ci] = list(perm)
+                    c = cost()
+                    if c < best:
+                        best, keep = c, list(perm)
+                cols[ci] = keep
+    groups = place()
+    first = groups[0]["bounding"]
+    note_h = max(first[3] - GROUP_TITLE_H, 300)
+    ui["nodes"].insert(0, {
+        "id": note_id, "type": "MarkdownNote", "pos": [40, first[1] + GROUP_TITLE_H], "size": [NOTE_W, note_h],
+        "flags": {}, "order": len(ui["nodes"]), "mode": 0, "inputs": [], "outputs": [],
+        "properties": {}, "widgets_values": [note], "title": "Read me", "color": "#432", "bgcolor": "#653"})
+    ui["last_node_id"] = note_id
+    ui["groups"] = groups
+    # the starting view: the note's top-left corner near the screen's top-left
+    ui["extra"]["ds"] = {"scale": SCALE, "offset": [20 / SCALE - 20, 20 / SCALE - first[1] + 10]}
+    return ui
