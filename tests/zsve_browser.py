@@ -224,9 +224,17 @@ class Browser:
         self.page.wait_for_function("() => window.app && window.app.graph && window.app.canvas && "
                                     "window.LiteGraph && LiteGraph.registered_node_types['VideoDDIMInvert']",
                                     timeout=timeout_ms)
-        self.page.wait_for_timeout(500)
-        # the first-run dialogs (templates browser) would cover the canvas in the screenshots
-        self.page.keyboard.press("Escape")
+        # the first-run dialog (the templates browser) would cover the canvas: close it
+        try:
+            self.page.wait_for_selector(".p-dialog", timeout=5000)
+        except Exception:  # playwright's TimeoutError: no dialog opened
+            pass
+        for _ in range(3):
+            buttons = self.page.query_selector_all(".p-dialog .p-dialog-close-button, .p-dialog [aria-label=Close]")
+            if not buttons:
+                break
+            buttons[0].click()
+            self.page.wait_for_timeout(300)
 
     def load(self, path: Path) -> dict:
         self.console.clear()

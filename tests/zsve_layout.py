@@ -136,7 +136,7 @@ def hidden_links(ui: dict, inset: float = 8.0) -> list[tuple[int, str]]:
                 continue
             x0, y0, x1, y1 = rect(n)
             if any(x0 + inset < x < x1 - inset and y0 + inset < y < y1 - inset for x, y in pts):
-                out.append((link[0], n.get("title", n["type"])))
+                out.append((link[0], n.get("title") or n.get("type")))
                 break
     return out
 
@@ -172,7 +172,8 @@ def layout(ui: dict, stage_of: dict[int, str], stages: list[tuple[str, str]], no
                         if src == nid and stage_rank[stage_of[dst]] > stage_rank[key]) for nid in members}
         cols: dict[int, list[int]] = {}
         # in a column, the nodes feeding later rows go to the bottom: their links leave below the row
-        for nid in sorted(members, key=lambda i: (far[i], order[i])):
+        # (a video player grows with the video it plays: last in its column, nothing below it to cover)
+        for nid in sorted(members, key=lambda i: (by_id[i]["type"] in VIDEO_PLAYERS, far[i], order[i])):
             cols.setdefault(depth_of(nid), []).append(nid)
         layout_cols.append((key, group_title, [cols[d] for d in sorted(cols)]))
 
@@ -214,6 +215,8 @@ def layout(ui: dict, stage_of: dict[int, str], stages: list[tuple[str, str]], no
                     continue
                 keep = list(col)
                 for perm in itertools.permutations(keep):
+                    if any(by_id[nid]["type"] in VIDEO_PLAYERS for nid in perm[:-1]):
+                        continue
                     cols[ci] = list(perm)
                     c = cost()
                     if c < best:
@@ -228,6 +231,10 @@ def layout(ui: dict, stage_of: dict[int, str], stages: list[tuple[str, str]], no
         "properties": {}, "widgets_values": [note], "title": "Read me", "color": "#432", "bgcolor": "#653"})
     ui["last_node_id"] = note_id
     ui["groups"] = groups
-    # the starting view: the note's top-left corner near the screen's top-left
-    ui["extra"]["ds"] = {"scale": SCALE, "offset": [20 / SCALE - 20, 20 / SCALE - first[1] + 10]}
+    # the starting view: the note's top-left corner near the screen's top-left, zoomed so that a 1280 px wide
+    # canvas shows the first row (at least its nodes' beginnings), between 0.6 and SCALE
+    first_row = [n for n in ui["nodes"] if n["pos"][1] < first[1] + first[3]]
+    right = max(n["pos"][0] for n in first_row) + 200
+    scale = round(max(0.6, min(SCALE, 1240 / right)), 3)
+    ui["extra"]["ds"] = {"scale": scale, "offset": [20 / scale - 20, 20 / scale - first[1] + 10]}
     return ui
