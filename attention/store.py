@@ -81,6 +81,17 @@ class StoreConfig:
     dtype: torch.dtype = torch.float16
 
 
+def full_res_hint(config: StoreConfig, latent_hw: Sequence[int]) -> str | None:
+    """The hint for a store that leaves out the full-resolution level where FateZero's own rule (maps of at most
+    32x32 queries) would record every level (latents of 32x32 or smaller, frames of 256x256 or smaller); None
+    where the two agree. Shown in Attention Blend's UI text and the log."""
+    if config.min_factor > 1 and not fatezero_skips_full_res(latent_hw):
+        return (f"the latent is {int(latent_hw[0])}x{int(latent_hw[1])}: FateZero's rule (maps of at most 32x32 "
+                "queries) records every level at this size, skip_full_res leaves the full-resolution level out: "
+                "turn Attention Store's skip_full_res off to match FateZero")
+    return None
+
+
 def kept_steps(num_steps: int, record_window: float) -> int:
     """How many edit steps (from the noisiest, step 0) are recorded. Covers a cross window ending at
     `record_window` (rows < int(w*(N+1))) and a self window ending there (steps < int(w*N))."""
@@ -266,10 +277,9 @@ class AttentionRecorder:
         if self.store is None:
             self.store = AttentionStore(config=cfg, frames=call.frames if window is None else max(window) + 1,
                                         latent_hw=latent_hw, num_steps=call.total_steps)
-            if cfg.min_factor > 1 and not fatezero_skips_full_res(latent_hw):
-                log.info("Attention Store: the latent is %dx%d; FateZero's rule (maps of at most 32x32 queries) would "
-                         "record every level at this size, skip_full_res leaves the full-resolution level out: "
-                         "turn skip_full_res off to match FateZero", latent_hw[0], latent_hw[1])
+            hint = full_res_hint(cfg, latent_hw)
+            if hint:
+                log.info("Attention Store: %s", hint)
         st = self.store
         if window is not None:
             st.frames = max(st.frames, max(window) + 1)

@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.fatezero import FateZeroController, FusionConfigError, make_plan, preview_mask
-from ..attention.store import AttentionStoreSpec, StoreConfig
+from ..attention.store import AttentionStoreSpec, StoreConfig, full_res_hint
 from ..attention.temporal import MODES, TemporalKV
 from ._attn_patch import add_processor, add_record_spec
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
@@ -210,7 +210,8 @@ class AttentionBlend(io.ComfyNode):
         h, w = store.latent_hw
         mask = preview_mask(store, plan, (h, w))
         mask = torch.nn.functional.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]
-        text = [store.summary()] + plan.notes
+        hint = full_res_hint(store.config, store.latent_hw)
+        text = [store.summary()] + plan.notes + ([f"Attention Store: {hint}"] if hint else [])
         return io.NodeOutput(m, mask, ui={"text": text})
 
 
