@@ -18,7 +18,7 @@ from comfy_api.latest import io
 from ..attention.ddim import Inversion, sample_ddim_inversion
 from ..attention.store import format_bytes  # noqa: F401  (re-exported for the nodes)
 
-CATEGORY = "zero-shot video edit"
+CATEGORY = "Zero-Shot Video Edit"
 
 # Custom socket types, prefixed with the pack's prefix.
 InversionType = io.Custom("ZSVE_INVERSION")

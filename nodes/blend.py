@@ -290,8 +290,8 @@ class LatentBlendWithInversion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=NODE,
-            display_name="Latent Blend With Inversion (BLD)",
-            category=CATEGORY + "/Blended latent",
+            display_name="Latent Blend With Inversion (Blended Latent, FateZero)",
+            category=CATEGORY + "/Blended Latent",
             description=(
                 "Blended Latent Diffusion under attention control: at each edit step in [start, end) the latent "
                 "becomes M * edit + (1 - M) * the DDIM inversion latent of the source at the same sigma, so "
@@ -372,8 +372,8 @@ class LatentBlendMaskPreview(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LatentBlendMaskPreview",
-            display_name="Latent Blend Mask Preview",
-            category=CATEGORY + "/Blended latent",
+            display_name="Latent Blend Mask Preview (Blended Latent)",
+            category=CATEGORY + "/Blended Latent",
             description=(
                 "The per-frame masks Latent Blend With Inversion used in the last sampling run, as a MASK and as "
                 "an overlay on the frames. Connect the sampler's LATENT so this runs after the sampler."

@@ -76,7 +76,7 @@ class TemporalSelfAttentionPatch(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="TemporalSelfAttentionPatch",
-            display_name="Temporal Self-Attention",
+            display_name="Temporal Self-Attention (FateZero, Video-P2P)",
             category=FZ_CATEGORY,
             description=(
                 "Spatial-temporal self-attention without new weights: every frame's self-attention also (or only) "
