@@ -46,7 +46,7 @@ def test_local_latent_blend_workflow_runs_headless(io_dirs, tiny_model, tiny_cli
     `mask`) and the edited words' edit-time mask runs, and the latent blending changes the result."""
     cap = [("out", ("KSamplerAdvanced", 0))]
     # the random tiny model's flat cross-attention: high thresholds keep both masks partial
-    _, _, mask = _run("fatezero_local_latent_blend", io_dirs, tiny_model, tiny_clip, tiny_vae,
+    _, _, mask = _run("fatezero_local_edit_latent_blend", io_dirs, tiny_model, tiny_clip, tiny_vae,
                       {"blend_threshold": 0.95}, capture=cap,
                       overrides={"LatentBlendWithInversion": {"threshold": 0.95, "dilation": 1}})
     blended = CAPTURED["out"]["samples"]

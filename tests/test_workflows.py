@@ -116,8 +116,8 @@ def test_layout_check_finds_what_it_looks_for():
     assert min_width("a very long title of a node that will not fit", [], []) > 300
 
 
-def test_invert_and_reconstruct_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):
-    prompt, by_type = shipped_prompt("invert_and_reconstruct", (tiny_model, tiny_clip, tiny_vae), io_dirs / "in",
+def test_invert_and_reconstruct_video_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):
+    prompt, by_type = shipped_prompt("invert_and_reconstruct_video", (tiny_model, tiny_clip, tiny_vae), io_dirs / "in",
                                      frames=4)
     prompt["cap_enc"] = {"class_type": "ZSVETestCapture", "inputs": {"value": [by_type["VAEEncode"], 0], "key": "enc"}}
     prompt["cap_zt"] = {"class_type": "ZSVETestCapture",
@@ -139,7 +139,7 @@ def test_invert_and_reconstruct_workflow_runs_headless(io_dirs, tiny_model, tiny
 
 
 def test_ui_to_api_maps_widgets_positionally():
-    ui = load_ui(Path(__file__).resolve().parents[1] / "workflows" / "invert_and_reconstruct.json")
+    ui = load_ui(Path(__file__).resolve().parents[1] / "workflows" / "invert_and_reconstruct_video.json")
     prompt = ui_to_api(ui)
     ks = next(v for v in prompt.values() if v["class_type"] == "KSamplerAdvanced")["inputs"]
     assert ks["add_noise"] == "disable" and ks["noise_seed"] == 0 and ks["steps"] == 20
