@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from zsve_browser import PACK_NAME, Browser, BrowserUnavailable, Server, check_available, workflow_needs
+from zsve_layout import overlaps
 
 import zsve_boot
 from zsve_workflows import FRONTEND_ONLY, _ordered_inputs, is_widget, load_ui, ui_to_api
@@ -107,8 +108,8 @@ def test_workflow_in_the_frontend(frontend, path):
     # sizes: at least the frontend's own minimum; the title and each widget's label and value fit
     for n in r["nodes"]:
         w, h = n["size"]
-        # a media player's computed size follows the node's own width (the player fills it): not a minimum
-        if n["min_size"] and not any(x["name"].endswith("-preview") for x in n["widgets"]):
+        # a media preview's computed size follows the node's own width (the preview fills it): not a minimum
+        if n["min_size"] and not n["has_media"]:
             assert w + 0.5 >= n["min_size"][0] and h + 0.5 >= n["min_size"][1], \
                 f"{path.name}: {n['title']} is {w:.0f}x{h:.0f}, the frontend needs {n['min_size']}"
         assert n["text"]["title"] + 40 <= w, f"{path.name}: the title {n['title']!r} is cut ({w:.0f} px)"
@@ -116,5 +117,9 @@ def test_workflow_in_the_frontend(frontend, path):
             if wtype in ("customtext", "textarea", "markdown", "button") or n["type"] in FRONTEND_ONLY:
                 continue
             assert label_w + value_w + 60 <= w, f"{path.name}: {n['title']}.{name} is cut ({w:.0f} px)"
+    # no node covers another as the frontend placed and sized them (media previews resized)
+    for i, a in enumerate(r["nodes"]):
+        for b in r["nodes"][i + 1:]:
+            assert not overlaps(a, b), f"{path.name}: {a['title']} overlaps {b['title']} in the frontend"
     assert math.isclose(r["view"]["scale"], ui["extra"]["ds"]["scale"]), r["view"]
     assert r["groups"] == len(ui["groups"])

@@ -172,7 +172,7 @@ async ([name, text]) => {
   const app = window.app;
   const file = new File([text], name, {type: 'application/json'});
   await app.handleFile(file);
-  await new Promise(r => setTimeout(r, 300));
+  await new Promise(r => setTimeout(r, 1000));  // media previews load and resize their nodes
   const g = app.graph;
   const ctx = app.canvas.ctx;
   const measure = (text, font) => { ctx.save(); ctx.font = font; const w = ctx.measureText(String(text)).width;
@@ -187,7 +187,8 @@ async ([name, text]) => {
                                   : w.value, innerFont)])};
     return {id: n.id, type: n.type, title: n.title, pos: Array.from(n.pos), size: Array.from(n.size),
             min_size: size, text, registered: !!LiteGraph.registered_node_types[n.type],
-            has_errors: !!n.has_errors,
+            has_errors: !!n.has_errors, has_media: !!(n.imgs && n.imgs.length) ||
+              (n.widgets || []).some(w => String(w.name).endsWith('-preview')),
             widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value, type: w.type})),
             inputs: (n.inputs || []).map(i => ({name: i.name, link: i.link})),
             outputs: (n.outputs || []).map(o => ({name: o.name, links: o.links ? Array.from(o.links) : []}))};

@@ -22,16 +22,20 @@ WIDGET_H = 28
 TITLE_PX = 14
 TEXT_PX = 12
 GAP_X = 120          # between sub-columns of a stage (room for the links)
+FIRST_GAP_X = 200    # right of the first column (the loaders: their links to every row run down this gap)
 GAP_Y = 50          # between nodes of a sub-column (plus the title bar)
 ROW_GAP = 110       # between stage rows (group title bars)
 GROUP_PAD = 20
 GROUP_TITLE_H = 50  # LiteGraph group title (24 px font) and room above the first node's title
 NOTE_W = 420
+INDENT = 1
+GRID = True
 SCALE = 0.75        # the starting view's zoom
 # Nodes that show media once run (image previews, video players) get room for it.
 MEDIA_TYPES = {"PreviewImage": 260, "SaveVideo": 300, "LoadVideo": 300, "LoadImageMask": 300, "LoadImage": 300,
                "SaveImage": 300}
 VIDEO_PLAYERS = {"LoadVideo"}
+IMAGE_LOADERS = {"LoadImage", "LoadImageMask"}
 MULTILINE_H = 70    # a multiline STRING widget (textarea)
 PACK_BADGE_W = 0    # the node-source badge is drawn inside the title bar's right end (checked in the browser)
 
@@ -90,6 +94,8 @@ def node_size(node_type: str, title: str, widgets: list[tuple[str, object, bool]
     h = max(h, 46, MEDIA_TYPES.get(node_type, 0))
     if node_type in VIDEO_PLAYERS:  # the player is as wide as the node and as high as the video (square: width)
         h = max(h, w + 120)
+    if node_type in IMAGE_LOADERS:  # the image preview likewise
+        h = max(h, w + 60)
     return [int(math.ceil(w / 10) * 10), int(math.ceil(h / 10) * 10)]
 
 
@@ -142,10 +148,10 @@ def hidden_links(ui: dict, inset: float = 8.0) -> list[tuple[int, str]]:
 
 
 def layout(ui: dict, stage_of: dict[int, str], stages: list[tuple[str, str]], note: str,
-           sizes: dict[int, list[int]]) -> dict:
+           sizes: dict[int, list[int]], min_col: dict[int, int] | None = None) -> dict:
     """Places the nodes of `ui` (node id -> stage key in stage_of; `stages` = [(key, group title)] in reading
     order) in one row per stage, the nodes of a stage in sub-columns by their depth in the stage's own chains
-    (so a chain reads left to right), adds a group per stage, a MarkdownNote with `note` left of the first row and
+    (so a chain reads left to right; `min_col` pushes a node to a later sub-column), adds a group per stage, a MarkdownNote with `note` left of the first row and
     a starting view on the note, the first stage and the start of the second."""
     by_id = {n["id"]: n for n in ui["nodes"]}
     sources: dict[int, list[int]] = {n["id"]: [] for n in ui["nodes"]}
@@ -157,7 +163,7 @@ def layout(ui: dict, stage_of: dict[int, str], stages: list[tuple[str, str]], no
     def depth_of(nid: int) -> int:
         if nid not in depth:
             same = [s for s in sources[nid] if stage_of[s] == stage_of[nid]]
-            depth[nid] = 1 + max(depth_of(s) for s in same) if same else 0
+            depth[nid] = max(1 + max(depth_of(s) for s in same) if same else 0, (min_col or {}).get(nid, 0))
         return depth[nid]
 
     note_id = max(by_id) + 1
@@ -180,21 +186,33 @@ def layout(ui: dict, stage_of: dict[int, str], stages: list[tuple[str, str]], no
     def place() -> list[dict]:
         y = 60.0
         groups = []
-        for _key, group_title, cols in layout_cols:
-            x = x_start
+        # one grid of columns for all rows (a column's width: its widest node in any row), the rows after the
+        # first starting one column in: links from the inputs' first column (loader, video) then run down the gap
+        # right of it instead of through the nodes below it
+        shift = [0] + [INDENT] * (len(layout_cols) - 1)
+        ncols = max(len(c) + s for (_k, _t, c), s in zip(layout_cols, shift))
+        grid = [0] * ncols
+        for (_k, _t, cols), s in zip(layout_cols, shift):
+            for i, col in enumerate(cols):
+                grid[i + s] = max(grid[i + s], max(sizes[nid][0] for nid in col))
+        if not GRID:
+            grid = None
+        for (_key, group_title, cols), s in zip(layout_cols, shift):
+            x = x_start + (sum(grid[:s]) + s * FIRST_GAP_X if grid else 0)
+            x_first = x
             row_bottom = y
             top = y + GROUP_TITLE_H + TITLE_H
-            for col in cols:
-                width = max(sizes[nid][0] for nid in col)
+            for i, col in enumerate(cols):
+                width = grid[i + s] if grid else max(sizes[nid][0] for nid in col)
                 cy = top
                 for nid in col:
                     by_id[nid]["pos"] = [x, cy]
                     by_id[nid]["size"] = [width, sizes[nid][1]]
                     cy += sizes[nid][1] + TITLE_H + GAP_Y
                     row_bottom = max(row_bottom, cy - GAP_Y)
-                x += width + GAP_X
+                x += width + (FIRST_GAP_X if i + s == 0 else GAP_X)
             groups.append({"id": len(groups) + 1, "title": group_title,
-                           "bounding": [x_start - GROUP_PAD, y, (x - GAP_X) - x_start + 2 * GROUP_PAD,
+                           "bounding": [x_first - GROUP_PAD, y, (x - GAP_X) - x_first + 2 * GROUP_PAD,
                                         row_bottom + GROUP_PAD - y],
                            "color": "#3f789e", "font_size": 24, "flags": {}})
             y = row_bottom + GROUP_PAD + ROW_GAP

@@ -50,7 +50,7 @@ def display_name(class_type: str) -> str:
 
 def build_ui(spec: list[dict], title: str = "", stages: list[tuple[str, str]] | None = None, note: str = "") -> dict:
     """spec: [{"id": "name", "type": ClassType, "widgets": {name: value}, "links": {input: ("src id", slot)},
-    "title": optional, "stage": key}] in execution order. Widgets not given take the schema default.
+    "title": optional, "stage": key, "col": optional least sub-column in its stage}] in execution order. Widgets not given take the schema default.
     With `stages` ([(key, group title)] in reading order), the nodes are laid out by stage (tests/zsve_layout.py)
     with a group per stage and `note` as a Markdown note; without, in one row (as the generator did before)."""
     from zsve_layout import layout, node_size
@@ -113,7 +113,8 @@ def build_ui(spec: list[dict], title: str = "", stages: list[tuple[str, str]] | 
         "groups": [], "config": {}, "extra": {"zsve_title": title}, "version": 0.4,
     }
     if stages is not None:
-        layout(ui, {ids[n["id"]]: n["stage"] for n in spec}, stages, note, sizes)
+        layout(ui, {ids[n["id"]]: n["stage"] for n in spec}, stages, note, sizes,
+               {ids[n["id"]]: n["col"] for n in spec if "col" in n})
     return ui
 
 
