@@ -3,8 +3,8 @@ custom_nodes and the frontend package its requirements.txt pins, headless Chromi
 workflow, loaded the way a drop on the canvas does (app.handleFile): no missing-node dialog, no page error and no
 console error from the pack, every link connected, the widget values as in the file, app.graphToPrompt() equal to the
 converter the other tests run (tests/zsve_workflows.py), every node at least the size the frontend computes for it
-and wide enough for its title and widget texts as the canvas measures them, the starting view as saved. One
-screenshot per workflow is kept in output/browser/ (ZSVE_BROWSER_ARTEFACTS to put them elsewhere).
+and wide enough for its title and widget texts as the canvas measures them, the starting view as saved. Two
+screenshots per workflow (the starting view, the whole graph) are kept in output/browser/ (ZSVE_BROWSER_ARTEFACTS to put them elsewhere).
 
 Skipped, saying why, only where no browser can be had (scripts/env.sh's zsve_browser installs Debian's chromium,
 Playwright and the pinned frontend where apt and pip work).
@@ -72,7 +72,8 @@ def test_workflow_in_the_frontend(frontend, path):
     ui = load_ui(path)
     r = browser.load(path)
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    browser.screenshot(ARTEFACTS / f"{path.stem}.png")
+    browser.screenshot(ARTEFACTS / f"{path.stem}.png")  # the starting view
+    browser.overview(ARTEFACTS / f"{path.stem}_overview.png")  # the whole graph
 
     assert not r["dialogs"], f"{path.name}: a dialog opened: {r['dialogs']}"
     errors = [c for c in r["console"] if c["type"] == "pageerror"

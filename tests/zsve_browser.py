@@ -3,7 +3,7 @@ custom_nodes, the frontend package its requirements.txt pins, headless Chromium 
 Playwright (PyPI) with the system browser.
 
 Used by tests/test_browser.py; `bash scripts/run.sh tests/zsve_browser.py` opens every workflow once and writes the
-screenshots to workflows/screens/ (not committed) for a look by eye.
+screenshots (the starting view and the whole graph) to output/browser/ for a look by eye.
 """
 
 from __future__ import annotations
@@ -247,6 +247,22 @@ class Browser:
     def screenshot(self, path: Path) -> None:
         self.page.screenshot(path=str(path))
 
+    def overview(self, path: Path) -> None:
+        """A screenshot of the whole graph (zoomed to fit the canvas), then the view as it was."""
+        self.page.evaluate("""() => {
+          const c = app.canvas, ds = c.ds, nodes = app.graph._nodes;
+          window.__zsve_view = [ds.scale, Array.from(ds.offset)];
+          const x0 = Math.min(...nodes.map(n => n.pos[0])) - 40, y0 = Math.min(...nodes.map(n => n.pos[1])) - 80;
+          const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])) + 40;
+          const y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1])) + 40;
+          const el = c.canvas, s = 0.92 * Math.min(el.clientWidth / (x1 - x0), el.clientHeight / (y1 - y0));
+          ds.scale = s; ds.offset[0] = -x0; ds.offset[1] = -y0; c.setDirty(true, true);
+        }""")
+        self.page.wait_for_timeout(300)
+        self.page.screenshot(path=str(path))
+        self.page.evaluate("""() => { const [s, o] = window.__zsve_view; const ds = app.canvas.ds;
+          ds.scale = s; ds.offset[0] = o[0]; ds.offset[1] = o[1]; app.canvas.setDirty(true, true); }""")
+
     def close(self) -> None:
         try:
             self.context.close()
@@ -262,7 +278,7 @@ def main():
     paths = sorted((ROOT / "workflows").glob("*.json"))
     models, inputs = workflow_needs(paths)
     server = Server(comfy, models, inputs)
-    out = ROOT / "workflows" / "screens"
+    out = ROOT / "output" / "browser"
     out.mkdir(exist_ok=True)
     try:
         server.start()
@@ -272,6 +288,7 @@ def main():
             for p in paths:
                 r = b.load(p)
                 b.screenshot(out / f"{p.stem}.png")
+                b.overview(out / f"{p.stem}_overview.png")
                 small = [(n["title"], n["size"], n["min_size"]) for n in r["nodes"]
                          if n["min_size"] and (n["size"][0] + 0.5 < n["min_size"][0]
                                                or n["size"][1] + 0.5 < n["min_size"][1])]

@@ -13,7 +13,6 @@ browser test (tests/test_browser.py) checks the sizes against the real frontend'
 
 from __future__ import annotations
 
-import itertools
 import math
 
 TITLE_H = 30
@@ -28,8 +27,9 @@ ROW_GAP = 110       # between stage rows (group title bars)
 GROUP_PAD = 20
 GROUP_TITLE_H = 50  # LiteGraph group title (24 px font) and room above the first node's title
 NOTE_W = 420
-INDENT = 1
-GRID = True
+INDENT = 1           # rows after the first start this many columns in
+GRID_MIN_W = 0
+VIEW_W = 1240        # the canvas width (px) the starting view is made for
 SCALE = 0.75        # the starting view's zoom
 # Nodes that show media once run (image previews, video players) get room for it.
 MEDIA_TYPES = {"PreviewImage": 260, "SaveVideo": 300, "LoadVideo": 300, "LoadImageMask": 300, "LoadImage": 300,
@@ -132,8 +132,9 @@ def link_points(ui: dict, link: list, samples: int = 24) -> list[tuple[float, fl
     return pts
 
 
-def hidden_links(ui: dict, inset: float = 8.0) -> list[tuple[int, str]]:
-    """(link id, title of a node it runs behind) for every link whose curve passes under a third node."""
+def hidden_links(ui: dict, inset: float = 8.0, every: bool = False) -> list[tuple[int, str]]:
+    """(link id, title of a node it runs behind) for every link whose curve passes under a third node (the first
+    such node; with `every`, one pair per node it runs behind)."""
     out = []
     for link in ui["links"]:
         pts = link_points(ui, link)
@@ -143,7 +144,8 @@ def hidden_links(ui: dict, inset: float = 8.0) -> list[tuple[int, str]]:
             x0, y0, x1, y1 = rect(n)
             if any(x0 + inset < x < x1 - inset and y0 + inset < y < y1 - inset for x, y in pts):
                 out.append((link[0], n.get("title") or n.get("type")))
-                break
+                if not every:
+                    break
     return out
 
 
@@ -151,95 +153,125 @@ def layout(ui: dict, stage_of: dict[int, str], stages: list[tuple[str, str]], no
            sizes: dict[int, list[int]], min_col: dict[int, int] | None = None) -> dict:
     """Places the nodes of `ui` (node id -> stage key in stage_of; `stages` = [(key, group title)] in reading
     order) in one row per stage, the nodes of a stage in sub-columns by their depth in the stage's own chains
-    (so a chain reads left to right; `min_col` pushes a node to a later sub-column), adds a group per stage, a MarkdownNote with `note` left of the first row and
-    a starting view on the note, the first stage and the start of the second."""
+    (a chain reads left to right; `min_col` pushes a node to a later sub-column), adds a group per stage, a
+    MarkdownNote with `note` left of the first row and a starting view on the note and the first row.
+
+    Where a node sits in its column, and whether it moves a column further right, is searched (coordinate
+    descent, deterministic): fewest links running behind nodes first, then the narrowest first row that the
+    starting view shows at a zoom >= 0.6, then the shortest links."""
     by_id = {n["id"]: n for n in ui["nodes"]}
     sources: dict[int, list[int]] = {n["id"]: [] for n in ui["nodes"]}
     for _lid, src, _ss, dst, _ds, _t in ui["links"]:
         sources[dst].append(src)
     order = {n["id"]: i for i, n in enumerate(ui["nodes"])}
-    depth: dict[int, int] = {}
+    stage_rank = {k: i for i, (k, _t) in enumerate(stages)}
+    shift_of = {}
+    for key, _t in stages:
+        if any(stage_of[n["id"]] == key for n in ui["nodes"]):
+            shift_of[key] = 0 if not shift_of else INDENT
+    far = {n["id"]: sum(1 for _l, src, _s, dst, _d, _t in ui["links"]
+                        if src == n["id"] and stage_rank[stage_of[dst]] > stage_rank[stage_of[n["id"]]])
+           for n in ui["nodes"]}
+    # the state searched: each node's least sub-column and its rank inside its column
+    push = dict(min_col or {})
+    # in a column, the nodes feeding later rows first go to the bottom (their links leave below the row); a
+    # video player grows with the video it plays: always last in its column, nothing below it to cover
+    rank = {nid: i for i, nid in enumerate(sorted(by_id, key=lambda i: (far[i], order[i])))}
 
-    def depth_of(nid: int) -> int:
-        if nid not in depth:
-            same = [s for s in sources[nid] if stage_of[s] == stage_of[nid]]
-            depth[nid] = max(1 + max(depth_of(s) for s in same) if same else 0, (min_col or {}).get(nid, 0))
-        return depth[nid]
+    def columns() -> list[tuple[str, str, list[list[int]]]]:
+        depth: dict[int, int] = {}
+
+        def depth_of(nid: int) -> int:
+            if nid not in depth:
+                same = [s for s in sources[nid] if stage_of[s] == stage_of[nid]]
+                depth[nid] = max(1 + max(depth_of(s) for s in same) if same else 0, push.get(nid, 0))
+            return depth[nid]
+
+        out = []
+        for key, group_title in stages:
+            if key not in shift_of:
+                continue
+            cols: dict[int, list[int]] = {}
+            members = [nid for nid in by_id if stage_of[nid] == key]
+            for nid in sorted(members, key=lambda i: (by_id[i]["type"] in VIDEO_PLAYERS, rank[i])):
+                cols.setdefault(depth_of(nid), []).append(nid)
+            out.append((key, group_title, [cols.get(d, []) for d in range(max(cols) + 1)]))
+        return out
 
     note_id = max(by_id) + 1
     x_start = 40 + NOTE_W + 60
-    stage_rank = {k: i for i, (k, _t) in enumerate(stages)}
-    layout_cols: list[tuple[str, str, list[list[int]]]] = []
-    for key, group_title in stages:
-        members = [n["id"] for n in ui["nodes"] if stage_of[n["id"]] == key]
-        if not members:
-            continue
-        far = {nid: sum(1 for _l, src, _s, dst, _d, _t in ui["links"]
-                        if src == nid and stage_rank[stage_of[dst]] > stage_rank[key]) for nid in members}
-        cols: dict[int, list[int]] = {}
-        # in a column, the nodes feeding later rows go to the bottom: their links leave below the row
-        # (a video player grows with the video it plays: last in its column, nothing below it to cover)
-        for nid in sorted(members, key=lambda i: (by_id[i]["type"] in VIDEO_PLAYERS, far[i], order[i])):
-            cols.setdefault(depth_of(nid), []).append(nid)
-        layout_cols.append((key, group_title, [cols[d] for d in sorted(cols)]))
 
     def place() -> list[dict]:
+        layout_cols = columns()
+        # one grid of columns for all rows (a column's width: its widest node in any row), the rows after the
+        # first starting INDENT columns in: the links from the inputs' first column (loader, video) then run down
+        # the gap right of it instead of through the nodes below it
+        ncols = max(len(c) + shift_of[k] for k, _t, c in layout_cols)
+        grid = [GRID_MIN_W] * ncols
+        for k, _t, cols in layout_cols:
+            for i, col in enumerate(cols):
+                if col:
+                    grid[i + shift_of[k]] = max(grid[i + shift_of[k]], max(sizes[nid][0] for nid in col))
+        xs = [x_start]
+        for i, w in enumerate(grid):
+            xs.append(xs[-1] + w + (FIRST_GAP_X if i == 0 else GAP_X))
         y = 60.0
         groups = []
-        # one grid of columns for all rows (a column's width: its widest node in any row), the rows after the
-        # first starting one column in: links from the inputs' first column (loader, video) then run down the gap
-        # right of it instead of through the nodes below it
-        shift = [0] + [INDENT] * (len(layout_cols) - 1)
-        ncols = max(len(c) + s for (_k, _t, c), s in zip(layout_cols, shift))
-        grid = [0] * ncols
-        for (_k, _t, cols), s in zip(layout_cols, shift):
-            for i, col in enumerate(cols):
-                grid[i + s] = max(grid[i + s], max(sizes[nid][0] for nid in col))
-        if not GRID:
-            grid = None
-        for (_key, group_title, cols), s in zip(layout_cols, shift):
-            x = x_start + (sum(grid[:s]) + s * FIRST_GAP_X if grid else 0)
-            x_first = x
+        for key, group_title, cols in layout_cols:
+            s = shift_of[key]
             row_bottom = y
             top = y + GROUP_TITLE_H + TITLE_H
+            used = [i for i, col in enumerate(cols) if col]
             for i, col in enumerate(cols):
-                width = grid[i + s] if grid else max(sizes[nid][0] for nid in col)
                 cy = top
                 for nid in col:
-                    by_id[nid]["pos"] = [x, cy]
-                    by_id[nid]["size"] = [width, sizes[nid][1]]
+                    by_id[nid]["pos"] = [xs[i + s], cy]
+                    by_id[nid]["size"] = [grid[i + s], sizes[nid][1]]
                     cy += sizes[nid][1] + TITLE_H + GAP_Y
                     row_bottom = max(row_bottom, cy - GAP_Y)
-                x += width + (FIRST_GAP_X if i + s == 0 else GAP_X)
+            x0, x1 = xs[used[0] + s], xs[used[-1] + s] + grid[used[-1] + s]
             groups.append({"id": len(groups) + 1, "title": group_title,
-                           "bounding": [x_first - GROUP_PAD, y, (x - GAP_X) - x_first + 2 * GROUP_PAD,
-                                        row_bottom + GROUP_PAD - y],
+                           "bounding": [x0 - GROUP_PAD, y, x1 - x0 + 2 * GROUP_PAD, row_bottom + GROUP_PAD - y],
                            "color": "#3f789e", "font_size": 24, "flags": {}})
             y = row_bottom + GROUP_PAD + ROW_GAP
         return groups
 
-    def cost() -> tuple[int, float]:
-        place()
+    def cost() -> tuple:
+        groups = place()
+        first_row = [n for n in by_id.values() if n["pos"][1] < groups[0]["bounding"][1] + groups[0]["bounding"][3]]
+        too_wide = max(0.0, max(n["pos"][0] for n in first_row) - (VIEW_W / 0.6 - 100))
         length = sum(math.dist(slot_pos(by_id[src], ss, True), slot_pos(by_id[dst], ds, False))
                      for _l, src, ss, dst, ds, _t in ui["links"])
-        return len(hidden_links(ui)), length
+        width = max(n["pos"][0] + n["size"][0] for n in by_id.values())
+        return (too_wide > 0, len(hidden_links(ui, every=True)), round(width + length / 4))
 
-    # coordinate descent on the order of the nodes in each column: fewest links behind nodes, then shortest
     best = cost()
-    for _sweep in range(2):
-        for _key, _title, cols in layout_cols:
-            for ci, col in enumerate(cols):
-                if len(col) < 2 or len(col) > 5:
+    for _sweep in range(3):
+        improved = False
+        for nid in sorted(by_id, key=lambda i: order[i]):
+            # a further column (and back)
+            for d in range(0, 4):
+                old = push.get(nid, 0)
+                if d == old:
                     continue
-                keep = list(col)
-                for perm in itertools.permutations(keep):
-                    if any(by_id[nid]["type"] in VIDEO_PLAYERS for nid in perm[:-1]):
-                        continue
-                    cols[ci] = list(perm)
-                    c = cost()
-                    if c < best:
-                        best, keep = c, list(perm)
-                cols[ci] = keep
+                push[nid] = d
+                c = cost()
+                if c < best:
+                    best, improved = c, True
+                else:
+                    push[nid] = old
+            # up or down in its column: exchange the ranks with each other node of the stage
+            for other in sorted(by_id, key=lambda i: order[i]):
+                if other == nid or stage_of[other] != stage_of[nid]:
+                    continue
+                rank[nid], rank[other] = rank[other], rank[nid]
+                c = cost()
+                if c < best:
+                    best, improved = c, True
+                else:
+                    rank[nid], rank[other] = rank[other], rank[nid]
+        if not improved:
+            break
     groups = place()
     first = groups[0]["bounding"]
     note_h = max(first[3] - GROUP_TITLE_H, 300)
