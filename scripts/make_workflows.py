@@ -306,7 +306,8 @@ def _note(what: str, provide: str, change: str, settings: str = "") -> str:
 
 FZ_SETTINGS = ("- style (jeep_watercolor): mode `refine`, cross 0.8, self 0.0-0.8, the style word reweighted "
                "x10 (`watercolor:10`), no blend words (full self-attention replacement)\n"
-               "- attribute (duck_rubber, squ_carrot): `refine`, cross 0.5-0.7, self 0.0-0.5, new words x10\n"
+               "- attribute: `refine`, cross 0.5 and self 0.0-0.5 (squ_carrot, the new words x10-20), or 0.7 and "
+               "0.0-0.7 (duck_rubber)\n"
                "- shape / local (jeep_posche): `replace`, cross 0.5, self 0.0-0.5, blend words = the source "
                "words of the object, threshold 0.3; add latent blending for the cleanest background")
 PROMPTS_FIRST = ("- *Prompts*: the source text describes your video, the edit text the same with your change "
@@ -367,8 +368,10 @@ WORKFLOWS = {
             "\n- a LoRA for your checkpoint in `models/loras` (named `infusion_lora.safetensors` here: pick "
             "yours in the *LoRA* node; strength 0 to run without)",
             PROMPTS_FIRST + "\n- *InFusion Inject*: `concepts` = `source word->edit word` pairs, comma-separated",
-            "- SD1.5 + LoRA, 50 DDIM steps, cfg 7.5; feature injection in the decoder's first block, attention "
-            "in the decoder (Plug-and-Play's choices where the paper is silent)"),
+            "- SD1.5 + LoRA; decoder block 4's features injected for the first half of the steps "
+            "(`feature_end` 0.5), the source's keys/values in blocks 4-11 up to 0.8 (`kv_end`), then each concept "
+            "fused in its mask (`alpha` 0.5, `mask_threshold` 0.3): Plug-and-Play's values where the paper gives "
+            "none"),
         invert="2  Inversion, source features recorded", edit="3  Edit, concepts injected and fused"),
     "fatezero_style_edit": workflow(
         "FateZero: style edit",
