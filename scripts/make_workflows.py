@@ -292,16 +292,17 @@ STAGE_OF_ID = {
 STAGE_TITLES = {"inputs": "1  Inputs: video, model, prompts", "invert": "2  Inversion (source video -> noise)",
                 "edit": "3  Edit", "outputs": "4  Outputs and previews"}
 
-PROVIDE = ("**Provide**\n"
-           "- your video as `ComfyUI/input/input.mp4` (or pick another in *Load Video*); 8 frames at 512x512 is "
-           "the papers' size\n"
-           "- an SD1.5 checkpoint in `models/checkpoints` (`v1-5-pruned-emaonly.safetensors`: pick yours in "
-           "*Load Checkpoint*)")
+VIDEO_LINE = ("- your video as `ComfyUI/input/input.mp4` (or pick another in *Load Video*); 8 frames at 512x512 is "
+              "the papers' size")
+SD15_LINE = ("- an SD1.5 checkpoint in `models/checkpoints` (`v1-5-pruned-emaonly.safetensors`: pick yours in "
+             "*Load Checkpoint*)")
 
 
-def _note(what: str, provide: str, change: str, settings: str = "") -> str:
-    return (f"## What this does\n{what}\n\n{PROVIDE}{provide}\n\n**Change first**\n{change}"
-            + (f"\n\n**The papers' settings**\n{settings}" if settings else ""))
+def _note(what: str, provide: str, change: str, settings: str = "", checkpoint: str = SD15_LINE) -> str:
+    """The workflow's Read me: what it does (two lines), what to provide (the video, `checkpoint`, then `provide`:
+    further files, each line starting with a newline), the widgets to change first, the papers' settings."""
+    return (f"## What this does\n{what}\n\n**Provide**\n{VIDEO_LINE}\n{checkpoint}{provide}\n\n"
+            f"**Change first**\n{change}" + (f"\n\n**The papers' settings**\n{settings}" if settings else ""))
 
 
 FZ_SETTINGS = ("- style (jeep_watercolor): mode `refine`, cross 0.8, self 0.0-0.8, the style word reweighted "
