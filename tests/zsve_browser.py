@@ -250,13 +250,16 @@ class Browser:
     def overview(self, path: Path) -> None:
         """A screenshot of the whole graph (zoomed to fit the canvas), then the view as it was."""
         self.page.evaluate("""() => {
-          const c = app.canvas, ds = c.ds, nodes = app.graph._nodes;
+          const c = app.canvas, ds = c.ds, nodes = app.graph._nodes, groups = app.graph._groups;
           window.__zsve_view = [ds.scale, Array.from(ds.offset)];
-          const x0 = Math.min(...nodes.map(n => n.pos[0])) - 40, y0 = Math.min(...nodes.map(n => n.pos[1])) - 80;
-          const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])) + 40;
-          const y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1])) + 40;
-          const el = c.canvas, s = 0.92 * Math.min(el.clientWidth / (x1 - x0), el.clientHeight / (y1 - y0));
-          ds.scale = s; ds.offset[0] = -x0; ds.offset[1] = -y0; c.setDirty(true, true);
+          const boxes = nodes.map(n => [n.pos[0], n.pos[1] - 30, n.pos[0] + n.size[0], n.pos[1] + n.size[1]])
+            .concat(groups.map(g => [g._bounding[0], g._bounding[1], g._bounding[0] + g._bounding[2],
+                                      g._bounding[1] + g._bounding[3]]));
+          const x0 = Math.min(...boxes.map(b => b[0])) - 20, y0 = Math.min(...boxes.map(b => b[1])) - 20;
+          const x1 = Math.max(...boxes.map(b => b[2])) + 20, y1 = Math.max(...boxes.map(b => b[3])) + 20;
+          // the canvas lies under the menu bars (about 80 px at the top) and the side bar (about 70 px)
+          const el = c.canvas, s = Math.min((el.clientWidth - 90) / (x1 - x0), (el.clientHeight - 110) / (y1 - y0));
+          ds.scale = s; ds.offset[0] = 80 / s - x0; ds.offset[1] = 90 / s - y0; c.setDirty(true, true);
         }""")
         self.page.wait_for_timeout(300)
         self.page.screenshot(path=str(path))
