@@ -231,15 +231,15 @@ FATEZERO_STYLE = _fatezero_edit(FZ_STYLE_EDIT, dict(
 FZ_LOCAL_BLEND = dict(mode="replace", cross_replace=0.5, cross_replace_words="", self_replace_start=0.0,
                       self_replace_end=0.5, reweight="", blend_words="red circle", blend_threshold=0.3, only_cond=True)
 FATEZERO_LOCAL = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_local")
-FATEZERO_LOCAL_LATENT_BLEND = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_local_edit_latent_blend",
+FATEZERO_LOCAL_LATENT_BLEND = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_latent_blend_edit",
                                              latent_blend_words="yellow circle")
 
 
 # Composition with core ControlNet and a LoRA (issue 17): FateZero's local attribute edit on a LoRA-adapted model,
 # with the Canny edges of every source frame as per-frame ControlNet hints, on the inversion's prompt and on the
 # edit's prompts alike (the store is recorded under the same control the edit samples with).
-def _fatezero_local_edit_controlnet_lora() -> list[dict]:
-    spec = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_local_edit_controlnet_lora")
+def _fatezero_controlnet_lora() -> list[dict]:
+    spec = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_controlnet_lora")
     lora = {"id": "lora", "type": "LoraLoader",
             "widgets": {"lora_name": "your_lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
             "links": {"model": ("ckpt", 0), "clip": ("ckpt", 1)}, "title": "LoRA (put your file in models/loras)"}
@@ -275,7 +275,7 @@ def _fatezero_local_edit_controlnet_lora() -> list[dict]:
     return out
 
 
-FATEZERO_CONTROLNET_LORA = _fatezero_local_edit_controlnet_lora()
+FATEZERO_CONTROLNET_LORA = _fatezero_controlnet_lora()
 
 
 # --- stages, groups and notes ---------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def workflow(card: str, title: str, nodes: list[dict], note: str, **stage_titles
 
 FZ_INVERT = "2  Inversion, attention recorded (Attention Store)"
 WORKFLOWS = {
-    "invert_and_reconstruct_video": workflow(
+    "invert_reconstruct_video": workflow(
         "Invert + reconstruct",
         "Invert and reconstruct a video", INVERT_AND_RECONSTRUCT, _note(
             "DDIM-inverts your video to noise with the source prompt, then samples it back with the same prompt "
@@ -334,7 +334,7 @@ WORKFLOWS = {
             "", "- *Source prompt*: describe your video\n- *steps* on Video DDIM Invert and the sampler: the same "
             "number (20; 50 in the papers)"),
         edit="3  Reconstruct (sample back, same prompt)"),
-    "blended_latent_local_edit_mask_from_attention": workflow(
+    "blended_latent_auto_mask": workflow(
         "Blended Latent: attention mask",
         "Blended latent local edit, mask from cross-attention", _bld_local_edit("cross-attention"), _note(
             "A local edit (Blended Latent Diffusion): inside the region where the edited words attend, the edit "
@@ -342,7 +342,7 @@ WORKFLOWS = {
             "", PROMPTS_FIRST + "\n- *Latent Blend With Inversion*: `words` = the edited words of the edit "
             "prompt (`yellow circle`); `threshold` (0.3) and `dilation` grow or shrink the region"),
         edit="3  Edit, blended with the inversion outside the mask"),
-    "blended_latent_local_edit_painted_mask": workflow(
+    "blended_latent_your_mask": workflow(
         "Blended Latent: painted mask",
         "Blended latent local edit, user mask", _bld_local_edit("user mask"), _note(
             "A local edit (Blended Latent Diffusion) inside a mask you paint: inside, the edit prompt; outside, "
@@ -350,7 +350,7 @@ WORKFLOWS = {
             "\n- the mask as `ComfyUI/input/mask.png`: white (red channel) = edit, black = keep, one for all "
             "frames", PROMPTS_FIRST + "\n- *Edit region*: your mask; *dilation* grows it"),
         edit="3  Edit, blended with the inversion outside your mask"),
-    "videop2p_word_swap_local_blend": workflow(
+    "videop2p_word_swap": workflow(
         "Video-P2P: word swap",
         "Video-P2P word swap with null-text optimisation and local blend", VIDEOP2P_WORD_SWAP, _note(
             "Video-P2P: the source and the edit run side by side, the edit's attention driven by the source's "
@@ -361,7 +361,7 @@ WORKFLOWS = {
             "- word swap: cross 0.2, self 0.5, Local Blend threshold 0.3, null text 10 inner steps, cfg 7.5\n"
             "- attribute / style (words added): mode `refine`, reweight the new words"),
         invert="2  Inversion + null-text optimisation", edit="3  Edit (source and edit branches together)"),
-    "infusion_two_concept_edit_with_lora": workflow(
+    "infusion_two_concepts_lora": workflow(
         "InFusion: two concepts + LoRA",
         "InFusion multi-concept edit with a LoRA", INFUSION_MULTI_CONCEPT_LORA, _note(
             "InFusion: features and attention of the source injected into the edit, each edited concept fused "
@@ -382,7 +382,7 @@ WORKFLOWS = {
             "", PROMPTS_FIRST + "\n- *Attention Blend*: `reweight` = the style words x10 (`watercolor:10`); "
             "the windows (cross 0.8, self 0.0-0.8)", FZ_SETTINGS), invert=FZ_INVERT,
         edit="3  Edit with the recorded attention fused (Attention Blend)"),
-    "fatezero_local_attribute_edit": workflow(
+    "fatezero_attribute_edit": workflow(
         "FateZero: local attribute edit",
         "FateZero local attribute edit (word swap, blended self-attention)", FATEZERO_LOCAL, _note(
             "FateZero local edit: the recorded attention fused into the edit, the self-attention blended inside "
@@ -390,7 +390,7 @@ WORKFLOWS = {
             "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = the source words of the object "
             "(`red circle`); `mode` replace (word swap) or refine", FZ_SETTINGS), invert=FZ_INVERT,
         edit="3  Edit with the recorded attention fused (Attention Blend)"),
-    "fatezero_local_edit_latent_blend": workflow(
+    "fatezero_latent_blend_edit": workflow(
         "FateZero: local + latent blend",
         "FateZero local edit with latent blending (blended self-attention, latents outside the source/edit word "
         "masks kept on the inversion)", FATEZERO_LOCAL_LATENT_BLEND, _note(
@@ -399,7 +399,7 @@ WORKFLOWS = {
             "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = source words (`red circle`)\n"
             "- *Latent blend*: `words` = edited words (`yellow circle`)", FZ_SETTINGS), invert=FZ_INVERT,
         edit="3  Edit: attention fused, latents blended with the inversion"),
-    "fatezero_local_edit_controlnet_lora": workflow(
+    "fatezero_controlnet_lora": workflow(
         "FateZero: ControlNet + LoRA",
         "FateZero local edit on a LoRA with core ControlNet (Canny edges of every frame)", FATEZERO_CONTROLNET_LORA,
         _note(
@@ -417,7 +417,7 @@ WORKFLOWS = {
 def main():
     out_dir = ROOT / "workflows"
     out_dir.mkdir(exist_ok=True)
-    only = set(sys.argv[1].split(",")) if len(sys.argv) > 1 else None  # e.g. fatezero_local_edit_controlnet_lora
+    only = set(sys.argv[1].split(",")) if len(sys.argv) > 1 else None  # e.g. fatezero_controlnet_lora
     for name, wf in WORKFLOWS.items():
         if only is not None and name not in only:
             continue

@@ -16,7 +16,7 @@ def test_demo_writes_its_outputs_and_its_default_edit_succeeds(tmp_path):
         assert f"[zsve demo] {line}" in r.stdout
     assert (tmp_path / "side_by_side.mp4").stat().st_size > 0
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["workflow"] == "blended_latent_local_edit_mask_from_attention" and m["frames"] == 8
+    assert m["workflow"] == "blended_latent_auto_mask" and m["frames"] == 8
     toy = m["toy"]
     # measured on the committed checkpoint: success 1.0, 32.4 dB outside the edited object, leak 0.8%
     assert toy["success"] >= 0.75 and toy["others_kept"] == 1.0, toy

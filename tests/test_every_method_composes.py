@@ -125,7 +125,7 @@ def _with_lora_after(prompt: dict) -> dict:
 
 def _with_controlnet(prompt: dict) -> dict:
     """ControlNetApply (the source frames as per-frame hints) after every text encoder; a workflow that ships
-    with its own ControlNet (fatezero_local_edit_controlnet_lora) instead runs with its ControlNet at strength 0, so the
+    with its own ControlNet (fatezero_controlnet_lora) instead runs with its ControlNet at strength 0, so the
     comparison with the base run shows what its ControlNet does."""
     p = copy.deepcopy(prompt)
     own = [v for v in p.values() if v["class_type"] == "ControlNetApplyAdvanced"]
@@ -193,8 +193,8 @@ def _with_windows(prompt: dict, length: int = 2, overlap: int = 1) -> dict:
     return p
 
 
-# fatezero_local_edit_controlnet_lora is fatezero_local_attribute_edit's graph with a LoRA and a ControlNet: windowed there
-WINDOWED = [p for p in WORKFLOWS if p.stem != "fatezero_local_edit_controlnet_lora"]
+# fatezero_controlnet_lora is fatezero_attribute_edit's graph with a LoRA and a ControlNet: windowed there
+WINDOWED = [p for p in WORKFLOWS if p.stem != "fatezero_controlnet_lora"]
 
 
 @pytest.mark.parametrize("path", WINDOWED, ids=[p.stem for p in WINDOWED])

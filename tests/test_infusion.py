@@ -313,7 +313,7 @@ def test_node_graph_with_core_lora_loader_through_the_executor(tiny_model, tiny_
     assert ui_text is None or any("InFusion source record" in s for s in ui_text)
 
 
-WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "infusion_two_concept_edit_with_lora.json"
+WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "infusion_two_concepts_lora.json"
 # The shipped workflow is for SD1.5 (Plug-and-Play's blocks 4 / 4-11, 20 steps); the tiny UNet has output
 # blocks 0-3 and the test runs 5 steps.
 TINY_WIDGETS = {"InFusionSource": dict(feature_blocks="1", attention_blocks="0-3"),
@@ -322,7 +322,7 @@ TINY_WIDGETS = {"InFusionSource": dict(feature_blocks="1", attention_blocks="0-3
 
 
 def run_infusion_workflow(model, clip, vae, frames, work: Path, lora_sd: dict | None = None) -> dict:
-    """Run workflows/infusion_two_concept_edit_with_lora.json headless on (model, clip, vae) with `frames` as input.mp4;
+    """Run workflows/infusion_two_concepts_lora.json headless on (model, clip, vae) with `frames` as input.mp4;
     returns the captured edit latent, masks, patched model and the saved files."""
     (work / "in").mkdir(parents=True, exist_ok=True)
     (work / "out").mkdir(exist_ok=True)

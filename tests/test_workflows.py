@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nodes
@@ -42,6 +43,8 @@ def test_workflow_is_valid_ui_format(path):
             continue
         assert n["type"] in nodes.NODE_CLASS_MAPPINGS, f"{path.name} uses {n['type']}, not core or this pack"
         assert not n["type"].startswith("ZSVETest")
+    # the template browser's card shows the file stem as its title: snake_case, short enough not to be cut
+    assert re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)*", path.stem) and len(path.stem) <= 26, path.stem
     thumb = path.with_suffix(".jpg")
     assert thumb.is_file() or thumb.with_suffix(".png").is_file(), f"{path.name} has no thumbnail"
 
@@ -121,8 +124,8 @@ def test_layout_check_finds_what_it_looks_for():
     assert min_width("a very long title of a node that will not fit", [], []) > 300
 
 
-def test_invert_and_reconstruct_video_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):
-    prompt, by_type = shipped_prompt("invert_and_reconstruct_video", (tiny_model, tiny_clip, tiny_vae), io_dirs / "in",
+def test_invert_reconstruct_video_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):
+    prompt, by_type = shipped_prompt("invert_reconstruct_video", (tiny_model, tiny_clip, tiny_vae), io_dirs / "in",
                                      frames=4)
     prompt["cap_enc"] = {"class_type": "ZSVETestCapture", "inputs": {"value": [by_type["VAEEncode"], 0], "key": "enc"}}
     prompt["cap_zt"] = {"class_type": "ZSVETestCapture",
@@ -144,7 +147,7 @@ def test_invert_and_reconstruct_video_workflow_runs_headless(io_dirs, tiny_model
 
 
 def test_ui_to_api_maps_widgets_positionally():
-    ui = load_ui(Path(__file__).resolve().parents[1] / "workflows" / "invert_and_reconstruct_video.json")
+    ui = load_ui(Path(__file__).resolve().parents[1] / "workflows" / "invert_reconstruct_video.json")
     prompt = ui_to_api(ui)
     ks = next(v for v in prompt.values() if v["class_type"] == "KSamplerAdvanced")["inputs"]
     assert ks["add_noise"] == "disable" and ks["noise_seed"] == 0 and ks["steps"] == 20

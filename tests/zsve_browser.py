@@ -266,6 +266,16 @@ class Browser:
         self.page.evaluate("""() => { const [s, o] = window.__zsve_view; const ds = app.canvas.ds;
           ds.scale = s; ds.offset[0] = o[0]; ds.offset[1] = o[1]; app.canvas.setDirty(true, true); }""")
 
+    def templates(self, path: Path) -> None:
+        """A screenshot of the template browser on this pack's cards (file stem + thumbnail), then closed."""
+        self.page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        self.page.wait_for_selector(".p-dialog", timeout=10_000)
+        self.page.get_by_text(PACK_NAME, exact=True).first.click()
+        self.page.wait_for_timeout(1500)
+        self.page.screenshot(path=str(path))
+        self.page.keyboard.press("Escape")
+        self.page.wait_for_timeout(300)
+
     def close(self) -> None:
         try:
             self.context.close()
@@ -288,6 +298,7 @@ def main():
         b = Browser(server.url)
         try:
             b.open_app()
+            b.templates(out / "templates.png")
             for p in paths:
                 r = b.load(p)
                 b.screenshot(out / f"{p.stem}.png")

@@ -239,11 +239,11 @@ def layout(ui: dict, stage_of: dict[int, str], stages: list[tuple[str, str]], no
     def cost() -> tuple:
         groups = place()
         first_row = [n for n in by_id.values() if n["pos"][1] < groups[0]["bounding"][1] + groups[0]["bounding"][3]]
-        too_wide = max(0.0, max(n["pos"][0] for n in first_row) - (VIEW_W / 0.6 - 100))
+        too_wide = max(0.0, max(n["pos"][0] for n in first_row) - (VIEW_W / 0.6 - 20))
         length = sum(math.dist(slot_pos(by_id[src], ss, True), slot_pos(by_id[dst], ds, False))
                      for _l, src, ss, dst, ds, _t in ui["links"])
         width = max(n["pos"][0] + n["size"][0] for n in by_id.values())
-        return (too_wide > 0, len(hidden_links(ui, every=True)), round(width + length / 4))
+        return (round(too_wide), len(hidden_links(ui, every=True)), round(width + length / 4))
 
     best = cost()
     for _sweep in range(3):
