@@ -230,7 +230,7 @@ FATEZERO_STYLE = _fatezero_edit(FZ_STYLE_EDIT, dict(
     reweight="watercolor:10", blend_words="", blend_threshold=0.3, only_cond=True), "zsve/fatezero_style")
 FZ_LOCAL_BLEND = dict(mode="replace", cross_replace=0.5, cross_replace_words="", self_replace_start=0.0,
                       self_replace_end=0.5, reweight="", blend_words="red circle", blend_threshold=0.3, only_cond=True)
-FATEZERO_LOCAL = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_local")
+FATEZERO_LOCAL = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_attribute_edit")
 FATEZERO_LOCAL_LATENT_BLEND = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_latent_blend_edit",
                                              latent_blend_words="yellow circle")
 
