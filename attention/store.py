@@ -206,10 +206,16 @@ class AttentionStore:
         """Head-averaged cross-attention [F, Nq, T] float32 (for masks)."""
         return self._entry(timestep, layer, "cross")["p"].float().mean(1)
 
+    @property
+    def bytes_per_frame_step(self) -> int:
+        """Stored bytes per frame per recorded step (what a longer clip or more steps add)."""
+        return self.nbytes // max(1, self.frames * len(self.timesteps))
+
     def summary(self) -> str:
         n_steps = len(self.timesteps)
         return (f"attention store: {self.frames} frame(s), {n_steps} step(s), {len(self.layer_names('self'))} self / "
-                f"{len(self.layer_names('cross'))} cross layer(s), {self.nbytes / 2**20:.2f} MiB (fp16, CPU)")
+                f"{len(self.layer_names('cross'))} cross layer(s), {self.nbytes / 2**20:.2f} MiB (fp16, CPU), "
+                f"{format_bytes(self.bytes_per_frame_step)} per frame per step")
 
 
 def _latent_hw(call) -> tuple[int, int]:
