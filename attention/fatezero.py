@@ -218,6 +218,22 @@ def preview_mask(store: AttentionStore, plan: FusionPlan, out_hw) -> torch.Tenso
     return acc / max(1, len(steps))
 
 
+def _split_rows(attend, keep: torch.Tensor, q, k, qs, ks, v) -> torch.Tensor:
+    """Rows of a 0/1 fusion mask, each with its own map: per frame r, the query rows with keep[r] attend with the
+    edit's (q, k), the others with the source's (qs, ks), both over v: [R, Nq, C], one optimized call per frame and
+    side (about the cost of one call over all rows)."""
+    out = None
+    for r in range(q.shape[0]):
+        for sel, qq, kk in ((keep[r], q, k), (~keep[r], qs, ks)):
+            if not bool(sel.any()):
+                continue
+            o = attend(qq[r:r + 1, sel], kk[r:r + 1], v[r:r + 1])
+            if out is None:
+                out = o.new_empty((q.shape[0], q.shape[1], o.shape[-1]))
+            out[r, sel] = o[0]
+    return out
+
+
 class FateZeroController:
     """Processor (attention/processor.py protocol) for the edit sampling. Immutable after construction;
     its mask cache depends only on the store and the plan, so sharing it between runs is safe."""
@@ -310,13 +326,20 @@ class FateZeroController:
             )
         idx = torch.cat([torch.arange(j * f, (j + 1) * f) for j in fused]).to(q.device)
         n = len(fused)
-        base = attend(qs.to(q.dtype).repeat(n, 1, 1), ks.to(k.dtype).repeat(n, 1, 1), v[idx])
+        qs, ks = qs.to(q.dtype).repeat(n, 1, 1), ks.to(k.dtype).repeat(n, 1, 1)
+        mask = None
         if self.plan.blend_indices:
             mask = self._mask(t, call.hw)
             if frames is not None:
                 mask = mask[torch.as_tensor(frames)]
-            m = mask.to(q.device, base.dtype).repeat(n, 1).unsqueeze(-1)  # [n*F, Nq, 1]
-            base = m * attend(q[idx], k[idx], v[idx]) + (1.0 - m) * base
+            mask = mask.to(q.device).repeat(n, 1)  # [n*F, Nq]
+        if mask is None:
+            base = attend(qs, ks, v[idx])
+        elif bool(((mask == 0) | (mask == 1)).all()):  # the thresholded blend mask: each row takes one map
+            base = _split_rows(attend, mask > 0.5, q[idx], k[idx], qs, ks, v[idx])
+        else:
+            m = mask.to(v.dtype).unsqueeze(-1)
+            base = m * attend(q[idx], k[idx], v[idx]) + (1.0 - m) * attend(qs, ks, v[idx])
         if n == len(call.cond_or_uncond):
             return base
         out = attend(q, k, v)

@@ -82,6 +82,20 @@ def test_fatezero_self_fusion_at_the_output_level_equals_the_explicit_maps(blend
         assert 0 < float(m.mean()) < 1
 
 
+def test_fatezero_output_level_fusion_with_a_soft_mask_equals_the_explicit_maps(monkeypatch):
+    q, k, v = _qkv()
+    src_q, src_k = _qkv(seed=3, rows=F)[:2]
+    ctrl = FateZeroController(_store(src_q, src_k), _plan([2]))
+    soft = torch.rand(F, 64, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(ctrl, "_mask", lambda t, hw: soft)
+    ref = _reference_fatezero(ctrl, q, k, v)
+    disp = ap._Dispatcher("self", ("output", 7, 0), _MS())
+    ap.STATS.reset()
+    out = disp(q, k, v, _extra(**{ap.PROCESSORS_KEY: [ctrl]}))
+    assert ap.STATS.output_calls == 1
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+
+
 def test_fatezero_fusion_in_bf16_stays_within_bf16_rounding_of_the_float32_result():
     q, k, v = _qkv()
     src_q, src_k = _qkv(seed=3, rows=F)[:2]
