@@ -165,10 +165,11 @@ class AttentionStore:
             raise StoreLookupError(f"no stored {kind}-attention for layer {layer} at timestep {timestep}")
         return e
 
-    def self_probs(self, timestep: int, layer: str, frames: Sequence[int] | None = None,
-                   device=None, window: Sequence[int] | None = None) -> torch.Tensor:
-        """Per-head self-attention probabilities of the inversion, recomputed: [F, heads, Nq, Nk] float32.
-        With `window` (a context window's frames) the entry recorded for that very window is used."""
+    def self_qk(self, timestep: int, layer: str, frames: Sequence[int] | None = None, device=None,
+                window: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inversion's projected self-attention queries and keys of a layer: q [F, Nq, C], k [F, Nk, C]
+        (keys shared by all frames are expanded, not copied), as stored (fp16). With `window` (a context
+        window's frames) the entry recorded for that very window is used."""
         if window is not None:
             e = self.entries.get((int(timestep), layer, "self", tuple(window)))
             if e is not None:
@@ -190,7 +191,15 @@ class AttentionStore:
             q, k = q.to(device), k.to(device)
         if k.shape[0] == 1 and q.shape[0] != 1:
             k = k.expand(q.shape[0], -1, -1)
-        return attention_probs(q.float(), k.float(), self.layers[layer].heads)
+        return q, k
+
+    def self_probs(self, timestep: int, layer: str, frames: Sequence[int] | None = None,
+                   device=None, window: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
+                   head_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Per-head self-attention probabilities of the inversion, recomputed from `self_qk`:
+        [F, heads, Nq, Nk] in `dtype` (float32 by default), only the heads (h0, h1) of `head_range` if given."""
+        q, k = self.self_qk(timestep, layer, frames, device, window)
+        return attention_probs(q, k, self.layers[layer].heads, dtype=dtype, head_range=head_range)
 
     def cross_probs(self, timestep: int, layer: str, frames: Sequence[int] | None = None,
                     device=None, window: Sequence[int] | None = None) -> torch.Tensor:
@@ -208,10 +217,16 @@ class AttentionStore:
         """Head-averaged cross-attention [F, Nq, T] float32 (for masks)."""
         return self._entry(timestep, layer, "cross")["p"].float().mean(1)
 
+    @property
+    def bytes_per_frame_step(self) -> int:
+        """Stored bytes per frame per recorded step (what a longer clip or more steps add)."""
+        return self.nbytes // max(1, self.frames * len(self.timesteps))
+
     def summary(self) -> str:
         n_steps = len(self.timesteps)
         return (f"attention store: {self.frames} frame(s), {n_steps} step(s), {len(self.layer_names('self'))} self / "
-                f"{len(self.layer_names('cross'))} cross layer(s), {self.nbytes / 2**20:.2f} MiB (fp16, CPU)")
+                f"{len(self.layer_names('cross'))} cross layer(s), {self.nbytes / 2**20:.2f} MiB (fp16, CPU), "
+                f"{format_bytes(self.bytes_per_frame_step)} per frame per step")
 
 
 def _latent_hw(call) -> tuple[int, int]:
@@ -246,6 +261,13 @@ class AttentionRecorder:
         if ascending:  # inversion: sigma index k (1..N) <-> edit step N - k
             return n - call.step_index
         return call.step_index
+
+    def needs_probs(self, call) -> bool:
+        """Self-attention is recorded as q/k (no probabilities); cross-attention as maps."""
+        return call.kind == "cross"
+
+    def kinds(self, call) -> set[int]:
+        return {0}
 
     def active(self, call) -> bool:
         cfg = self.config
