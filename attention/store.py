@@ -66,9 +66,10 @@ log = logging.getLogger(__name__)
 FATEZERO_MAX_QUERIES = 32 * 32
 
 
-def fatezero_skips_full_res(latent_hw: Sequence[int]) -> bool:
-    """Whether FateZero's query-length rule leaves out the full-resolution level of a latent of this size."""
-    return int(latent_hw[0]) * int(latent_hw[1]) > FATEZERO_MAX_QUERIES
+def fatezero_skips_full_res(latent_hw: Sequence[int], factor: int = 1) -> bool:
+    """Whether FateZero's query-length rule leaves out the level `factor` times smaller than a latent of this
+    size (factor 1: the full-resolution level)."""
+    return (int(latent_hw[0]) // factor) * (int(latent_hw[1]) // factor) > FATEZERO_MAX_QUERIES
 
 
 @dataclass(frozen=True)
@@ -266,9 +267,11 @@ class AttentionRecorder:
         if self.store is None:
             self.store = AttentionStore(config=cfg, frames=call.frames if window is None else max(window) + 1,
                                         latent_hw=latent_hw, num_steps=call.total_steps)
-            if cfg.min_factor > 1 and not fatezero_skips_full_res(latent_hw):
+            # skip_full_res leaves out the levels finer than min_factor (the model's finest attention level,
+            # attention/arch.py): say so where FateZero's rule would record that level at this latent size
+            if cfg.min_factor > 1 and not fatezero_skips_full_res(latent_hw, cfg.min_factor // 2):
                 log.info("Attention Store: the latent is %dx%d; FateZero's rule (maps of at most 32x32 queries) would "
-                         "record every level at this size, skip_full_res leaves the full-resolution level out: "
+                         "record every level at this size, skip_full_res leaves the finest attention level out: "
                          "turn skip_full_res off to match FateZero", latent_hw[0], latent_hw[1])
         st = self.store
         if window is not None:
