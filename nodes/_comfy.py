@@ -147,6 +147,12 @@ def timestep_of(model_sampling, sigma) -> int:
     return int(model_sampling.timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(1)).item())
 
 
+def _pooled(conditioning):
+    """The pooled text embedding of a one-entry CONDITIONING (SDXL), CPU float32, or None."""
+    p = conditioning[0][1].get("pooled_output") if len(conditioning) == 1 else None
+    return p.detach().float().cpu() if torch.is_tensor(p) else None
+
+
 def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: float, node: str = "VideoDDIMInvert",
                   disable_pbar: bool = False) -> tuple[dict, Inversion]:
     """Invert the frames of `latent` with DDIM through ComfyUI's CFGGuider, so that every model patch,
@@ -200,7 +206,8 @@ def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: floa
         records={name: r.finalize() for name, r in recorders.items()},
         info={"steps_requested": int(steps), "scheduler": "ddim_uniform",
               # the source prompt's text embedding (Edit Prompts' pair is checked against it)
-              "positive_embedding": positive[0][0].detach().float().cpu() if len(positive) == 1 else None},
+              "positive_embedding": positive[0][0].detach().float().cpu() if len(positive) == 1 else None,
+              "positive_pooled": _pooled(positive)},
     )
     out = {k: v for k, v in latent.items() if k != "noise_mask"}
     out["samples"] = z_T.to(comfy.model_management.intermediate_device())

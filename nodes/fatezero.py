@@ -214,7 +214,7 @@ class AttentionBlend(io.ComfyNode):
             log.warning("AttentionBlend: %s", note)
         m = model.clone()
         add_processor(m, FateZeroController(store, plan))
-        install_contract(m, "AttentionBlend", inversion, pair.edit.embedding, pair.edit.text)
+        install_contract(m, "AttentionBlend", inversion, pair.edit.embedding, pair.edit.text, pair.edit.pooled)
         h, w = store.latent_hw
         mask = preview_mask(store, plan, (h, w))
         mask = torch.nn.functional.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]

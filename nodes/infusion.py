@@ -324,7 +324,7 @@ class InFusionInject(io.ComfyNode):
         add_processor(m, controller)
         m.remove_wrappers_with_key(DIFFUSION_MODEL, INJECT_WRAPPER_KEY)
         m.add_wrapper_with_key(DIFFUSION_MODEL, INJECT_WRAPPER_KEY, ResBlockHooks(controller))
-        install_contract(m, node, inversion, pair.edit.embedding, pair.edit.text)
+        install_contract(m, node, inversion, pair.edit.embedding, pair.edit.text, pair.edit.pooled)
         masks = preview_masks(controller, record, plan)
         text = [record.summary()] + plan.notes
         return io.NodeOutput(m, masks, ui={"text": text})

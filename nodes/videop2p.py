@@ -90,6 +90,42 @@ def _with_crossattn(entry: dict, emb: torch.Tensor) -> dict:
     return e
 
 
+def _per_row(cond) -> bool:
+    """A model cond that holds one vector per batch row (the text embedding; SDXL's pooled text + size vector
+    `y`), as opposed to per-latent ones (c_concat of inpainting models) and constants."""
+    return (isinstance(cond, comfy.conds.CONDRegular) and not isinstance(cond, comfy.conds.CONDNoiseShape)
+            and torch.is_tensor(getattr(cond, "cond", None)) and cond.cond.ndim >= 2)
+
+
+def _rows(a: dict, b: dict, n: int, emb_a: torch.Tensor | None = None, emb_b: torch.Tensor | None = None) -> dict:
+    """One processed cond entry for a [2n] batch of two branches: rows 0..n-1 carry entry `a`'s per-row model
+    conds (its text embedding, or `emb_a`, and on SDXL its pooled/size vector `y`), rows n..2n-1 entry `b`'s.
+    Everything else (ControlNet, area, other model conds) is entry `b`'s. Raises ZSVEInputError when the two
+    entries' per-row conds cannot share a batch (different shapes)."""
+    e = dict(b)
+    mc = dict(b["model_conds"])
+    over = {"c_crossattn": (emb_a, emb_b)}
+    for key, cb in b["model_conds"].items():
+        if not _per_row(cb):
+            continue
+        ca = a["model_conds"].get(key)
+        ta, tb = over.get(key, (None, None))
+        ta = ta if ta is not None else (ca.cond if _per_row(ca) else None)
+        tb = tb if tb is not None else cb.cond
+        if ta is None:
+            raise ZSVEInputError(f"VideoP2PGuider: the source and the edit CONDITIONING differ in kind (the edit's "
+                                 f"carries '{key}', the source's not): encode both with the same node (Edit Prompts, "
+                                 "or CLIP Text Encode (SDXL) with the same sizes).")
+        if ta.shape[1:] != tb.shape[1:]:
+            raise ZSVEInputError(f"VideoP2PGuider: the prompts' '{key}' conditionings have different shapes "
+                                 f"({list(ta.shape[1:])} and {list(tb.shape[1:])}); keep each prompt within 75 "
+                                 "tokens and encode all of them with the same CLIP.")
+        rows = torch.cat([ta[:1].expand(n, *ta.shape[1:]), tb[:1].to(ta).expand(n, *tb.shape[1:])])
+        mc[key] = cb._copy_with(rows)
+    e["model_conds"] = mc
+    return e
+
+
 # --- NullTextOptimize ---------------------------------------------------------------------------------
 
 class _NullTextSampler(comfy.samplers.Sampler):
@@ -334,11 +370,10 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
                 raise ZSVEInputError(f"VideoP2PGuider: {e}") from None
         u_tgt = u_src if s["target_uncond"] == TARGET_UNCOND[1] else c_neg
 
-        def rows(a, b, n=f):
-            return torch.cat([a[:1].expand(n, -1, -1), b[:1].expand(n, -1, -1)])
-
+        # Each branch's rows carry their own prompt's conditioning: the source rows the source CONDITIONING
+        # (text embedding and, on SDXL, its pooled/size vector y), the target rows the edit's.
         def conds(n=f):
-            return [[_with_crossattn(tgt, rows(c_src, c_tgt, n))], [_with_crossattn(neg, rows(u_src, u_tgt, n))]]
+            return [[_rows(src, tgt, n)], [_rows(neg, neg, n, u_src, u_tgt)]]
 
         mo = dict(model_options)
         # A frame context handler must not see this batch (its rows are two videos): the windows are laid over
@@ -363,8 +398,8 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
         to_cfg["wrappers"] = {t: {k: list(v) for k, v in d.items()} for t, d in (to.get("wrappers") or {}).items()}
         comfy.patcher_extension.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "zsve_videop2p_guidance",
-            _GuidancePasses(x, timestep, f, handler, {id(cond_list): (c_src, c_tgt), id(uncond_list): (u_src, u_tgt)},
-                            cond_list), to_cfg)
+            _GuidancePasses(x, timestep, f, handler, {id(cond_list): (src, None, None),
+                                                      id(uncond_list): (neg, u_src, u_tgt)}, cond_list), to_cfg)
         mo_cfg["transformer_options"] = to_cfg
         den_tgt = comfy.samplers.cfg_function(self.inner_model, dc[f:], du[f:], self.cfg, x[f:], timestep[f:],
                                               model_options=mo_cfg, cond=cond_list, uncond=uncond_list)
@@ -423,7 +458,7 @@ class _GuidancePasses:
 
     def __init__(self, x, timestep, f, handler, texts: dict, cond_list):
         self.x, self.timestep, self.f, self.handler = x, timestep, f, handler
-        self.texts = texts  # id(cond list) -> (source text embedding, target text embedding)
+        self.texts = texts  # id(cond list) -> (source entry, source / target text embedding or None: the entries')
         self.cond_list = cond_list
         self.busy = False
 
@@ -456,8 +491,8 @@ class _GuidancePasses:
                     raise ZSVEInputError("VideoP2PGuider: another node's guidance pass evaluated the edit prompt together "
                                          "with conditioning the guider does not know; it cannot add the source branch "
                                          "to that pass.")
-                src, tgt = texts
-                out.append([_with_crossattn(c[0], torch.cat([src[:1].expand(n, -1, -1), tgt[:1].expand(n, -1, -1)]))])
+                src, emb_src, emb_tgt = texts
+                out.append([_rows(src, c[0], n, emb_src, emb_tgt)])
             return out
 
         self.busy = True
@@ -625,7 +660,9 @@ class VideoP2PGuiderNode(io.ComfyNode):
             if given is None:
                 conds.append(side.conditioning)
                 continue
-            if not given or not conditioning_matches([{"cross_attn": c[0]} for c in given], side.embedding):
+            if not given or not conditioning_matches(
+                    [{"cross_attn": c[0], "pooled_output": c[1].get("pooled_output")} for c in given], side.embedding,
+                    side.pooled):
                 raise ZSVEInputError(
                     f"{node}: the '{name}' CONDITIONING does not carry the prompt pair's {name} prompt "
                     f"({side.text!r}): connect Edit Prompts' '{name}' output (through ControlNet Apply or the like), "
