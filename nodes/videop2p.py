@@ -42,7 +42,7 @@ import torch
 from comfy_api.latest import io
 from tqdm.auto import tqdm
 
-from ..attention import align
+from ..attention import align, arch
 from ..attention.ddim import Inversion
 from ..attention.fatezero import FusionConfigError, make_plan, split_words
 from ..attention.videop2p import (
@@ -59,7 +59,15 @@ from ..attention.videop2p import (
     optimize_null_text,
 )
 from ._attn_patch import PROCESSORS_KEY, begin_guidance_phase, ensure_dispatchers
-from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_choice, check_diffusion_model, timestep_of
+from ._comfy import (
+    CATEGORY,
+    InversionType,
+    ZSVEInputError,
+    check_choice,
+    check_diffusion_model,
+    timestep_of,
+    unet_config,
+)
 from .contract import ContractEntry, check_conditioning, check_edit_run, conditioning_matches, ui_warning
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
@@ -322,7 +330,8 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
         except FusionConfigError as e:
             raise ZSVEInputError(f"VideoP2PGuider: {e}") from None
         branch = BranchPlan(blend_source=run.plan.blend_indices, blend_target=s["blend_target"],
-                            blend_threshold=s["blend_threshold"], blend_start=s["blend_start"])
+                            blend_threshold=s["blend_threshold"], blend_start=s["blend_start"],
+                            self_min_factor=s["min_factor"], record_min_factor=s["min_factor"])
         run.controller = VideoP2PController(run.plan, branch, run.frames, run.hw)
 
     def predict_noise(self, x, timestep, model_options=None, seed=None, *args, **kwargs):
@@ -553,9 +562,10 @@ class VideoP2PGuiderNode(io.ComfyNode):
                                 tooltip="Optional per-word windows for words of the edit prompt: 'word:0.5' or "
                                 "'word:0.2-0.6', comma separated."),
                 io.Float.Input("self_replace", default=0.5, min=0.0, max=1.0, step=0.05,
-                               tooltip="Fraction of the steps in which the target's self-attention of layers at half "
-                               "the latent resolution or coarser is replaced by the source's (Video-P2P default "
-                               "0.5)."),
+                               tooltip="Fraction of the steps in which the target's self-attention is replaced by the "
+                               "source's (Video-P2P default 0.5), in the layers Prompt-to-Prompt replaces: all but "
+                               "the model's finest attention level (SD1.5: half the latent resolution or coarser; "
+                               "SDXL: a quarter)."),
                 io.String.Input("reweight", default="",
                                 tooltip="Reweight words of the edit prompt: 'origami:2' (Video-P2P's eq_params)."),
                 io.String.Input("blend_words", default="",
@@ -652,6 +662,9 @@ class VideoP2PGuiderNode(io.ComfyNode):
             "blend_target": blend_target or None, "blend_start": float(blend_start),
             "blend_threshold": float(blend_threshold), "target_uncond": target_uncond, "null_text": null_text,
             "inversion": inversion,
+            # P2P replaces self-attention of maps of at most 32x32 queries (SD1.5 at 512 px: all but the finest
+            # level); the same level rule for the model at hand (SDXL: its 32x32 level at 1024 px)
+            "min_factor": arch.store_min_factor(unet_config(model)),
         }
         guider = VideoP2PGuider(m, settings)
         conds = []

@@ -68,12 +68,16 @@ def init_module_(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch
     return module
 
 
-def make_tiny_model(seed: int = 0, prediction: str = "eps", unet: dict | None = None, heads: int | None = 2):
-    """A tiny SD1.5-architecture MODEL: comfy.supported_models.SD15 -> BaseModel -> ModelPatcher."""
+def make_tiny_model(seed: int = 0, prediction: str = "eps", unet: dict | None = None, heads: int | None = 2,
+                    zsnr: bool = False):
+    """A tiny SD1.5-architecture MODEL: comfy.supported_models.SD15 -> BaseModel -> ModelPatcher. prediction "v"
+    with zsnr=True: an SD2.x-style v-prediction model with the zero-terminal-SNR schedule."""
     cfg = comfy.supported_models.SD15(dict(TINY_UNET, **(unet or {})))
     if heads is not None:
         cfg.unet_config["num_heads"] = heads
     cfg.set_inference_dtype(torch.float32, None)
+    if zsnr:
+        cfg.sampling_settings = dict(cfg.sampling_settings, zsnr=True)
     model_type = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}[prediction]
     base = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
     init_module_(base.diffusion_model, seed)
@@ -122,9 +126,9 @@ def make_tiny_sdxl_model(seed: int = 0, prediction: str = "eps", unet: dict | No
     mt = comfy.model_base.ModelType
     model_type = {"eps": mt.EPS, "v": mt.V_PREDICTION, "edm": mt.EDM, "v_edm": mt.V_PREDICTION_EDM}[prediction]
     if prediction in ("edm", "v_edm"):
-        cfg.sampling_settings.update(sigma_data=0.5, sigma_max=80.0, sigma_min=0.002)
+        cfg.sampling_settings = dict(cfg.sampling_settings, sigma_data=0.5, sigma_max=80.0, sigma_min=0.002)
     if zsnr:
-        cfg.sampling_settings["zsnr"] = True
+        cfg.sampling_settings = dict(cfg.sampling_settings, zsnr=True)
     base = comfy.model_base.SDXL(cfg, model_type=model_type, device=torch.device("cpu"))
     init_module_(base.diffusion_model, seed)
     base.diffusion_model.eval()
