@@ -14,7 +14,8 @@ Recommended graph (see docs in the node descriptions):
 Design: the sampler carries both branches as a [2F] latent (source frames, then target frames); the
 guider duplicates the input latent before sampling and returns (and previews) only the target half, so
 SamplerCustomAdvanced's outputs are the edited frames. Both branches and both guidance halves go through
-one calc_cond_batch call with per-row text embeddings, so a single attention call sees the source and
+one calc_cond_batch call with per-row conditioning (each branch's rows carry its own prompt's text embedding
+and, on SDXL, its own pooled-text/size vector `y`), so a single attention call sees the source and
 target rows (`transformer_options["zsve_branches"] = 2` tells the attention patches that each chunk holds
 two videos). The guider computes each step's next latent itself (DDIM = Euler in sigma space, plus Local
 Blend) and returns the denoised prediction that makes the sampler's Euler step land on it; it checks
