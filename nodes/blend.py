@@ -302,7 +302,7 @@ class LatentBlendWithInversion(io.ComfyNode):
                 "z_T. Composes with the other attention patches of the pack."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.5 family), possibly already patched by "
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x/2.x or SDXL family), possibly already patched by "
                                "other attention nodes (temporal attention, attention blend)."),
                 InversionType.Input("inversion", tooltip="The inversion output of Video DDIM Invert of the source "
                                     "video: its per-step latents are the background."),

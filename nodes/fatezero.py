@@ -73,7 +73,11 @@ class AttentionStore(io.ComfyNode):
                           budget_bytes=int(float(memory_budget_gb) * 2**30))
         m = model.clone()
         add_record_spec(m, RECORD_NAME, AttentionStoreSpec(cfg))
-        return io.NodeOutput(m)
+        layers = arch.layout(unet_config(model))[0]
+        kept = [lay for lay in layers if lay.factor >= cfg.min_factor]
+        text = (f"records {len(kept)} of the model's {len(layers)} attention layers: those at 1/{cfg.min_factor} of "
+                "the latent size and coarser" if cfg.min_factor > 1 else f"records all {len(layers)} attention layers")
+        return io.NodeOutput(m, ui={"text": [text]})
 
 
 class TemporalSelfAttentionPatch(io.ComfyNode):
