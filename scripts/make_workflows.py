@@ -297,6 +297,31 @@ WORKFLOWS = {
 }
 
 
+# SDXL (issue 19): FateZero's style edit on an SDXL-family checkpoint. The same graph; what changes with the model is
+# chosen from it: Temporal Self-Attention's min_channels -1 (auto: 1280 on SDXL), Attention Store's skip_full_res
+# (SDXL's 64x64 level at 1024 px), and Edit Prompts' conditionings carry SDXL's pooled output for the inversion and
+# the edit alike (the same conditioning on both sides).
+def _sdxl_fatezero_style() -> list[dict]:
+    spec = [dict(n) for n in _fatezero_edit(FZ_STYLE_EDIT, dict(
+        mode="refine", cross_replace=0.8, cross_replace_words="", self_replace_start=0.0, self_replace_end=0.8,
+        reweight="watercolor:10", blend_words="", blend_threshold=0.3, only_cond=True), "zsve/sdxl_fatezero_style")]
+    for n in spec:
+        if n["id"] == "ckpt":
+            n.update(widgets={"ckpt_name": "sd_xl_base_1.0.safetensors"},
+                     title="SDXL checkpoint (SDXL 1.0 or a fine-tune; EDM models such as Playground v2.5 are refused)")
+        elif n["id"] == "temporal":
+            n["widgets"] = {"mode": "middle", "include_own_frame": False, "min_channels": -1}
+        elif n["id"] == "store":
+            n["widgets"] = dict(n["widgets"], memory_budget_gb=64.0)
+            n["title"] = "Attention Store (SDXL, 8 frames at 1024x1024, 20 steps: about 44 GiB of RAM)"
+    return spec
+
+
+SDXL_FATEZERO_STYLE = _sdxl_fatezero_style()
+WORKFLOWS["sdxl_fatezero_style_edit"] = ("SDXL: FateZero style edit (defaults chosen from the model)",
+                                         SDXL_FATEZERO_STYLE)
+
+
 def main():
     out_dir = ROOT / "workflows"
     out_dir.mkdir(exist_ok=True)
