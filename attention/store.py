@@ -66,9 +66,10 @@ log = logging.getLogger(__name__)
 FATEZERO_MAX_QUERIES = 32 * 32
 
 
-def fatezero_skips_full_res(latent_hw: Sequence[int]) -> bool:
-    """Whether FateZero's query-length rule leaves out the full-resolution level of a latent of this size."""
-    return int(latent_hw[0]) * int(latent_hw[1]) > FATEZERO_MAX_QUERIES
+def fatezero_skips_full_res(latent_hw: Sequence[int], factor: int = 1) -> bool:
+    """Whether FateZero's query-length rule leaves out the level `factor` times smaller than a latent of this
+    size (factor 1: the full-resolution level)."""
+    return (int(latent_hw[0]) // factor) * (int(latent_hw[1]) // factor) > FATEZERO_MAX_QUERIES
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,13 @@ class StoreConfig:
 
 
 def full_res_hint(config: StoreConfig, latent_hw: Sequence[int]) -> str | None:
-    """The hint for a store that leaves out the full-resolution level where FateZero's own rule (maps of at most
-    32x32 queries) would record every level (latents of 32x32 or smaller, frames of 256x256 or smaller); None
-    where the two agree. Shown in Attention Blend's UI text and the log."""
-    if config.min_factor > 1 and not fatezero_skips_full_res(latent_hw):
+    """The hint for a store that leaves out the finest attention level (skip_full_res: the levels finer than
+    `config.min_factor`, the model's finest attention level, attention/arch.py) where FateZero's own rule (maps of
+    at most 32x32 queries) would record every level (SD1.5: latents of 32x32 or smaller, frames of 256x256 or
+    smaller); None where the two agree. Shown in Attention Blend's UI text and the log."""
+    if config.min_factor > 1 and not fatezero_skips_full_res(latent_hw, config.min_factor // 2):
         return (f"the latent is {int(latent_hw[0])}x{int(latent_hw[1])}: FateZero's rule (maps of at most 32x32 "
-                "queries) records every level at this size, skip_full_res leaves the full-resolution level out: "
+                "queries) records every level at this size, skip_full_res leaves the finest attention level out: "
                 "turn Attention Store's skip_full_res off to match FateZero")
     return None
 

@@ -271,7 +271,7 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
         add_processor(m, BlendMapProcessor(key, layers))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, patch.outer_sample)
     install_contract(m, NODE, inversion, None if pair is None else pair.edit.embedding,
-                     "" if pair is None else pair.edit.text)
+                     "" if pair is None else pair.edit.text, None if pair is None else pair.edit.pooled)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, key, patch.predict_noise)
 
     first = sum(1 for i in range(inversion.steps) if not in_window(i, inversion.steps, start, 1.0))
@@ -302,7 +302,7 @@ class LatentBlendWithInversion(io.ComfyNode):
                 "z_T. Composes with the other attention patches of the pack."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.5 family), possibly already patched by "
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x/2.x or SDXL family), possibly already patched by "
                                "other attention nodes (temporal attention, attention blend)."),
                 InversionType.Input("inversion", tooltip="The inversion output of Video DDIM Invert of the source "
                                     "video: its per-step latents are the background."),

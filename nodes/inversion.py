@@ -30,7 +30,7 @@ class VideoDDIMInvert(io.ComfyNode):
                 "recording nodes applied to the model record during this run."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.5 family). Apply AttentionStore / "
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x/2.x or SDXL family). Apply AttentionStore / "
                                "TemporalSelfAttention / ControlNet-conditioning before this node so they act during "
                                "inversion too."),
                 io.Latent.Input("latent", tooltip="The encoded video frames, one latent per frame (VAE Encode of "

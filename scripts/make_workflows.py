@@ -200,7 +200,7 @@ def _fatezero_edit(edit: str, blend: dict, prefix: str, latent_blend_words: str 
         *VIDEO_IN,
         *_prompts(edit),
         {"id": "temporal", "type": "TemporalSelfAttentionPatch",
-         "widgets": {"mode": "middle", "include_own_frame": False, "min_channels": 640}, "links": {"model": ("ckpt", 0)}},
+         "widgets": {"mode": "middle", "include_own_frame": False, "min_channels": -1}, "links": {"model": ("ckpt", 0)}},
         {"id": "store", "type": "AttentionStore",
          "widgets": {"record_window": max(blend["cross_replace"], blend["self_replace_end"]), "skip_full_res": True,
                      "memory_budget_gb": 0.0},
@@ -412,6 +412,37 @@ WORKFLOWS = {
         inputs="1  Inputs: video, model + LoRA, prompts, ControlNet hints", invert=FZ_INVERT,
         edit="3  Edit with the recorded attention fused (Attention Blend)"),
 }
+
+
+# SDXL (issue 19): FateZero's style edit on an SDXL-family checkpoint. The same graph; what changes with the model is
+# chosen from it: Temporal Self-Attention's min_channels -1 (auto: 1280 on SDXL), Attention Store's skip_full_res
+# (SDXL's 64x64 level at 1024 px), and Edit Prompts' conditionings carry SDXL's pooled output for the inversion and
+# the edit alike (the same conditioning on both sides).
+def _sdxl_fatezero_style() -> list[dict]:
+    spec = [dict(n) for n in _fatezero_edit(FZ_STYLE_EDIT, dict(
+        mode="refine", cross_replace=0.8, cross_replace_words="", self_replace_start=0.0, self_replace_end=0.8,
+        reweight="watercolor:10", blend_words="", blend_threshold=0.3, only_cond=True), "zsve/sdxl_fatezero_style")]
+    for n in spec:
+        if n["id"] == "ckpt":
+            n.update(widgets={"ckpt_name": "sd_xl_base_1.0.safetensors"}, title="SDXL checkpoint")
+        elif n["id"] == "store":
+            n["widgets"] = dict(n["widgets"], memory_budget_gb=64.0)
+            n["title"] = "Attention Store (SDXL: ~44 GiB)"
+    return spec
+
+
+SDXL_LINE = ("- an SDXL-family checkpoint in `models/checkpoints` (`sd_xl_base_1.0.safetensors` or a fine-tune: pick "
+             "yours in *SDXL checkpoint*); EDM-sampled models (Playground v2.5) are refused\n- about 44 GiB of RAM "
+             "for the Attention Store at 8 frames of 1024x1024 and 20 steps (fewer frames or steps: less)")
+WORKFLOWS["sdxl_fatezero_style_edit"] = workflow(
+    "SDXL: FateZero style edit",
+    "SDXL: FateZero style edit (defaults chosen from the model)", _sdxl_fatezero_style(), _note(
+        "FateZero's style edit on an SDXL-family model: the same graph as the SD1.5 one; the levels recorded, the "
+        "temporal layers (`min_channels` -1) and the prompts' pooled output are chosen from the model.",
+        "", PROMPTS_FIRST + "\n- *Attention Blend*: `reweight` = the style words x10 (`watercolor:10`); "
+        "the windows (cross 0.8, self 0.0-0.8)\n- *Attention Store*: `memory_budget_gb` (refused above it)",
+        FZ_SETTINGS, checkpoint=SDXL_LINE), invert=FZ_INVERT,
+    edit="3  Edit with the recorded attention fused (Attention Blend)")
 
 
 def main():

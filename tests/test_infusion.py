@@ -240,8 +240,10 @@ def test_lora_before_and_after_our_patches_both_apply(tiny_model, tiny_clip, con
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(feature_blocks="4"), r"feature_blocks \[4\] do not exist: this model's UNet has 4 output"),
-    (dict(attention_blocks="2-11"), r"attention_blocks \[4, 5, 6, 7, 8, 9, 10, 11\] do not exist"),
+    (dict(feature_blocks="4"), r"feature_blocks 4 do not exist: this SD1.x/2.x-family UNet has 4 decoder blocks 0-3: "
+                               r"feature_blocks may be 0-3 .* attention_blocks 0-3 .*'auto' takes feature_blocks 1 and "
+                               r"attention_blocks 1-3"),
+    (dict(attention_blocks="2-11"), r"attention_blocks 4-11 do not exist"),
     (dict(feature_blocks="x"), "range like 4-11"),
 ])
 def test_source_rejects_blocks_the_model_lacks(tiny_model, kwargs, match):

@@ -11,7 +11,16 @@ import pytest
 import torch
 from zsve_layout import hidden_links, min_width, overlaps, rect
 
-from zsve_harness import CAPTURED, OBJECTS, make_tiny_controlnet, moving_square_frames, run_prompt, write_video
+from zsve_harness import (
+    CAPTURED,
+    OBJECTS,
+    make_tiny_controlnet,
+    make_tiny_sdxl_clip,
+    make_tiny_sdxl_model,
+    moving_square_frames,
+    run_prompt,
+    write_video,
+)
 from zsve_workflows import (
     FRONTEND_ONLY,
     _ordered_inputs,
@@ -188,6 +197,7 @@ def headless_dirs(tmp_path_factory, tiny_model, tiny_clip, tiny_vae):
     folder_paths.set_input_directory(str(work / "in"))
     folder_paths.set_output_directory(str(work / "out"))
     OBJECTS["headless_ckpt"] = (tiny_model, tiny_clip, tiny_vae)
+    OBJECTS["headless_ckpt_sdxl"] = (make_tiny_sdxl_model(), make_tiny_sdxl_clip(), tiny_vae)
     OBJECTS["headless_cn"] = make_tiny_controlnet(tiny_model)
     yield work
     folder_paths.set_input_directory(old[0])
@@ -197,9 +207,11 @@ def headless_dirs(tmp_path_factory, tiny_model, tiny_clip, tiny_vae):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_every_shipped_workflow_runs_headless(headless_dirs, path):
     """Each shipped workflow, as shipped (its SaveVideo and previews included), runs through ComfyUI's executor
-    on the tiny models: every node of the pack executes, the video is written, the decoded frames are finite."""
+    on the tiny models (the SDXL workflows on the tiny SDXL): every node of the pack executes, the video is
+    written, the decoded frames are finite."""
+    ckpt = "headless_ckpt_sdxl" if path.stem.startswith("sdxl") else "headless_ckpt"
     prompt = ui_to_api(load_ui(path), replace={
-        "CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint", "inputs": {"key": "headless_ckpt"}},
+        "CheckpointLoaderSimple": {"class_type": "ZSVETestCheckpoint", "inputs": {"key": ckpt}},
         # no ControlNet file here: a tiny ControlNet built through ComfyUI's classes stands in for the loader
         "ControlNetLoader": {"class_type": "ZSVETestProvide", "inputs": {"key": "headless_cn"}}})
     for node in prompt.values():
