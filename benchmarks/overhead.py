@@ -2,7 +2,7 @@
 and peak memory of every method against plain sampling, side by side in one run, and a per-layer table at
 512x512 sizes (64x64 latent).
 
-    nice -n 10 bash scripts/run.sh benchmarks/overhead.py [--frames 4] [--size 32] [--steps 5] [--repeat 1]
+    nice -n 10 bash scripts/run.sh benchmarks/overhead.py [--frames 4] [--size 32] [--steps 5] [--repeat 1] [--arch sdxl]
 
 The UNet is ComfyUI's SD15 configuration (comfy.supported_models.SD15 with the unet config ComfyUI detects for
 SD1.5 checkpoints, comfy/model_detection.py), built through comfy.model_base.BaseModel / ModelPatcher with random
@@ -51,6 +51,13 @@ SD15_UNET = {
 }
 CLIP_768 = {"hidden_size": 768, "intermediate_size": 768, "num_attention_heads": 4, "num_hidden_layers": 1,
             "projection_dim": 768}
+# --arch sdxl: SDXL's exact layout at a fifth of its width (benchmarks/_models.py SDXL_SMALL: 70 transformer
+# blocks, 9 decoder blocks, 64-channel heads), with an SDXL CLIP (clip_l + clip_g, the real tokenizers) whose
+# widths give its context (128 + 128 = 256) and pooled output (clip_g's 128)
+SDXL_CLIP_L = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_hidden_layers": 3,
+               "projection_dim": 128}
+SDXL_CLIP_G = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_hidden_layers": 3,
+               "projection_dim": 256}
 
 
 def _boot():
@@ -90,6 +97,28 @@ def build_clip():
     return clip
 
 
+def build_sdxl(torch, dtype):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _models import SDXL_SMALL, make_sdxl_model
+
+    # the CLIP below gives a pooled output of clip_g's width (128): the model's `y` takes that width
+    return make_sdxl_model(**dict(SDXL_SMALL, pooled_dim=SDXL_CLIP_G["hidden_size"]), dtype=dtype)
+
+
+def build_sdxl_clip():
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    from zsve_harness import init_module_
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(SDXL_CLIP_L),
+                                                "clip_g_model_config": dict(SDXL_CLIP_G)})
+    init_module_(clip.cond_stage_model, 1)
+    return clip
+
+
 def _defaults(node_cls) -> dict:
     out = {}
     for i in node_cls.define_schema().inputs:
@@ -122,7 +151,7 @@ class UNetTimer:
             self._t0 = None
 
 
-def child(row: str, frames: int, size: int, steps: int) -> dict:
+def child(row: str, frames: int, size: int, steps: int, arch: str = "sd15") -> dict:
     torch = _boot()
     import resource
 
@@ -137,8 +166,10 @@ def child(row: str, frames: int, size: int, steps: int) -> dict:
     from zsve.nodes.prompts import make_prompt_pair
     from zsve.nodes.videop2p import VideoP2PGuiderNode
 
-    model = build_sd15(torch, torch.bfloat16)
-    clip = build_clip()
+    if arch == "sdxl":
+        model, clip = build_sdxl(torch, torch.bfloat16), build_sdxl_clip()
+    else:
+        model, clip = build_sd15(torch, torch.bfloat16), build_clip()
     pair = make_prompt_pair(clip, SRC, EDIT, NEG)
     pos, edit, neg = pair.source.conditioning, pair.edit.conditioning, pair.negative.conditioning
     timer = UNetTimer(model.model.diffusion_model)
@@ -335,20 +366,25 @@ def main():
     p.add_argument("--layers", action="store_true", help="also the per-layer table at 512 px sizes")
     p.add_argument("--layer-reps", type=int, default=3)
     p.add_argument("--child", default="")
+    p.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15",
+                   help="sd15: the full-size SD1.5 UNet; sdxl: SDXL's layout at a fifth of its width (SDXL_SMALL)")
     a = p.parse_args()
     if a.child == "layers":
         print(json.dumps(layers_child(a.frames, a.layer_reps)))
         return
     if a.child:
-        print(json.dumps(child(a.child, a.frames, a.size, a.steps)))
+        print(json.dumps(child(a.child, a.frames, a.size, a.steps, a.arch)))
         return
-    print(f"full-size SD1.5 UNet (random weights), bf16 on CPU, 1 thread; {a.frames} frames, latent {a.size}x{a.size}, "
+    unet = ("full-size SD1.5 UNet" if a.arch == "sd15" else
+            "SDXL-layout UNet at a fifth of SDXL's width (benchmarks/_models.py SDXL_SMALL)")
+    print(f"{unet} (random weights), bf16 on CPU, 1 thread; {a.frames} frames, latent {a.size}x{a.size}, "
           f"{a.steps} steps, ddim, cfg 7.5")
     results = []
     for r in range(a.repeat):
         order = ["plain_sampling"] + [x for x in a.rows if x != "plain_sampling"] + ["plain_sampling"]
         for row in order:
-            res = _run_child(["--child", row, "--frames", str(a.frames), "--size", str(a.size), "--steps", str(a.steps)])
+            res = _run_child(["--child", row, "--frames", str(a.frames), "--size", str(a.size), "--steps", str(a.steps),
+                              "--arch", a.arch])
             if res is not None:
                 res["round"] = r
                 results.append(res)
