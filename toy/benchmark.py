@@ -1,7 +1,13 @@
 """The toy benchmark: every registered method edits every clip of the fixed benchmark set
 (toy/scenes.py `benchmark_set`), and one table of metrics (toy/metrics.py) is printed.
 
-    cd <pack root> && python -m toy.benchmark [--methods a,b] [--steps 20] [--cfg 5] [--frames 8] [--json out.json]
+    cd <pack root> && python -m toy.benchmark [--split public|dev|test] [--methods a,b] [--items a,b] [--steps 20]
+                                              [--cfg 5] [--frames 8] [--json out.json] [--merge a.json b.json]
+
+Splits (toy/scenes.py `split_set`): "public" is the six fixed items the rows were first set up on; "dev" and
+"test" are generated from the whole toy vocabulary by a seeded generator (`scenes.SPLITS`). Settings are chosen
+on dev only; test is the held-out report, printed with 95% bootstrap intervals over items, per edit kind, and
+the bar of issue 20 (`bar_check`). `--list` prints a split's items.
 
 A method is a function
 
@@ -151,15 +157,21 @@ COLUMNS = [
 
 
 def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg: float = 5.0, frames: int = 8,
-        items: list[str] | None = None, verbose: bool = True, on_row: Callable | None = None) -> dict:
-    """Run the methods on the benchmark set. Returns {method: {"items": {name: scores}, "mean": scores}}.
-    `on_row(results)` is called after each row (the CLI saves --json there, so a long run keeps its rows)."""
+        items: list[str] | None = None, verbose: bool = True, on_row: Callable | None = None,
+        split: str = "public") -> dict:
+    """Run the methods on the items of a split (toy/scenes.py `split_set`: "public", "dev", "test").
+    Returns {method: {"items": {name: scores}, "mean": scores}}; each item's scores carry its "kind" and whether it
+    is a "local" edit. `on_row(results)` is called after each row (the CLI saves --json there, so a long run keeps
+    its rows)."""
     import numpy as np
     import torch
 
     from . import metrics, scenes
 
-    specs = [s for s in scenes.benchmark_set(frames) if items is None or s.name in items]
+    specs = [s for s in scenes.split_set(split, frames) if items is None or s.name in items]
+    if items is not None and len(specs) != len(set(items)):
+        known = {s.name for s in scenes.split_set(split, frames)}
+        raise SystemExit(f"unknown item(s) of split {split!r}: {sorted(set(items) - known)}")
     names = methods or list(METHODS)
     results = {}
     for mname in names:
@@ -174,19 +186,34 @@ def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg
                 edited = fn(model, clip, vae, src, es.source_prompt, es.edit_prompt, bs)
             edited = edited.detach().cpu().float().numpy()
             per[es.name] = metrics.toy_scores(edited, clip_, es)
-            per[es.name]["_frames"] = edited
+            per[es.name].update(kind=item_kind(es), local=es.local, _frames=edited)
             if verbose:
                 sc = per[es.name]
                 print(f"  {mname} | {es.name}: " + ", ".join(f"{k} {sc[k]:.3g}" for k, _, _ in COLUMNS), flush=True)
-        mean = {}
-        for k, _, _ in COLUMNS:
-            vals = [per[n][k] for n in per if not (isinstance(per[n][k], float) and math.isnan(per[n][k]))]
-            finite = [v for v in vals if math.isfinite(v)]
-            mean[k] = float(np.mean(finite)) if finite else (float("inf") if vals else float("nan"))
-        results[mname] = {"items": per, "mean": mean, "seconds": time.time() - t0}
+        results[mname] = {"items": per, "mean": mean_scores(per), "seconds": time.time() - t0}
         if on_row is not None:
             on_row(results)
     return results
+
+
+def item_kind(es) -> str:
+    """The edit kind of an item for the per-kind tables: the generated kinds (scenes.EDIT_KINDS); the public
+    set's background items are told apart by whether the background's pattern stays."""
+    if es.kind == "background" and es.background.kind == es.edit_background.kind:
+        return "background_recolor"
+    return es.kind
+
+
+def mean_scores(per: dict) -> dict:
+    """Mean of each column over the items (nan items left out; inf kept as inf)."""
+    import numpy as np
+
+    mean = {}
+    for k, _, _ in COLUMNS:
+        vals = [per[n][k] for n in per if not (isinstance(per[n][k], float) and math.isnan(per[n][k]))]
+        finite = [v for v in vals if math.isfinite(v)]
+        mean[k] = float(np.mean(finite)) if finite else (float("inf") if vals else float("nan"))
+    return mean
 
 
 def to_json(res: dict) -> dict:
@@ -223,12 +250,13 @@ def table(results: dict) -> str:
 
 
 def local_items(results: dict) -> list[str]:
-    """The benchmark items that are local edits (one object changes, the rest must stay)."""
+    """The benchmark items that are local edits (one object changes, the rest must stay): from the items' own
+    "local" flag, else (results of older runs) the public set's kinds."""
     from . import scenes
 
-    kinds = {s.name: s.kind for s in scenes.benchmark_set()}
+    kinds = {s.name: s.local for s in scenes.benchmark_set()}
     names = next(iter(results.values()))["items"] if results else {}
-    return [n for n in names if kinds.get(n) != "background"]
+    return [n for n, sc in names.items() if sc.get("local", kinds.get(n, True))]
 
 
 def best_local(results: dict, methods_only: bool = True) -> str | None:
@@ -282,6 +310,162 @@ def report(res: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+# --- the dev / test splits: intervals over items, per-kind tables, the bar ---------------------------------
+
+BASELINE = "inversion + edit prompt, no control"
+# The editing rows the issue-20 bar applies to (>= 90% edit success, and better than BASELINE on local-edit
+# background PSNR and on warp error with separated 95% intervals).
+BAR_ROWS = ["FateZero (style)", "FateZero (local blended)", "FateZero (local + latent blend)",
+            "Blended latent (attention mask)", "Video-P2P (fast)", "Video-P2P (null-text)", "InFusion"]
+BAR_SUCCESS = 0.9
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def bootstrap_ci(values, n: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95):
+    """(mean, low, high): the mean of the finite values and its percentile bootstrap interval (resampling the
+    items with replacement, numpy Generator seeded by `seed`). nan for no values."""
+    import numpy as np
+
+    v = np.asarray([x for x in values if _finite(x)], np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n, len(v)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
+# (key, header, format, which items): the split tables' columns
+SPLIT_COLUMNS = [
+    ("success", "edit ok", "{:.0%}", "all"),
+    ("others_kept", "kept", "{:.0%}", "all"),
+    ("psnr_bg", "PSNR bg (local)", "{:.1f}", "local"),
+    ("psnr_bg", "PSNR bg (global)", "{:.1f}", "global"),
+    ("ssim_bg", "SSIM bg (local)", "{:.3f}", "local"),
+    ("leak", "leak (local)", "{:.1%}", "local"),
+    ("warp_err", "warp err", "{:.4f}", "all"),
+    ("rel_change", "rel chg", "{:.2f}", "all"),
+]
+
+
+def _values(r: dict, key: str, which: str) -> list[float]:
+    items = r["items"]
+    loc = set(local_items({"_": r}))
+    names = [n for n in items if which == "all" or (which == "local") == (n in loc)]
+    return [items[n][key] for n in names if key in items[n]]
+
+
+def summary(res: dict) -> dict:
+    """{row: {header: (mean, low, high)}} for the split tables."""
+    return {m: {h: bootstrap_ci(_values(r, k, w)) for k, h, _, w in SPLIT_COLUMNS} for m, r in res.items()}
+
+
+def _ci_cell(ci, fmt: str) -> str:
+    m, lo, hi = ci
+    if m != m:
+        return "-"
+    f = (lambda x: fmt.format(x).rstrip("%")) if fmt.endswith("%}") else fmt.format
+    return f"{fmt.format(m)} [{f(lo)}, {f(hi)}]"
+
+
+def ci_table(res: dict) -> str:
+    """A row per method: the mean over the items and its 95% bootstrap interval [low, high] per column."""
+    summ = summary(res)
+    lines = ["| method | " + " | ".join(h for _, h, _, _ in SPLIT_COLUMNS) + " | s |",
+             "|---|" + "---|" * (len(SPLIT_COLUMNS) + 1)]
+    for m, r in res.items():
+        cells = [_ci_cell(summ[m][h], fmt) for _, h, fmt, _ in SPLIT_COLUMNS]
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def kinds_of(res: dict) -> list[str]:
+    from . import scenes
+
+    seen = []
+    for r in res.values():
+        for sc in r["items"].values():
+            k = sc.get("kind")
+            if k and k not in seen:
+                seen.append(k)
+    order = list(scenes.EDIT_KINDS)
+    return sorted(seen, key=lambda k: order.index(k) if k in order else len(order))
+
+
+def kind_table(res: dict, key: str = "success", fmt: str = "{:.0%}") -> str:
+    """Per edit kind (columns, with the item count): the mean of one metric for every row (nan items left out)."""
+    import numpy as np
+
+    kinds = kinds_of(res)
+    if not kinds:
+        return ""
+    first = next(iter(res.values()))["items"]
+    count = {k: sum(1 for sc in first.values() if sc.get("kind") == k) for k in kinds}
+    lines = ["| method | " + " | ".join(f"{k} ({count[k]})" for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for m, r in res.items():
+        cells = []
+        for k in kinds:
+            v = [sc[key] for sc in r["items"].values() if sc.get("kind") == k and key in sc and _finite(sc[key])]
+            cells.append(_cell(float(np.mean(v)), fmt) if v else "-")
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_check(res: dict, rows: list[str] | None = None, baseline: str = BASELINE) -> dict:
+    """Issue 20's bar per editing row present in `res`: {row: {"pass": bool, "why": [failed conditions]}}.
+    A row passes with mean edit success >= BAR_SUCCESS, its local-edit background PSNR interval above the
+    baseline's and its warp-error interval below the baseline's (95% bootstrap intervals, no overlap)."""
+    if baseline not in res:
+        return {}
+    summ = summary(res)
+    b = summ[baseline]
+    out = {}
+    for m in rows or BAR_ROWS:
+        if m not in res:
+            continue
+        s, why = summ[m], []
+        if not s["edit ok"][0] >= BAR_SUCCESS:
+            why.append(f"edit ok {s['edit ok'][0]:.0%} < {BAR_SUCCESS:.0%}")
+        if not s["PSNR bg (local)"][1] > b["PSNR bg (local)"][2]:
+            why.append(f"PSNR bg (local) interval [{s['PSNR bg (local)'][1]:.1f}, {s['PSNR bg (local)'][2]:.1f}] not "
+                       f"above the baseline's [{b['PSNR bg (local)'][1]:.1f}, {b['PSNR bg (local)'][2]:.1f}]")
+        if not s["warp err"][2] < b["warp err"][1]:
+            why.append(f"warp err interval [{s['warp err'][1]:.4f}, {s['warp err'][2]:.4f}] not below the "
+                       f"baseline's [{b['warp err'][1]:.4f}, {b['warp err'][2]:.4f}]")
+        out[m] = {"pass": not why, "why": why}
+    return out
+
+
+def split_report(res: dict, title: str) -> str:
+    lines = [title, "", "means over the items with 95% bootstrap intervals (items resampled, "
+             f"{BOOTSTRAP_SAMPLES} draws, seed {BOOTSTRAP_SEED}):", ci_table(res), ""]
+    for key, name, fmt in (("success", "edit ok", "{:.0%}"), ("psnr_bg", "PSNR bg (dB)", "{:.1f}"),
+                           ("warp_err", "warp err", "{:.4f}"), ("others_kept", "kept", "{:.0%}")):
+        lines += [f"{name} per edit kind (items):", kind_table(res, key, fmt), ""]
+    bar = bar_check(res)
+    if bar:
+        lines.append(f"the bar (edit ok >= {BAR_SUCCESS:.0%}; PSNR bg (local) and warp err intervals separated from "
+                     f"{BASELINE!r}, better):")
+        lines += [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in bar.items()]
+    lines += [f"*(ref)* {m}: {REFERENCE_ROWS[m]}" for m in res if m in REFERENCE_ROWS]
+    return "\n".join(lines)
+
+
+def list_split(split: str, frames: int = 8) -> str:
+    """A markdown table of a split's items (what RESULTS.md lists)."""
+    from . import scenes
+
+    lines = ["| item | motion | source prompt | edit prompt |", "|---|---|---|---|"]
+    for s in scenes.split_set(split, frames):
+        lines.append(f"| {s.name} | {s.motion} | {s.source_prompt} | {s.edit_prompt} |")
+    return "\n".join(lines)
+
+
 def merge_json(paths: list[Path]) -> dict:
     """The union of several --json outputs (a later file's row replaces an earlier one of the same label), rows in
     the order they are registered (rows no longer registered last), whatever the order of the runs."""
@@ -304,6 +488,10 @@ def main():
     p.add_argument("--weights", type=Path, default=None)
     p.add_argument("--methods", default=None,
                    help="comma-separated row labels (labels containing a comma are matched whole; default: all)")
+    p.add_argument("--split", default="public", choices=["public", "dev", "test"],
+                   help="public: the six fixed items; dev: generated items for choosing settings; test: generated "
+                        "held-out items (toy/scenes.py SPLITS), reported with bootstrap intervals and per edit kind")
+    p.add_argument("--list", action="store_true", help="print the split's items and exit")
     p.add_argument("--items", default=None, help="comma-separated benchmark item names (default: all)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
@@ -316,9 +504,13 @@ def main():
                         "write their union to --json; nothing is run")
     a = p.parse_args()
     _register_rows()
+    if a.list:
+        print(list_split(a.split, a.frames))
+        return
+    rep = report if a.split == "public" else split_report
     if a.merge:
         res = merge_json(a.merge)
-        print(report(res, f"toy benchmark: merged from {', '.join(str(f) for f in a.merge)}"))
+        print(rep(res, f"toy benchmark ({a.split} split): merged from {', '.join(str(f) for f in a.merge)}"))
         if a.json:
             a.json.write_text(json.dumps(res, indent=1))
         return
@@ -333,22 +525,22 @@ def main():
         if a.json:
             a.json.write_text(json.dumps(to_json(res), indent=1))
 
-    res = run(model, clip, vae, methods, a.steps, a.cfg, a.frames, items, on_row=save)
+    res = run(model, clip, vae, methods, a.steps, a.cfg, a.frames, items, on_row=save, split=a.split)
     print()
-    print(report(res, f"toy benchmark: {a.frames} frames, {a.steps} steps, cfg {a.cfg}, "
-                      f"model steps {info['train'].get('steps')}"))
+    print(rep(res, f"toy benchmark ({a.split} split, {len(next(iter(res.values()))['items'])} items): {a.frames} "
+                   f"frames, {a.steps} steps, cfg {a.cfg}, model steps {info['train'].get('steps')}"))
     if a.save_frames:
-        _save_strips(res, a.save_frames, a.frames)
+        _save_strips(res, a.save_frames, a.frames, a.split)
 
 
-def _save_strips(res: dict, out: Path, frames: int):
+def _save_strips(res: dict, out: Path, frames: int, split: str = "public"):
     import numpy as np
     from PIL import Image
 
     from . import scenes
 
     out.mkdir(parents=True, exist_ok=True)
-    specs = {s.name: s for s in scenes.benchmark_set(frames)}
+    specs = {s.name: s for s in scenes.split_set(split, frames)}
     for m, r in res.items():
         for name, sc in r["items"].items():
             src = specs[name].clip().frames
