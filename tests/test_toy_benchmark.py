@@ -163,3 +163,54 @@ def test_fatezero_rows_follow_the_reference_query_length_rule():
 
     assert fatezero_skips_full_res((64, 64)) and fatezero_skips_full_res((33, 32))
     assert not fatezero_skips_full_res((32, 32)) and not fatezero_skips_full_res((16, 16))
+
+
+def test_bootstrap_intervals_are_seeded_and_cover_the_mean():
+    vals = [0.0, 1.0] * 10 + [float("nan")]
+    m, lo, hi = bench.bootstrap_ci(vals)
+    assert m == 0.5 and lo < 0.5 < hi and 0.2 <= lo and hi <= 0.8
+    assert bench.bootstrap_ci(vals) == (m, lo, hi)  # seeded
+    assert bench.bootstrap_ci([3.0] * 5) == (3.0, 3.0, 3.0)
+    assert all(v != v for v in bench.bootstrap_ci([]))
+
+
+def test_split_tables_and_the_bar_on_made_up_results():
+    """The per-kind tables, the interval table and bar_check read the items' kinds and local flags."""
+    def row(success, psnr, warp):
+        items = {}
+        for i in range(12):
+            kind = ("color", "background")[i % 2]
+            items[f"test{i:02d}_{kind}"] = {"success": success, "others_kept": 1.0, "psnr_bg": psnr + (i % 3),
+                                            "ssim_bg": 0.9, "leak": 0.1, "warp_err": warp * (1 + 0.1 * (i % 3)),
+                                            "rel_change": 1.0, "kind": kind, "local": kind == "color"}
+        return {"seconds": 1.0, "mean": {}, "items": items}
+
+    res = {bench.BASELINE: row(0.9, 20.0, 0.02), "FateZero (style)": row(1.0, 30.0, 0.01),
+           "InFusion": row(0.5, 30.0, 0.01), "Video-P2P (fast)": row(1.0, 20.5, 0.01)}
+    bar = bench.bar_check(res)
+    assert bar["FateZero (style)"] == {"pass": True, "why": []}
+    assert not bar["InFusion"]["pass"] and "edit ok 50%" in bar["InFusion"]["why"][0]
+    assert not bar["Video-P2P (fast)"]["pass"] and "PSNR bg (local)" in bar["Video-P2P (fast)"]["why"][0]
+    kt = bench.kind_table(res).splitlines()
+    assert kt[0] == "| method | color (6) | background (6) |" and kt[3] == "| FateZero (style) | 100% | 100% |"
+    ci = bench.ci_table(res)
+    assert "| FateZero (style) | 100% [100, 100] |" in ci
+    text = bench.split_report(res, "title")
+    assert "- InFusion: FAIL: edit ok 50% < 90%" in text and "- FateZero (style): PASS" in text
+
+
+def test_object_and_background_edits_blend_and_fuse_every_changed_phrase():
+    """Rule: the blend masks (FateZero, Video-P2P, Blended latent) cover every phrase the edit changes, and
+    InFusion makes one concept of each changed phrase, compared phrase by phrase."""
+    from zsve.toy.methods_bld import edit_words
+    from zsve.toy.methods_fatezero import source_words
+    from zsve.toy.methods_infusion import concepts_of
+
+    s = next(x for x in sc.split_set("dev", 2) if x.name == "dev11_object_background")
+    assert (s.source_prompt, s.edit_prompt) == ("a blue circle on black", "a red triangle on blue dots")
+    spec = bench.BenchSpec(s, None)
+    assert source_words(spec) == "blue circle black" and edit_words(spec) == "red triangle blue dots"
+    assert concepts_of(s.source_prompt, s.edit_prompt) == "blue circle->red triangle, black->blue dots"
+    assert concepts_of("a red circle on a gradient", "a red circle on gray") == "gradient->gray"
+    assert concepts_of("a red circle and a green square on gray", "a red circle and a blue square on gray") == \
+        "green->blue"

@@ -163,7 +163,6 @@ def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg
     Returns {method: {"items": {name: scores}, "mean": scores}}; each item's scores carry its "kind" and whether it
     is a "local" edit. `on_row(results)` is called after each row (the CLI saves --json there, so a long run keeps
     its rows)."""
-    import numpy as np
     import torch
 
     from . import metrics, scenes
@@ -441,18 +440,74 @@ def bar_check(res: dict, rows: list[str] | None = None, baseline: str = BASELINE
     return out
 
 
+def split_of(res: dict) -> str | None:
+    """The generated split the results' items belong to (by their names), or None."""
+    from . import scenes
+
+    names = next(iter(res.values()))["items"] if res else {}
+    for split in scenes.SPLITS:
+        if names and all(n.startswith(split) for n in names):
+            known = {s.name for s in scenes.split_set(split, 2)}
+            return split if set(names) <= known else None
+    return None
+
+
 def split_report(res: dict, title: str) -> str:
     lines = [title, "", "means over the items with 95% bootstrap intervals (items resampled, "
              f"{BOOTSTRAP_SAMPLES} draws, seed {BOOTSTRAP_SEED}):", ci_table(res), ""]
     for key, name, fmt in (("success", "edit ok", "{:.0%}"), ("psnr_bg", "PSNR bg (dB)", "{:.1f}"),
                            ("warp_err", "warp err", "{:.4f}"), ("others_kept", "kept", "{:.0%}")):
         lines += [f"{name} per edit kind (items):", kind_table(res, key, fmt), ""]
+    if BASELINE in res and split_of(res):
+        lines += [f"the model's own share: {BASELINE!r} per requested class (share of frames right, items):",
+                  class_table(res, BASELINE, split_of(res))]
     bar = bar_check(res)
     if bar:
         lines.append(f"the bar (edit ok >= {BAR_SUCCESS:.0%}; PSNR bg (local) and warp err intervals separated from "
                      f"{BASELINE!r}, better):")
         lines += [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in bar.items()]
     lines += [f"*(ref)* {m}: {REFERENCE_ROWS[m]}" for m in res if m in REFERENCE_ROWS]
+    return "\n".join(lines)
+
+
+def edit_classes(es) -> dict:
+    """{"colour"|"shape"|"background": (class, score key)}: what an item asks the model to draw new, and which of
+    its scores says whether it did (the object's colour / shape, the new background)."""
+    out = {}
+    if es.target is not None:
+        src = es.motions[es.target]
+        if es.expect_color != src.color:
+            out["colour"] = (es.expect_color, "success_color")
+        if es.expect_shape != src.shape:
+            out["shape"] = (es.expect_shape, "success_shape")
+        if es.edit_background != es.background:
+            out["background"] = (es.edit_background.caption(), "success_background")
+    else:
+        out["background"] = (es.edit_background.caption(), "success")
+    return out
+
+
+def class_success(res: dict, row: str, split: str) -> dict:
+    """{axis: {class: (mean share of frames right, items)}} of one row: per colour, shape and background the
+    items' frames that show the requested class (an item counts for every class it asks for)."""
+    import numpy as np
+
+    from . import scenes
+
+    specs = {s.name: s for s in scenes.split_set(split)}
+    acc: dict = {"colour": {}, "shape": {}, "background": {}}
+    for name, sc in res[row]["items"].items():
+        for axis, (cls, key) in edit_classes(specs[name]).items():
+            if key in sc:
+                acc[axis].setdefault(cls, []).append(sc[key])
+    return {axis: {c: (float(np.mean(v)), len(v)) for c, v in sorted(d.items())} for axis, d in acc.items()}
+
+
+def class_table(res: dict, row: str, split: str) -> str:
+    lines = []
+    for axis, d in class_success(res, row, split).items():
+        lines += [f"| {axis} | " + " | ".join(d) + " |", "|---|" + "---|" * len(d),
+                  f"| {row} | " + " | ".join(f"{m:.0%} ({n})" for m, n in d.values()) + " |", ""]
     return "\n".join(lines)
 
 

@@ -259,14 +259,18 @@ def _object_and_background_scores(edited, clip, spec, dilate_px: int) -> dict:
     all_obj = masks.any(1)
     target = target_region(clip, spec)
     reg, objs = dilate(target, dilate_px), dilate(all_obj | target, dilate_px)
-    ok = []
+    ok, parts = [], []
     for f in range(len(e)):
         d = det.detect(e[f], reg[f])
-        ok.append(d.color == spec.expect_color and d.shape == spec.expect_shape
-                  and detect_background(e[f], objs[f]) == spec.edit_background)
+        p = (d.color == spec.expect_color, d.shape == spec.expect_shape,
+             detect_background(e[f], objs[f]) == spec.edit_background)
+        parts.append(p)
+        ok.append(all(p))
     others = [i for i in range(masks.shape[1]) if i != spec.target]
     keep = masks[:, others].any(1) & ~dilate(~masks[:, others].any(1), dilate_px) if others else None
-    out = {"success": float(np.mean(ok)), "warp_err": warp_error(edited, src),
+    pc, ps, pb = (float(np.mean([p[j] for p in parts])) for j in range(3))
+    out = {"success": float(np.mean(ok)), "success_color": pc, "success_shape": ps, "success_background": pb,
+           "warp_err": warp_error(edited, src),
            "rel_change": relative_frame_change(edited, src)}
     if keep is not None and keep.any():
         out["psnr_bg"] = min(masked_psnr(edited, src, ~keep), PSNR_CAP)

@@ -416,6 +416,53 @@ def _apart(motions, frames: int) -> bool:
     return True
 
 
+def _draw_item(rng: np.random.Generator, cyc: dict, name: str, kind: str, k: int, frames: int) -> EditSpec:
+    """One generated item of `kind` (its k-th in the split)."""
+    colour_pairs, shape_pairs, shapes, colours, bgs = (cyc[x] for x in ("colour_pairs", "shape_pairs", "shapes",
+                                                                       "colours", "bgs"))
+    phase = float(rng.uniform(0, STRIPE_PERIOD))
+    motion = (MOTIONS_TWO if kind == "two_object" else MOTIONS_SINGLE)[k % 2]
+    if kind in ("color", "shape", "object_background"):
+        if kind == "shape":
+            s0, s1 = shape_pairs.draw()
+            c0 = c1 = colours.draw()
+        else:
+            c0, c1 = colour_pairs.draw()
+            s0 = shapes.draw()
+            s1 = s0 if kind == "color" else shape_pairs.draw(lambda p: p[0] == s0)[1]
+        bg = bgs.draw(lambda b: allowed(c0, b) and allowed(c1, b))
+        ebg = bg
+        if kind == "object_background":
+            ebg = bgs.draw(lambda b: b != bg and b.kind != bg.kind and allowed(c1, b))
+        mo = (_single_motion(rng, s0, c0, motion),)
+        return EditSpec(name, kind, mo, bg, ebg, 0, s1, c1, frames, phase, motion)
+    if kind == "two_object":
+        ca, cb = colour_pairs.draw()
+        sa, sb = shapes.draw(), shapes.draw()
+        bg = bgs.draw(lambda b: allowed(ca, b) and allowed(cb, b))
+        target = int(rng.integers(2))
+        src_s, src_c = (sa, ca) if target == 0 else (sb, cb)
+        other_c = cb if target == 0 else ca
+        what = ("color", "shape", "both")[k % 3]
+        new_c = src_c if what == "shape" else colours.draw(lambda c: c not in (src_c, other_c) and allowed(c, bg))
+        new_s = src_s if what == "color" else shape_pairs.draw(lambda p: p[0] == src_s)[1]
+        for _ in range(100):  # the objects never overlap (each frame's visible masks are the whole objects)
+            mo = _two_motions(rng, [(sa, ca), (sb, cb)], motion)
+            if _apart(mo, frames):
+                break
+        return EditSpec(name, kind, mo, bg, bg, target, new_s, new_c, frames, phase, motion)
+    # background / background_recolor: the objects stay
+    s0, c0 = shapes.draw(), colours.draw()
+    if kind == "background":
+        bg = bgs.draw(lambda b: allowed(c0, b))
+        ebg = bgs.draw(lambda b: b.kind != bg.kind and allowed(c0, b))
+    else:
+        bg = bgs.draw(lambda b: b.kind != "gradient" and allowed(c0, b))
+        ebg = bgs.draw(lambda b: b.kind == bg.kind and b != bg and allowed(c0, b))
+    mo = (_single_motion(rng, s0, c0, motion),)
+    return EditSpec(name, kind, mo, bg, ebg, None, None, None, frames, phase, motion)
+
+
 class _Cycle:
     """Draws from a list in shuffled rounds, so that a split of n items covers every value once n allows."""
 
@@ -443,55 +490,14 @@ def generate_items(seed: int, n: int, prefix: str, frames: int = 8) -> list[Edit
     shape_pairs = _Cycle(rng, [(a, b) for a in SHAPES for b in SHAPES if a != b])
     shapes, colours = _Cycle(rng, SHAPES), _Cycle(rng, COLOR_NAMES)
     bgs = _Cycle(rng, all_backgrounds())
+    cyc = dict(colour_pairs=colour_pairs, shape_pairs=shape_pairs, shapes=shapes, colours=colours, bgs=bgs)
     kind_count: dict = {}
     out = []
     for i in range(n):
         kind = EDIT_KINDS[i % len(EDIT_KINDS)]
         k = kind_count.get(kind, 0)
         kind_count[kind] = k + 1
-        phase = float(rng.uniform(0, STRIPE_PERIOD))
-        motion = (MOTIONS_TWO if kind == "two_object" else MOTIONS_SINGLE)[k % 2]
-        if kind in ("color", "shape", "object_background"):
-            if kind == "shape":
-                s0, s1 = shape_pairs.draw()
-                c0 = c1 = colours.draw()
-            else:
-                c0, c1 = colour_pairs.draw()
-                s0 = shapes.draw()
-                s1 = s0 if kind == "color" else shape_pairs.draw(lambda p: p[0] == s0)[1]
-            bg = bgs.draw(lambda b: allowed(c0, b) and allowed(c1, b))
-            ebg = bg
-            if kind == "object_background":
-                ebg = bgs.draw(lambda b: b != bg and b.kind != bg.kind and allowed(c1, b))
-            mo = (_single_motion(rng, s0, c0, motion),)
-            out.append(EditSpec(f"{prefix}{i:02d}_{kind}", kind, mo, bg, ebg, 0, s1, c1, frames, phase, motion))
-        elif kind == "two_object":
-            ca, cb = colour_pairs.draw()
-            sa, sb = shapes.draw(), shapes.draw()
-            bg = bgs.draw(lambda b: allowed(ca, b) and allowed(cb, b))
-            target = int(rng.integers(2))
-            src_s, src_c = (sa, ca) if target == 0 else (sb, cb)
-            other_c = cb if target == 0 else ca
-            what = ("color", "shape", "both")[k % 3]
-            new_c = src_c if what == "shape" else colours.draw(lambda c: c not in (src_c, other_c) and allowed(c, bg))
-            new_s = src_s if what == "color" else shape_pairs.draw(lambda p: p[0] == src_s)[1]
-            for _ in range(100):  # the objects never overlap (each frame's visible masks are the whole objects)
-                mo = _two_motions(rng, [(sa, ca), (sb, cb)], motion)
-                if _apart(mo, frames):
-                    break
-            out.append(EditSpec(f"{prefix}{i:02d}_{kind}", kind, mo, bg, bg, target, new_s, new_c, frames, phase,
-                                motion))
-        else:  # background / background_recolor: the objects stay
-            s0, c0 = shapes.draw(), colours.draw()
-            if kind == "background":
-                bg = bgs.draw(lambda b: allowed(c0, b))
-                ebg = bgs.draw(lambda b: b.kind != bg.kind and allowed(c0, b))
-            else:
-                bg = bgs.draw(lambda b: b.kind != "gradient" and allowed(c0, b))
-                ebg = bgs.draw(lambda b: b.kind == bg.kind and b != bg and allowed(c0, b))
-            mo = (_single_motion(rng, s0, c0, motion),)
-            out.append(EditSpec(f"{prefix}{i:02d}_{kind}", kind, mo, bg, ebg, None, None, None, frames, phase,
-                                motion))
+        out.append(_draw_item(rng, cyc, f"{prefix}{i:02d}_{kind}", kind, k, frames))
     return out
 
 
