@@ -158,11 +158,11 @@ COLUMNS = [
 
 def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg: float = 5.0, frames: int = 8,
         items: list[str] | None = None, verbose: bool = True, on_row: Callable | None = None,
-        split: str = "public") -> dict:
+        split: str = "public", partial: bool = False, frames_dir: Path | None = None) -> dict:
     """Run the methods on the items of a split (toy/scenes.py `split_set`: "public", "dev", "test").
     Returns {method: {"items": {name: scores}, "mean": scores}}; each item's scores carry its "kind" and whether it
     is a "local" edit. `on_row(results)` is called after each row (the CLI saves --json there, so a long run keeps
-    its rows)."""
+    its rows; with `partial` also after each item)."""
     import torch
 
     from . import metrics, scenes
@@ -186,13 +186,25 @@ def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg
             edited = edited.detach().cpu().float().numpy()
             per[es.name] = metrics.toy_scores(edited, clip_, es)
             per[es.name].update(kind=item_kind(es), local=es.local, _frames=edited)
+            if frames_dir is not None:  # uint8 frames, to score again without running the row again
+                import numpy as np
+
+                Path(frames_dir).mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(Path(frames_dir) / f"{_slug(mname)}__{es.name}.npz",
+                                    frames=(np.clip(edited, 0, 1) * 255).round().astype(np.uint8))
             if verbose:
                 sc = per[es.name]
                 print(f"  {mname} | {es.name}: " + ", ".join(f"{k} {sc[k]:.3g}" for k, _, _ in COLUMNS), flush=True)
+            if on_row is not None and partial:  # a long run keeps every finished item
+                on_row({**results, mname: {"items": per, "mean": mean_scores(per), "seconds": time.time() - t0}})
         results[mname] = {"items": per, "mean": mean_scores(per), "seconds": time.time() - t0}
         if on_row is not None:
             on_row(results)
     return results
+
+
+def _slug(m: str) -> str:
+    return m.replace(" ", "_").replace(",", "").replace("+", "plus").replace("(", "").replace(")", "")
 
 
 def item_kind(es) -> str:
@@ -521,6 +533,29 @@ def list_split(split: str, frames: int = 8) -> str:
     return "\n".join(lines)
 
 
+def rescore(frames_dir: Path, split: str, frames: int, methods: list[str] | None = None) -> dict:
+    """Results from the clips a `--frames-dir` run saved, scored with the current metrics (seconds: 0)."""
+    import numpy as np
+
+    from . import metrics, scenes
+
+    specs = scenes.split_set(split, frames)
+    names = methods or list(METHODS)
+    res = {}
+    for m in names:
+        per = {}
+        for es in specs:
+            f = Path(frames_dir) / f"{_slug(m)}__{es.name}.npz"
+            if not f.exists():
+                continue
+            edited = np.load(f)["frames"].astype(np.float32) / 255.0
+            per[es.name] = metrics.toy_scores(edited, es.clip(), es)
+            per[es.name].update(kind=item_kind(es), local=es.local)
+        if per:
+            res[m] = {"items": per, "mean": mean_scores(per), "seconds": 0.0}
+    return res
+
+
 def merge_json(paths: list[Path]) -> dict:
     """The union of several --json outputs (a later file's row replaces an earlier one of the same label), rows in
     the order they are registered (rows no longer registered last), whatever the order of the runs."""
@@ -554,6 +589,11 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--save-frames", type=Path, default=None, help="write source|edit strips as PNGs here")
+    p.add_argument("--frames-dir", type=Path, default=None,
+                   help="write every edited clip here (uint8 .npz per row and item); --rescore reads them back")
+    p.add_argument("--rescore", type=Path, default=None,
+                   help="score the clips of an earlier --frames-dir run again with the current metrics (nothing is "
+                        "run; rows from --methods, default all rows found) and write --json")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="print the tables of earlier --json outputs (e.g. rows run in separate processes) and "
                         "write their union to --json; nothing is run")
@@ -569,6 +609,12 @@ def main():
         if a.json:
             a.json.write_text(json.dumps(res, indent=1))
         return
+    if a.rescore:
+        res = rescore(a.rescore, a.split, a.frames, parse_methods(a.methods) if a.methods else None)
+        print(rep(res, f"toy benchmark ({a.split} split): rescored from {a.rescore}"))
+        if a.json:
+            a.json.write_text(json.dumps(to_json(res), indent=1))
+        return
     boot.boot(threads=a.threads)
     from . import model as tm
 
@@ -580,7 +626,8 @@ def main():
         if a.json:
             a.json.write_text(json.dumps(to_json(res), indent=1))
 
-    res = run(model, clip, vae, methods, a.steps, a.cfg, a.frames, items, on_row=save, split=a.split)
+    res = run(model, clip, vae, methods, a.steps, a.cfg, a.frames, items, on_row=save, split=a.split,
+              partial=a.split != "public", frames_dir=a.frames_dir)
     print()
     print(rep(res, f"toy benchmark ({a.split} split, {len(next(iter(res.values()))['items'])} items): {a.frames} "
                    f"frames, {a.steps} steps, cfg {a.cfg}, model steps {info['train'].get('steps')}"))
