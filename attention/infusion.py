@@ -7,7 +7,8 @@ The paper's pseudo-code gives the schedule over the edit steps i = 0..N-1 (0 = n
 
 - **feature phase, i < S1**: in the decoder ResBlocks L, inject the difference of the features obtained
   with the source and with the edit prompt: `f = f_edit + strength * (f_source - f_edit)` (strength 1:
-  the source feature replaces the edit's, as Plug-and-Play does).
+  the source feature replaces the edit's, as Plug-and-Play does), by default only outside the concepts'
+  source masks (`FEATURE_REGIONS`; the readings measured are in docs/infusion.md).
 - **key/value phase, S1 <= i < S2**: self-attention of the edit queries the source's keys and values:
   `softmax(q_edit k_src^T / sqrt(d)) v_src`.
 - **fusion phase, i >= S2**: masks `Ms` (from the source cross-attention of the source words) and `Me`
@@ -179,7 +180,7 @@ def call_step(call) -> int | None:
 FEATURE_MODES = ("source", "difference")
 FEATURE_REGIONS = ("all", "outside", "inside")
 DEFAULT_FEATURE_MODE = "source"
-DEFAULT_FEATURE_REGION = "all"
+DEFAULT_FEATURE_REGION = "outside"
 
 
 def inject_difference(edit: torch.Tensor, source: torch.Tensor, strength: float, mode: str = "source",
@@ -544,6 +545,10 @@ def check_record(record: InFusionRecord, plan: InFusionPlan, hint: str = "") -> 
     if missing_att and (plan.steps_of("kv") or plan.steps_of("fusion")):
         raise InFusionConfigError(f"attention blocks {missing_att} were not recorded (recorded: "
                                   f"{list(cfg.attention_blocks)}); {rerun}")
+    if plan.feature_region != "all" and plan.concepts and plan.steps_of("feature") and not plan.steps_of("fusion"):
+        raise InFusionConfigError(
+            "the feature injection is limited to outside (or inside) the concepts' source masks, which come from the "
+            "source cross-attention of the fusion steps, and these settings have none: give kv_end (S2) below 1")
     ft, kvt = record.feature_timesteps(), record.kv_timesteps()
     att = record.attention
     for phase, have, what in (("feature", ft, "ResBlock features"), ("kv", kvt, "self-attention keys/values"),

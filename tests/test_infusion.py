@@ -127,10 +127,14 @@ def test_edit_runs_every_phase_and_injects_the_source_feature(tiny_model, tiny_c
     assert ctl.counts["kv"] == 2 * 4  # two steps x four decoder self-attention layers
     assert ctl.counts["fusion_self"] == 2 and ctl.counts["fusion_cross"] == 2  # one step x two 8x8 layers
     t_of = {STEPS - k: inv.timesteps[k] for k in range(1, STEPS + 1)}
-    for i in (0, 1):  # strength 1: both guidance halves carry exactly the recorded source feature (fp16)
-        got = seen[t_of[i]]
-        src = rec.feature(t_of[i], 1).float()
-        assert torch.allclose(got[:2], src, atol=2e-3) and torch.allclose(got[2:], src, atol=2e-3)
+    out_of_concepts = ctl.concept_region(tuple(rec.feature(t_of[0], 1).shape[-2:])) == 0  # [F, h, w]
+    assert out_of_concepts.any() and not out_of_concepts.all()
+    for i in (0, 1):  # strength 1: outside the concepts both guidance halves carry the recorded source feature (fp16)
+        got = seen[t_of[i]].permute(0, 2, 3, 1)  # [2F, h, w, C]
+        src = rec.feature(t_of[i], 1).float().permute(0, 2, 3, 1)
+        for half in (got[:2], got[2:]):
+            assert torch.allclose(half[out_of_concepts], src[out_of_concepts], atol=2e-3)
+            assert not torch.allclose(half[~out_of_concepts], src[~out_of_concepts], atol=2e-3)
     got = seen[t_of[2]]
     assert not torch.allclose(got[:2], got[2:], atol=1e-3)  # kv phase: the features are the edit's own again
     assert masks.shape == (2 * 2, 128, 128)
