@@ -138,22 +138,40 @@ def test_fatezero_style_row_reweights_the_words_the_edit_adds():
                    "background_change": ["green", "dots"], "two_object": ["yellow"], "background_recolor": ["blue"]}
 
 
-def test_fatezero_rows_beat_no_control_on_the_toy_benchmark():
-    """Issue 4's bar, on the committed checkpoint with the benchmark's own settings (all six items, 8 frames, 20
-    steps, guidance 5): the style and local-blended FateZero rows edit at least as many frames as the uncontrolled
-    edit, keep more of what must not change (preservation PSNR) and flicker less (warp error). Figures in
-    docs/fatezero.md (no control 92% / 35.0 dB / 0.0194; style 100% / 42.7 / 0.0112; local 100% / 38.8 / 0.0153)."""
-    import zsve.toy.methods_fatezero  # noqa: F401  (registers the rows)
+# The CI subset of the held-out test split: its first item of each edit kind (a rule fixed before any row was run on
+# it), 4 frames as the split's tables, 20 steps, guidance 5.
+CI_ITEMS = ["test00_color", "test01_shape", "test02_two_object", "test03_background", "test04_background_recolor",
+            "test05_object_background"]
+# The rows that meet issue 20's bar on the whole test split (toy/RESULTS.md); the others are reported there with
+# their figures and the reasons found.
+CI_BAR_ROWS = ["FateZero (style)"]
 
+
+def test_rows_meeting_the_bar_on_the_test_split_meet_it_on_its_ci_subset():
+    """Issue 20's bar on a CI-sized fixed subset of the test split (one item per edit kind): the rows that meet it
+    on the whole split edit >= 90% of the frames, keep more of the frame on the local edits (mean preservation
+    PSNR) and flicker less (mean warp error) than the uncontrolled edit. (The split's report compares 95% bootstrap
+    intervals; with six items only the means are compared.)"""
+    import zsve.toy.methods_fatezero  # noqa: F401  (registers the rows)
+    import zsve.toy.methods_infusion  # noqa: F401
+
+    assert [s.name for s in sc.split_set("test", 2)[:6]] == CI_ITEMS
     model, clip, vae, _ = toy_model.load()
-    base, rows = "inversion + edit prompt, no control", ["FateZero (style)", "FateZero (local blended)"]
-    res = bench.run(model, clip, vae, [base, *rows], verbose=False)
-    b = res[base]["mean"]
-    for r in rows:
-        m = res[r]["mean"]
-        assert m["success"] >= b["success"], (r, m["success"], b["success"])
-        assert m["psnr_bg"] > b["psnr_bg"] + 2.0, (r, m["psnr_bg"], b["psnr_bg"])
-        assert m["warp_err"] < 0.85 * b["warp_err"], (r, m["warp_err"], b["warp_err"])
+    res = bench.run(model, clip, vae, [bench.BASELINE, *CI_BAR_ROWS], frames=4, items=CI_ITEMS, split="test",
+                    verbose=False)
+    loc = bench.local_items(res)
+    assert loc == CI_ITEMS[:3]
+    base = res[bench.BASELINE]
+
+    def local_psnr(r):
+        return sum(r["items"][n]["psnr_bg"] for n in loc) / len(loc)
+
+    for m in CI_BAR_ROWS:
+        r = res[m]
+        assert r["mean"]["success"] >= bench.BAR_SUCCESS, (m, {n: s["success"] for n, s in r["items"].items()})
+        assert local_psnr(r) > local_psnr(base) + 2.0, (m, local_psnr(r), local_psnr(base))
+        assert r["mean"]["warp_err"] < 0.85 * base["mean"]["warp_err"], (m, r["mean"]["warp_err"],
+                                                                       base["mean"]["warp_err"])
 
 
 def test_fatezero_rows_follow_the_reference_query_length_rule():

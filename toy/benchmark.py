@@ -556,12 +556,22 @@ def rescore(frames_dir: Path, split: str, frames: int, methods: list[str] | None
     return res
 
 
+def _has_kinds(r: dict) -> bool:
+    return bool(r.get("items")) and all("kind" in sc for sc in r["items"].values())
+
+
 def merge_json(paths: list[Path]) -> dict:
-    """The union of several --json outputs (a later file's row replaces an earlier one of the same label), rows in
-    the order they are registered (rows no longer registered last), whatever the order of the runs."""
+    """The union of several --json outputs (a later file's row replaces an earlier one of the same label; rows of
+    the dev/test splits, whose items carry their kind, are joined item by item instead), rows in the order they are
+    registered (rows no longer registered last), whatever the order of the runs."""
     res: dict = {}
     for f in paths:
-        res.update(json.loads(Path(f).read_text()))
+        for m, r in json.loads(Path(f).read_text()).items():
+            if m in res and _has_kinds(res[m]) and _has_kinds(r):  # split runs: item ranges of one row join
+                items = {**res[m]["items"], **r["items"]}
+                res[m] = {"items": items, "mean": mean_scores(items), "seconds": res[m]["seconds"] + r["seconds"]}
+            else:
+                res[m] = r
     rank = {m: i for i, m in enumerate(METHODS)}
     return dict(sorted(res.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
