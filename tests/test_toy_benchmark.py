@@ -212,7 +212,7 @@ def test_split_tables_and_the_bar_on_made_up_results():
     kt = bench.kind_table(res).splitlines()
     assert kt[0] == "| method | color (6) | background (6) |" and kt[3] == "| FateZero (style) | 100% | 100% |"
     ci = bench.ci_table(res)
-    assert "| FateZero (style) | 100% [100, 100] |" in ci
+    assert "| FateZero (style) (12) | 100% [100, 100] |" in ci
     text = bench.split_report(res, "title")
     assert "- InFusion: FAIL: edit ok 50% < 90%" in text and "- FateZero (style): PASS" in text
 

@@ -385,13 +385,14 @@ def _ci_cell(ci, fmt: str) -> str:
 
 
 def ci_table(res: dict) -> str:
-    """A row per method: the mean over the items and its 95% bootstrap interval [low, high] per column."""
+    """A row per method (its item count in brackets): the mean over the items and its 95% bootstrap interval
+    [low, high] per column."""
     summ = summary(res)
     lines = ["| method | " + " | ".join(h for _, h, _, _ in SPLIT_COLUMNS) + " | s |",
              "|---|" + "---|" * (len(SPLIT_COLUMNS) + 1)]
     for m, r in res.items():
         cells = [_ci_cell(summ[m][h], fmt) for _, h, fmt, _ in SPLIT_COLUMNS]
-        lines.append(f"| {label(m)} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
+        lines.append(f"| {label(m)} ({len(r['items'])}) | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -430,16 +431,19 @@ def kind_table(res: dict, key: str = "success", fmt: str = "{:.0%}") -> str:
 def bar_check(res: dict, rows: list[str] | None = None, baseline: str = BASELINE) -> dict:
     """Issue 20's bar per editing row present in `res`: {row: {"pass": bool, "why": [failed conditions]}}.
     A row passes with mean edit success >= BAR_SUCCESS, its local-edit background PSNR interval above the
-    baseline's and its warp-error interval below the baseline's (95% bootstrap intervals, no overlap)."""
+    baseline's and its warp-error interval below the baseline's (95% bootstrap intervals, no overlap), the baseline
+    taken on the row's items."""
     if baseline not in res:
         return {}
     summ = summary(res)
-    b = summ[baseline]
     out = {}
     for m in rows or BAR_ROWS:
         if m not in res:
             continue
         s, why = summ[m], []
+        # the baseline on the same items (a row run on part of the split is compared on that part)
+        same = {n: sc for n, sc in res[baseline]["items"].items() if n in res[m]["items"]}
+        b = summary({baseline: {**res[baseline], "items": same}})[baseline]
         if not s["edit ok"][0] >= BAR_SUCCESS:
             why.append(f"edit ok {s['edit ok'][0]:.0%} < {BAR_SUCCESS:.0%}")
         if not s["PSNR bg (local)"][1] > b["PSNR bg (local)"][2]:
