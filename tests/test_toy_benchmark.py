@@ -227,7 +227,8 @@ def test_object_and_background_edits_blend_and_fuse_every_changed_phrase():
     s = next(x for x in sc.split_set("dev", 2) if x.name == "dev11_object_background")
     assert (s.source_prompt, s.edit_prompt) == ("a blue circle on black", "a red triangle on blue dots")
     spec = bench.BenchSpec(s, None)
-    assert source_words(spec) == "blue circle black" and edit_words(spec) == "red triangle blue dots"
+    # comma-separated phrases: the Latent Blend node finds a phrase of several words as one run of tokens
+    assert source_words(spec) == "blue circle, black" and edit_words(spec) == "red triangle, blue dots"
     assert concepts_of(s.source_prompt, s.edit_prompt) == "blue circle->red triangle, black->blue dots"
     assert concepts_of("a red circle on a gradient", "a red circle on gray") == "gradient->gray"
     assert concepts_of("a red circle and a green square on gray", "a red circle and a blue square on gray") == \

@@ -37,13 +37,13 @@ def background_words(bg) -> str:
 
 def edit_words(spec: BenchSpec) -> str:
     """The edited words of the edit prompt: the new object phrase, the new background, or both when the edit
-    changes both (rule: the mask covers every phrase the edit changes)."""
+    changes both, comma-separated (rule: the mask covers every phrase the edit changes)."""
     e = spec.edit
     if e.target is None:
         return background_words(e.edit_background)
     words = f"{e.expect_color} {e.expect_shape}"
     if e.edit_background != e.background:
-        words += " " + background_words(e.edit_background)
+        words += ", " + background_words(e.edit_background)
     return words
 
 

@@ -55,7 +55,7 @@ def source_words(spec: BenchSpec) -> str:
     m = e.motions[e.target]
     words = f"{m.color} {m.shape}"
     if e.edit_background != e.background:
-        words += " " + background_words(e.background)
+        words += ", " + background_words(e.background)
     return words
 
 
