@@ -142,22 +142,23 @@ def test_fatezero_style_row_reweights_the_words_the_edit_adds():
 # it), 4 frames as the split's tables, 20 steps, guidance 5.
 CI_ITEMS = ["test00_color", "test01_shape", "test02_two_object", "test03_background", "test04_background_recolor",
             "test05_object_background"]
-# The rows that meet issue 20's bar on the whole test split (toy/RESULTS.md); the others are reported there with
-# their figures and the reasons found.
-CI_BAR_ROWS = ["FateZero (style)"]
+# Issue 20's bar on the whole test split (toy/RESULTS.md): no row reaches 90% edit success there; FateZero (style)
+# edits most (82%) and beats the uncontrolled edit on local-edit preservation PSNR and on warp error with the 95%
+# intervals separated. The test below holds it to that on the CI subset.
+CI_ROWS = ["FateZero (style)"]
 
 
-def test_rows_meeting_the_bar_on_the_test_split_meet_it_on_its_ci_subset():
-    """Issue 20's bar on a CI-sized fixed subset of the test split (one item per edit kind): the rows that meet it
-    on the whole split edit >= 90% of the frames, keep more of the frame on the local edits (mean preservation
-    PSNR) and flicker less (mean warp error) than the uncontrolled edit. (The split's report compares 95% bootstrap
+def test_fatezero_style_beats_no_control_on_the_ci_subset_of_the_test_split():
+    """On a CI-sized fixed subset of the held-out test split (its first item of each edit kind), FateZero (style)
+    edits >= 90% of the frames (all of them when measured; 82% over the whole split, below the bar), keeps more of
+    the frame on the local edits (mean preservation PSNR, +6 dB measured) and flickers less (mean warp error, a third
+    of the uncontrolled edit's measured) than the uncontrolled edit. (The split's report compares 95% bootstrap
     intervals; with six items only the means are compared.)"""
     import zsve.toy.methods_fatezero  # noqa: F401  (registers the rows)
-    import zsve.toy.methods_infusion  # noqa: F401
 
     assert [s.name for s in sc.split_set("test", 2)[:6]] == CI_ITEMS
     model, clip, vae, _ = toy_model.load()
-    res = bench.run(model, clip, vae, [bench.BASELINE, *CI_BAR_ROWS], frames=4, items=CI_ITEMS, split="test",
+    res = bench.run(model, clip, vae, [bench.BASELINE, *CI_ROWS], frames=4, items=CI_ITEMS, split="test",
                     verbose=False)
     loc = bench.local_items(res)
     assert loc == CI_ITEMS[:3]
@@ -166,7 +167,7 @@ def test_rows_meeting_the_bar_on_the_test_split_meet_it_on_its_ci_subset():
     def local_psnr(r):
         return sum(r["items"][n]["psnr_bg"] for n in loc) / len(loc)
 
-    for m in CI_BAR_ROWS:
+    for m in CI_ROWS:
         r = res[m]
         assert r["mean"]["success"] >= bench.BAR_SUCCESS, (m, {n: s["success"] for n, s in r["items"].items()})
         assert local_psnr(r) > local_psnr(base) + 2.0, (m, local_psnr(r), local_psnr(base))
