@@ -9,22 +9,33 @@ from __future__ import annotations
 import torch
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) per head, in float32: [B, Nq, h*d], [B, Nk, h*d] -> [B, h, Nq, Nk]."""
-    b, nq, inner = q.shape
-    d = inner // heads
-    qh = q.reshape(b, nq, heads, d).transpose(1, 2).float()
-    kh = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2).float()
-    return (qh @ kh.transpose(-1, -2) * d**-0.5).softmax(-1)
+def _heads(x: torch.Tensor, heads: int, head_range: tuple[int, int] | None) -> torch.Tensor:
+    """[B, N, h*d] -> [B, h', N, d] for the heads of `head_range` (all if None)."""
+    b, n, inner = x.shape
+    xh = x.reshape(b, n, heads, inner // heads)
+    if head_range is not None:
+        xh = xh[:, :, head_range[0]:head_range[1]]
+    return xh.transpose(1, 2)
 
 
-def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """probs [B, h, Nq, Nk] @ v [B, Nk, h*d] -> [B, Nq, h*d] (in v's dtype)."""
-    b, nk, inner = v.shape
-    d = inner // heads
-    vh = v.reshape(b, nk, heads, d).transpose(1, 2)
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, dtype: torch.dtype = torch.float32,
+                    head_range: tuple[int, int] | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) per head: [B, Nq, h*d], [B, Nk, h*d] -> [B, h', Nq, Nk] in `dtype`.
+
+    Computed in float32 and returned in `dtype` (float32 by default; the dispatcher passes the call's compute
+    dtype and a `head_range` (h0, h1) so that the float32 temporaries cover one chunk of heads only)."""
+    d = q.shape[-1] // heads
+    qh = _heads(q, heads, head_range).float() * d**-0.5
+    kh = _heads(k, heads, head_range).float()
+    return (qh @ kh.transpose(-1, -2)).softmax(-1).to(dtype)
+
+
+def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int,
+                head_range: tuple[int, int] | None = None) -> torch.Tensor:
+    """probs [B, h', Nq, Nk] @ v [B, Nk, h*d] -> [B, Nq, h'*d] (in v's dtype), for the heads of `head_range`."""
+    vh = _heads(v, heads, head_range)
     out = probs.to(vh.dtype) @ vh
-    return out.transpose(1, 2).reshape(b, probs.shape[2], inner)
+    return out.transpose(1, 2).reshape(v.shape[0], probs.shape[2], vh.shape[1] * vh.shape[-1])
 
 
 def rows_of_chunk(cond_or_uncond: list[int], frames: int, which: int) -> list[int]:

@@ -153,4 +153,4 @@ class Inversion:
         return (
             f"DDIM inversion: {self.frames} frame(s), latent {list(self.latent_shape[1:])}, {self.steps} steps, "
             f"cfg {self.cfg:g}, trajectory {self.nbytes / 2**20:.2f} MiB on CPU"
-        )
+        ) + "".join(f"; {r.summary()}" for r in self.records.values() if callable(getattr(r, "summary", None)))

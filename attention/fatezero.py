@@ -218,6 +218,22 @@ def preview_mask(store: AttentionStore, plan: FusionPlan, out_hw) -> torch.Tenso
     return acc / max(1, len(steps))
 
 
+def _split_rows(attend, keep: torch.Tensor, q, k, qs, ks, v) -> torch.Tensor:
+    """Rows of a 0/1 fusion mask, each with its own map: per frame r, the query rows with keep[r] attend with the
+    edit's (q, k), the others with the source's (qs, ks), both over v: [R, Nq, C], one optimized call per frame and
+    side (about the cost of one call over all rows)."""
+    out = None
+    for r in range(q.shape[0]):
+        for sel, qq, kk in ((keep[r], q, k), (~keep[r], qs, ks)):
+            if not bool(sel.any()):
+                continue
+            o = attend(qq[r:r + 1, sel], kk[r:r + 1], v[r:r + 1])
+            if out is None:
+                out = o.new_empty((q.shape[0], q.shape[1], o.shape[-1]))
+            out[r, sel] = o[0]
+    return out
+
+
 class FateZeroController:
     """Processor (attention/processor.py protocol) for the edit sampling. Immutable after construction;
     its mask cache depends only on the store and the plan, so sharing it between runs is safe."""
@@ -279,6 +295,57 @@ class FateZeroController:
             )
         return on
 
+    # dispatcher protocol extensions (attention/processor.py) --------------------------------------------
+    def kinds(self, call) -> set[int]:
+        return {0} if self.plan.only_cond else {0, 1}
+
+    def splits_heads(self, call) -> bool:
+        return call.kind == "self"
+
+    def attend_output(self, call, attend) -> torch.Tensor | None:
+        """Self-attention fusion at the level of the output, with optimized attention only: the fused map
+        m * P_edit + (1 - m) * P_src (m per query row) gives m * attend(q, k, v) + (1 - m) * attend(q_src,
+        k_src, v); full replacement (no blend words) is attend(q_src, k_src, v) alone. Exact: the same
+        probs @ v as __call__ without forming the [F, heads, Nq, Nk] maps."""
+        if call.kind != "self":
+            return None
+        self._step(call)
+        frames = self._frames(call)
+        t = call.timestep
+        q, k, v = call.q, call.k, call.v
+        f = call.frames
+        fused = [j for j, c in enumerate(call.cond_or_uncond) if c == 0 or not self.plan.only_cond]
+        if not fused:
+            return None
+        qs, ks = self.store.self_qk(t, call.layer, frames, device=q.device, window=frames)
+        if ks.shape[1] != k.shape[1] or qs.shape[1:] != q.shape[1:]:
+            raise ValueError(
+                f"AttentionBlend: self-attention of layer {call.layer} has {k.shape[1]} keys at the edit but "
+                f"{ks.shape[1]} at the inversion. Apply the same TemporalSelfAttentionPatch (same mode) to the "
+                "model used for VideoDDIMInvert and to the model used for the edit sampling."
+            )
+        idx = torch.cat([torch.arange(j * f, (j + 1) * f) for j in fused]).to(q.device)
+        n = len(fused)
+        qs, ks = qs.to(q.dtype).repeat(n, 1, 1), ks.to(k.dtype).repeat(n, 1, 1)
+        mask = None
+        if self.plan.blend_indices:
+            mask = self._mask(t, call.hw)
+            if frames is not None:
+                mask = mask[torch.as_tensor(frames)]
+            mask = mask.to(q.device).repeat(n, 1)  # [n*F, Nq]
+        if mask is None:
+            base = attend(qs, ks, v[idx])
+        elif bool(((mask == 0) | (mask == 1)).all()):  # the thresholded blend mask: each row takes one map
+            base = _split_rows(attend, mask > 0.5, q[idx], k[idx], qs, ks, v[idx])
+        else:
+            m = mask.to(v.dtype).unsqueeze(-1)
+            base = m * attend(q[idx], k[idx], v[idx]) + (1.0 - m) * attend(qs, ks, v[idx])
+        if n == len(call.cond_or_uncond):
+            return base
+        out = attend(q, k, v)
+        out[idx] = base.to(out.dtype)
+        return out
+
     def _mask(self, timestep: int, hw) -> torch.Tensor:
         key = (timestep, tuple(hw))
         m = self._masks.get(key)
@@ -299,7 +366,9 @@ class FateZeroController:
             return None
         out = probs.clone()
         if call.kind == "cross":
-            base = self.store.cross_probs(t, call.layer, frames, device=probs.device, window=frames)
+            base = self.store.cross_probs(t, call.layer, frames, device=probs.device, window=frames).to(probs.dtype)
+            if call.head_range is not None:
+                base = base[:, call.head_range[0]:call.head_range[1]]
             if base.shape[-1] != probs.shape[-1]:
                 raise ValueError(
                     f"AttentionBlend: the edit's text context has {probs.shape[-1]} tokens, the inversion's "
@@ -310,7 +379,8 @@ class FateZeroController:
                 out[s] = p2p.cross_control(base, probs[s], a, plan.cross_mode, plan.mapper, plan.refine_alphas,
                                            plan.equalizer)
         else:
-            base = self.store.self_probs(t, call.layer, frames, device=probs.device, window=frames)
+            base = self.store.self_probs(t, call.layer, frames, device=probs.device, window=frames,
+                                         dtype=probs.dtype, head_range=call.head_range)
             if base.shape != probs[chunks[0][1]].shape:
                 raise ValueError(
                     f"AttentionBlend: self-attention of layer {call.layer} has {probs.shape[-1]} keys at the edit but "

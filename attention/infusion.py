@@ -390,6 +390,12 @@ class InFusionRecorder:
         self.record.add_kv(call.timestep, call.layer, ks, vs, window=call.frame_index)
         return None
 
+    def needs_probs(self, call) -> bool:
+        return self._attn.needs_probs(call)
+
+    def kinds(self, call) -> set[int]:
+        return {0}
+
     def active(self, call) -> bool:
         if not in_blocks(call.layer, self.config.attention_blocks):
             return False
@@ -711,6 +717,47 @@ class InFusionController:
             m = m[torch.as_tensor(list(frame_index))]
         return m if region == "inside" else 1.0 - m
 
+    # dispatcher protocol extensions (attention/processor.py) --------------------------------------------
+    def kinds(self, call) -> set[int]:
+        return {0}
+
+    def splits_heads(self, call) -> bool:
+        return call.kind == "self"
+
+    def attend_output(self, call, attend) -> torch.Tensor | None:
+        """The self-attention fusion at the level of the output with optimized attention only: the per-row
+        weights of `fuse_self` give (Me * attend(q, k, v) + (1 - Ms) * attend(q_src, k_src, v)) / (Me + 1 - Ms),
+        attend(q, k, v) where both weights are 0. Exact: the same probs @ v as __call__."""
+        if call.kind != "self":
+            return None
+        i = self.step(call.timestep)
+        self._check_frames(call.frames, call.frame_index)
+        if i < self.plan.bounds[1]:
+            return None
+        q, k, v = call.q, call.k, call.v
+        chunks = self._chunks(call.cond_or_uncond, call.frames, fusion=True)
+        if len(chunks) != len(call.cond_or_uncond):
+            return None  # not the dispatcher's restricted call: explicit path
+        win = call.frame_index
+        qs, ks = self.record.attention.self_qk(call.timestep, call.layer, device=q.device, window=win)
+        if ks.shape[1] != k.shape[1] or qs.shape[1:] != q.shape[1:]:
+            raise ValueError(
+                f"InFusionInject: self-attention of layer {call.layer} has {k.shape[1]} keys at the edit but "
+                f"{ks.shape[1]} at the inversion. Apply the same Temporal Self-Attention to both models.")
+        me, ms = self.masks(i, call.timestep, call.hw)
+        if win is not None:
+            sel = torch.as_tensor(list(win), device=me.device)
+            me, ms = me[sel], ms[sel]
+        n = len(chunks)
+        we = me.to(q.device, v.dtype).repeat(n, 1).unsqueeze(-1)
+        ws = (1.0 - ms.to(q.device, v.dtype)).repeat(n, 1).unsqueeze(-1)
+        total = we + ws
+        edit = attend(q, k, v)
+        src = attend(qs.to(q.dtype).repeat(n, 1, 1), ks.to(k.dtype).repeat(n, 1, 1), v)
+        fused = (we * edit + ws * src) / total.clamp_min(1e-6)
+        self.counts["fusion_self"] += 1
+        return torch.where(total > 1e-6, fused, edit).to(edit.dtype)
+
     def _edit_masks(self, i: int, hw) -> torch.Tensor | None:
         prev = self._edit_maps.get(i - 1)
         if not prev or any(lay not in prev for lay in self._mask_layers):
@@ -778,7 +825,9 @@ class InFusionController:
         if call.kind == "cross":
             if call.layer not in self._cross_layers:
                 return None
-            base = att.cross_probs(t, call.layer, device=probs.device, window=win)
+            base = att.cross_probs(t, call.layer, device=probs.device, window=win).to(probs.dtype)
+            if call.head_range is not None:
+                base = base[:, call.head_range[0]:call.head_range[1]]
             if base.shape[-1] != probs.shape[-1]:
                 raise ValueError(f"InFusionInject: the edit's text context has {probs.shape[-1]} tokens, the "
                                  f"inversion's {base.shape[-1]}; keep both prompts within 75 tokens")
@@ -789,7 +838,8 @@ class InFusionController:
                                             self.plan.refine_alphas)
             self.counts["fusion_cross"] += 1
             return out
-        base = att.self_probs(t, call.layer, device=probs.device, window=win)
+        base = att.self_probs(t, call.layer, device=probs.device, window=win, dtype=probs.dtype,
+                              head_range=call.head_range)
         if base.shape != probs[chunks[0]].shape:
             raise ValueError(
                 f"InFusionInject: self-attention of layer {call.layer} has {probs.shape[-1]} keys at the edit but "
@@ -801,5 +851,6 @@ class InFusionController:
             me, ms = me[sel], ms[sel]
         for sl in chunks:
             out[sl] = fuse_self(probs[sl], base, me, ms)
-        self.counts["fusion_self"] += 1
+        if call.head_range is None or call.head_range[0] == 0:  # once per call, not per chunk of heads
+            self.counts["fusion_self"] += 1
         return out

@@ -244,6 +244,9 @@ class BlendMapProcessor:
     def _collector(self, call):
         return call.extra.get(COLLECTORS_KEY, {}).get(self.key)
 
+    def kinds(self, call) -> set[int]:
+        return {0}
+
     def active(self, call) -> bool:
         return call.kind == "cross" and call.layer in self.layers and 0 in call.cond_or_uncond \
             and not call.guidance and self._collector(call) is not None

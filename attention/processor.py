@@ -2,12 +2,25 @@
 the algorithms that read or change attention probabilities.
 
 For every attention call of every transformer block the dispatcher builds an `AttnCall` and asks each
-processor whether it is `active` for it. Only if one is, the probabilities are computed explicitly
-(float32, [B, heads, Nq, Nk]) and passed through the active processors in order; a processor returns
-None (it only read them, e.g. a recorder) or new probabilities (a controller). The output is then
-probs @ v. If none is active, the ordinary fast attention (or another pack's replace patch for the block)
-runs untouched; how the dispatcher combines a changed call with another pack's patch is described in
-nodes/_attn_patch.py and docs/ARCHITECTURE.md.
+processor whether it is `active` for it. If none is, the ordinary fast attention (or another pack's replace
+patch for the block) runs untouched. If some are, the cost is kept to what they need (issue 21,
+docs/ARCHITECTURE.md "Cost of attention control"):
+
+- a processor whose `needs_probs(call)` is False (a recorder of q/k/v) is called as `p(call, None)`;
+- explicit probabilities are computed only for the chunks whose kinds (0 cond, 1 uncond) some processor
+  lists in `kinds(call)` (default: every chunk); every other row gets ComfyUI's optimized attention. The
+  processors then see a call restricted to those chunks (`cond_or_uncond` and q/k/v of those rows only);
+- a single processor that can say what it does at the level of the attention output (`attend_output`, e.g.
+  "the source's map replaces the edit's": out = attention(q_src, k_src, v)) is given an optimized
+  attention function instead of probabilities, and no probability matrix is formed at all;
+- otherwise the probabilities ([rows, heads, Nq, Nk], in the call's compute dtype) pass through the active
+  processors in order; a processor returns None (it only read them) or new probabilities (a controller).
+  For self-attention, when every processor `splits_heads(call)`, they are handed one chunk of heads at a
+  time (`call.head_range`), so the float32 temporaries and the probabilities of a call are bounded by
+  nodes/_attn_patch.py EXPLICIT_CHUNK_BYTES per chunk. The output is probs @ v.
+
+How the dispatcher combines a changed call with another pack's patch is described in nodes/_attn_patch.py
+and docs/ARCHITECTURE.md.
 
 Guidance passes: nodes such as PAG and SAG evaluate the model a second time inside their post-CFG
 function (a perturbed or blurred pass). Such calls carry `guidance=True`. Controllers act in them as in
@@ -45,6 +58,8 @@ class AttnCall:
     k: torch.Tensor | None = field(default=None, repr=False)
     v: torch.Tensor | None = field(default=None, repr=False)  # the call's projected values (read-only)
     guidance: bool = False  # a pass of another node's guidance (PAG, SAG, ...): control, but do not record
+    # explicit path only: the heads (h0, h1) of the probabilities handed to the processor (None: all heads)
+    head_range: tuple[int, int] | None = None
 
     @property
     def tokens(self) -> int:
@@ -78,3 +93,27 @@ class AttentionProcessor(Protocol):
 # keys/values). Replaced keys/values are used by everything after it: the probabilities handed to active
 # processors, or, when no processor is active, the fast attention / a foreign replace patch, so injecting
 # keys/values alone never computes explicit probabilities.
+#
+#     def needs_probs(self, call: AttnCall) -> bool        # default True; False: called with probs=None
+#     def kinds(self, call: AttnCall) -> set[int]          # chunk kinds it reads/changes; default: all
+#     def splits_heads(self, call: AttnCall) -> bool       # acts on each head alone (call.head_range given)
+#     def attend_output(self, call: AttnCall, attend) -> torch.Tensor | None
+#
+# `attend_output` (used when it is the only active processor that needs probabilities): the output rows
+# [rows of call, Nq, C] of the call, computed with `attend(q, k, v)` (ComfyUI's optimized attention on
+# [B, N, C] tensors), exactly what probs @ v of its __call__ would give; None: use the explicit path.
+
+
+def kinds_of(processor, call: AttnCall) -> set[int]:
+    fn = getattr(processor, "kinds", None)
+    return set(call.cond_or_uncond) if fn is None else set(fn(call))
+
+
+def needs_probs(processor, call: AttnCall) -> bool:
+    fn = getattr(processor, "needs_probs", None)
+    return True if fn is None else bool(fn(call))
+
+
+def splits_heads(processor, call: AttnCall) -> bool:
+    fn = getattr(processor, "splits_heads", None)
+    return False if fn is None else bool(fn(call))

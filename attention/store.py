@@ -66,9 +66,10 @@ log = logging.getLogger(__name__)
 FATEZERO_MAX_QUERIES = 32 * 32
 
 
-def fatezero_skips_full_res(latent_hw: Sequence[int]) -> bool:
-    """Whether FateZero's query-length rule leaves out the full-resolution level of a latent of this size."""
-    return int(latent_hw[0]) * int(latent_hw[1]) > FATEZERO_MAX_QUERIES
+def fatezero_skips_full_res(latent_hw: Sequence[int], factor: int = 1) -> bool:
+    """Whether FateZero's query-length rule leaves out the level `factor` times smaller than a latent of this
+    size (factor 1: the full-resolution level)."""
+    return (int(latent_hw[0]) // factor) * (int(latent_hw[1]) // factor) > FATEZERO_MAX_QUERIES
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,18 @@ class StoreConfig:
     cross_attention: bool = True
     budget_bytes: int = 0  # 0: no budget
     dtype: torch.dtype = torch.float16
+
+
+def full_res_hint(config: StoreConfig, latent_hw: Sequence[int]) -> str | None:
+    """The hint for a store that leaves out the finest attention level (skip_full_res: the levels finer than
+    `config.min_factor`, the model's finest attention level, attention/arch.py) where FateZero's own rule (maps of
+    at most 32x32 queries) would record every level (SD1.5: latents of 32x32 or smaller, frames of 256x256 or
+    smaller); None where the two agree. Shown in Attention Blend's UI text and the log."""
+    if config.min_factor > 1 and not fatezero_skips_full_res(latent_hw, config.min_factor // 2):
+        return (f"the latent is {int(latent_hw[0])}x{int(latent_hw[1])}: FateZero's rule (maps of at most 32x32 "
+                "queries) records every level at this size, skip_full_res leaves the finest attention level out: "
+                "turn Attention Store's skip_full_res off to match FateZero")
+    return None
 
 
 def kept_steps(num_steps: int, record_window: float) -> int:
@@ -154,10 +167,11 @@ class AttentionStore:
             raise StoreLookupError(f"no stored {kind}-attention for layer {layer} at timestep {timestep}")
         return e
 
-    def self_probs(self, timestep: int, layer: str, frames: Sequence[int] | None = None,
-                   device=None, window: Sequence[int] | None = None) -> torch.Tensor:
-        """Per-head self-attention probabilities of the inversion, recomputed: [F, heads, Nq, Nk] float32.
-        With `window` (a context window's frames) the entry recorded for that very window is used."""
+    def self_qk(self, timestep: int, layer: str, frames: Sequence[int] | None = None, device=None,
+                window: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inversion's projected self-attention queries and keys of a layer: q [F, Nq, C], k [F, Nk, C]
+        (keys shared by all frames are expanded, not copied), as stored (fp16). With `window` (a context
+        window's frames) the entry recorded for that very window is used."""
         if window is not None:
             e = self.entries.get((int(timestep), layer, "self", tuple(window)))
             if e is not None:
@@ -179,7 +193,15 @@ class AttentionStore:
             q, k = q.to(device), k.to(device)
         if k.shape[0] == 1 and q.shape[0] != 1:
             k = k.expand(q.shape[0], -1, -1)
-        return attention_probs(q.float(), k.float(), self.layers[layer].heads)
+        return q, k
+
+    def self_probs(self, timestep: int, layer: str, frames: Sequence[int] | None = None,
+                   device=None, window: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
+                   head_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Per-head self-attention probabilities of the inversion, recomputed from `self_qk`:
+        [F, heads, Nq, Nk] in `dtype` (float32 by default), only the heads (h0, h1) of `head_range` if given."""
+        q, k = self.self_qk(timestep, layer, frames, device, window)
+        return attention_probs(q, k, self.layers[layer].heads, dtype=dtype, head_range=head_range)
 
     def cross_probs(self, timestep: int, layer: str, frames: Sequence[int] | None = None,
                     device=None, window: Sequence[int] | None = None) -> torch.Tensor:
@@ -197,10 +219,16 @@ class AttentionStore:
         """Head-averaged cross-attention [F, Nq, T] float32 (for masks)."""
         return self._entry(timestep, layer, "cross")["p"].float().mean(1)
 
+    @property
+    def bytes_per_frame_step(self) -> int:
+        """Stored bytes per frame per recorded step (what a longer clip or more steps add)."""
+        return self.nbytes // max(1, self.frames * len(self.timesteps))
+
     def summary(self) -> str:
         n_steps = len(self.timesteps)
         return (f"attention store: {self.frames} frame(s), {n_steps} step(s), {len(self.layer_names('self'))} self / "
-                f"{len(self.layer_names('cross'))} cross layer(s), {self.nbytes / 2**20:.2f} MiB (fp16, CPU)")
+                f"{len(self.layer_names('cross'))} cross layer(s), {self.nbytes / 2**20:.2f} MiB (fp16, CPU), "
+                f"{format_bytes(self.bytes_per_frame_step)} per frame per step")
 
 
 def _latent_hw(call) -> tuple[int, int]:
@@ -236,6 +264,13 @@ class AttentionRecorder:
             return n - call.step_index
         return call.step_index
 
+    def needs_probs(self, call) -> bool:
+        """Self-attention is recorded as q/k (no probabilities); cross-attention as maps."""
+        return call.kind == "cross"
+
+    def kinds(self, call) -> set[int]:
+        return {0}
+
     def active(self, call) -> bool:
         cfg = self.config
         if call.kind == "self" and not cfg.self_attention:
@@ -266,10 +301,9 @@ class AttentionRecorder:
         if self.store is None:
             self.store = AttentionStore(config=cfg, frames=call.frames if window is None else max(window) + 1,
                                         latent_hw=latent_hw, num_steps=call.total_steps)
-            if cfg.min_factor > 1 and not fatezero_skips_full_res(latent_hw):
-                log.info("Attention Store: the latent is %dx%d; FateZero's rule (maps of at most 32x32 queries) would "
-                         "record every level at this size, skip_full_res leaves the full-resolution level out: "
-                         "turn skip_full_res off to match FateZero", latent_hw[0], latent_hw[1])
+            hint = full_res_hint(cfg, latent_hw)
+            if hint:
+                log.info("Attention Store: %s", hint)
         st = self.store
         if window is not None:
             st.frames = max(st.frames, max(window) + 1)

@@ -358,6 +358,29 @@ class VideoP2PController:
         a, b = self.plan.self_steps
         return a <= i < b and self.factor(call.hw) >= self.branch.self_min_factor
 
+    # dispatcher protocol extensions (attention/processor.py) --------------------------------------------
+    def kinds(self, call) -> set[int]:
+        return {0}
+
+    def splits_heads(self, call) -> bool:
+        return call.kind == "self"
+
+    def attend_output(self, call, attend) -> torch.Tensor | None:
+        """Self-attention replacement at the level of the output: the target rows take the source rows' map,
+        so out = attend(q', k', v) with the target rows of q/k replaced by the source rows' (one optimized call,
+        exactly the probs @ v of __call__)."""
+        if call.kind != "self":
+            return None
+        self.step(call)
+        f = call.frames // 2
+        q, k = call.q.clone(), call.k.clone()
+        for j, c in enumerate(call.cond_or_uncond):
+            if c == 0:
+                s0 = j * call.frames
+                q[s0 + f:s0 + 2 * f] = q[s0:s0 + f]
+                k[s0 + f:s0 + 2 * f] = k[s0:s0 + f]
+        return attend(q, k, call.v)
+
     def __call__(self, call, probs: torch.Tensor) -> torch.Tensor | None:
         i = self.step(call)
         f = call.frames // 2  # the frames of this call (a context window's, or all)

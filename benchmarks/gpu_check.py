@@ -9,7 +9,7 @@ on NVIDIA GPUs) and the memory settings; only a checkpoint loaded through ComfyU
 the check
   1. writes a random-weight checkpoint with the full SD1.5 architecture (ComfyUI's loader detects it as SD1.5)
      and a short moving-square clip into a temporary base directory, links this pack into its custom_nodes/,
-     and converts the shipped workflow `workflows/videop2p_word_swap_null_text_local_blend.json` to an API
+     and converts the shipped workflow `workflows/videop2p_word_swap.json` to an API
      prompt on that checkpoint (fewer steps; done in a child process that imports ComfyUI on the CPU);
   2. starts ComfyUI's main.py on a free loopback port with that base directory (the UI is not served:
      --front-end-root points at an empty folder), with --enable-dynamic-vram where its cli_args offer it;
@@ -40,7 +40,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ROOT / "workflows" / "videop2p_word_swap_null_text_local_blend.json"
+WORKFLOW = ROOT / "workflows" / "videop2p_word_swap.json"
 CKPT_NAME = "zsve_random_sd15.safetensors"
 
 # The SD1.5 UNet (ComfyUI's detection recognises SD1.5 by these shapes: context_dim 768, model_channels 320).

@@ -37,6 +37,7 @@ attention patch (docs/ARCHITECTURE.md, "Composition with other packs").
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ import torch
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 
 from ..attention.attn import apply_probs, attention_probs
-from ..attention.processor import AttnCall
+from ..attention.processor import AttnCall, kinds_of, needs_probs, splits_heads
 from ..attention.videop2p import BRANCHES_KEY
 from ._compat import attention_kwargs
 
@@ -61,7 +62,42 @@ SLOTS = (("self", "attn1"), ("cross", "attn2"))
 # Modules whose attention patches add a term to attention (read from their source: IPAdapter / InstantID's
 # CrossAttentionPatch returns optimized_attention(q, k, v) + sum of weighted image attention terms).
 KNOWN_ADDITIVE_MODULES = ("ipadapter", "instantid")
+# Explicit probabilities of self-attention are formed one chunk of heads at a time, the chunk chosen so that its
+# float32 scores take at most this many bytes (at least one head). Peak extra memory of an explicit call:
+# about 2.5x this per chunk (the float32 scores, the probabilities in the compute dtype, a processor's new
+# probabilities) plus the call's output; one head of one row set is the floor (`head_chunk`).
+EXPLICIT_CHUNK_BYTES = 64 * 2**20
 log = logging.getLogger(__name__)
+
+
+def head_chunk(rows: int, heads: int, nq: int, nk: int, budget: int | None = None) -> int:
+    """Heads per chunk of the explicit path: float32 scores [rows, chunk, nq, nk] within `budget` bytes
+    (EXPLICIT_CHUNK_BYTES), at least one head."""
+    budget = EXPLICIT_CHUNK_BYTES if budget is None else budget
+    return max(1, min(heads, budget // max(1, rows * nq * nk * 4)))
+
+
+@dataclass
+class DispatchStats:
+    """Counts of what the dispatchers did (benchmarks/overhead.py and the tests read them): attention calls
+    on the optimized path, rows computed by optimized attention inside a controlled call, rows with explicit
+    probabilities, calls answered at the output level (attend_output), calls with probabilities-free
+    readers, and the largest explicit chunk (bytes of its float32 scores)."""
+
+    plain_calls: int = 0
+    optimized_rows: int = 0
+    explicit_rows: int = 0
+    explicit_calls: int = 0
+    output_calls: int = 0
+    reader_calls: int = 0
+    max_chunk_bytes: int = 0
+
+    def reset(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, 0)
+
+
+STATS = DispatchStats()
 
 
 def transformer_block_keys(model: comfy.model_patcher.ModelPatcher) -> list[tuple[str, int, int]]:
@@ -297,7 +333,6 @@ class _Frame:
     k: torch.Tensor
     v: torch.Tensor
     ours: torch.Tensor | None
-    probs0: torch.Tensor | None
     consumed: bool = False
 
     def matches(self, q: torch.Tensor) -> bool:
@@ -398,11 +433,13 @@ class _Dispatcher:
         if frame is not None:  # another pack's patch that we are calling chains back to us
             frame.consumed = True
             if frame.owner is self:
-                return frame.ours if frame.ours is not None else self._plain(frame, extra_options)
-            return self._compose(q, frame.k, frame.v, extra_options, frame.ours, frame.probs0)
+                return frame.ours if frame.ours is not None else self._fallback(frame.q, frame.k, frame.v,
+                                                                              extra_options)
+            return self._compose(q, frame.k, frame.v, extra_options, frame.ours)
         procs = self._processors(extra_options)
         if not procs:
-            return self._compose(q, k, v, extra_options, None, None)
+            STATS.plain_calls += 1
+            return self._compose(q, k, v, extra_options, None)
         call = self.make_call(q, extra_options)
         call.q, call.k, call.v = q, k, v
         for p in procs:  # optional key/value stage (attention/processor.py): read or replace k/v
@@ -414,47 +451,101 @@ class _Dispatcher:
                     call.k, call.v = k, v
         active = [p for p in procs if p.active(call)]
         if not active:
-            return self._compose(q, k, v, extra_options, None, None)
-        probs0 = attention_probs(q, k, call.heads)
-        probs = probs0
-        changed = False
-        for p in active:
-            new = p(call, probs)
-            if new is not None:
-                probs = new
-                changed = True
-        ours = apply_probs(probs, v, call.heads) if changed else None
-        return self._compose(q, k, v, extra_options, ours, probs0)
+            STATS.plain_calls += 1
+            return self._compose(q, k, v, extra_options, None)
+        readers = [p for p in active if not needs_probs(p, call)]
+        for p in readers:  # recorders of q/k/v: no probabilities
+            p(call, None)
+        if readers:
+            STATS.reader_calls += 1
+        users = [p for p in active if needs_probs(p, call)]
+        ours = self._controlled(call, users, q, k, v, extra_options) if users else None
+        if ours is None:
+            STATS.plain_calls += 1
+        return self._compose(q, k, v, extra_options, ours)
 
-    def _plain(self, frame: _Frame, extra) -> torch.Tensor:
-        if frame.probs0 is not None:
-            return apply_probs(frame.probs0, frame.v, int(extra["n_heads"]))
-        return self._fallback(frame.q, frame.k, frame.v, extra)
+    def _controlled(self, call: AttnCall, procs: list, q, k, v, extra) -> torch.Tensor | None:
+        """The call's output when processors read or change its probabilities (None: nothing changed): the
+        chunks of the kinds they ask for through `attend_output` or explicit probabilities, every other row
+        through ComfyUI's optimized attention."""
+        wanted = set().union(*(kinds_of(p, call) for p in procs))
+        f = call.frames
+        chunks = [j for j, c in enumerate(call.cond_or_uncond) if c in wanted]
+        if not chunks:
+            return None
+        n_chunks = len(call.cond_or_uncond)
+        if len(chunks) == n_chunks:
+            idx, sub = None, call
+        else:
+            idx = torch.cat([torch.arange(j * f, (j + 1) * f) for j in chunks]).to(q.device)
+            sub = dataclasses.replace(call, cond_or_uncond=[call.cond_or_uncond[j] for j in chunks],
+                                      q=q[idx], k=k[idx], v=v[idx])
+        out_sub = None
+        if len(procs) == 1 and getattr(procs[0], "attend_output", None) is not None:
+            out_sub = procs[0].attend_output(sub, lambda q_, k_, v_: self._fallback(q_, k_, v_, extra))
+            if out_sub is not None:
+                STATS.output_calls += 1
+        if out_sub is None:
+            out_sub = self._explicit(sub, procs)
+            if out_sub is None:
+                return None
+        if idx is None:
+            return out_sub
+        rest = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+        rest[idx] = False
+        out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]), dtype=out_sub.dtype)
+        out[rest] = self._fallback(q[rest], k[rest], v[rest], extra).to(out.dtype)
+        out[idx] = out_sub
+        STATS.optimized_rows += int(rest.sum())
+        return out
 
-    def _compose(self, q, k, v, extra, ours, probs0):
+    def _explicit(self, call: AttnCall, procs: list) -> torch.Tensor | None:
+        """probs @ v with the probabilities passed through `procs`, in the compute dtype; self-attention in
+        chunks of heads when every processor acts per head. None if no processor changed them."""
+        q, k, v = call.q, call.k, call.v
+        rows, nq, nk, heads = q.shape[0], q.shape[1], k.shape[1], call.heads
+        split = call.kind == "self" and all(splits_heads(p, call) for p in procs)
+        hc = head_chunk(rows, heads, nq, nk) if split else heads
+        STATS.explicit_calls += 1
+        STATS.explicit_rows += rows
+        STATS.max_chunk_bytes = max(STATS.max_chunk_bytes, rows * hc * nq * nk * 4)
+        outs, changed = [], False
+        for h0 in range(0, heads, hc):
+            hr = (h0, min(heads, h0 + hc)) if split else None
+            c = dataclasses.replace(call, head_range=hr) if split else call
+            probs = attention_probs(q, k, heads, dtype=q.dtype, head_range=hr)
+            for p in procs:
+                new = p(c, probs)
+                if new is not None:
+                    probs = new
+                    changed = True
+            outs.append(apply_probs(probs, v, heads, hr))
+            del probs
+        if not changed:
+            return None
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+    def _compose(self, q, k, v, extra, ours):
         """The call's output from ours (None: no processor changed it) and the other pack's patch, if any."""
         foreign = self.foreign(extra)
         if foreign is None:
             if ours is not None:
                 return ours
-            if probs0 is not None:
-                return apply_probs(probs0, v, int(extra["n_heads"]))
             return self._fallback(q, k, v, extra)
         groups = _branch_groups(extra, q.shape[0])
         if groups is None:
-            return self._compose_one(foreign, q, k, v, extra, ours, probs0)
+            return self._compose_one(foreign, q, k, v, extra, ours)
         out = None
         for idx in groups:
             idx = idx.to(q.device)
-            o = self._compose_one(foreign, q[idx], k[idx], v[idx], extra,
-                                  None if ours is None else ours[idx], None if probs0 is None else probs0[idx])
+            o = self._compose_one(foreign, q[idx], k[idx], v[idx], extra, None if ours is None else ours[idx])
             if out is None:
                 out = o.new_empty((q.shape[0],) + tuple(o.shape[1:]))
             out[idx] = o
         return out
 
-    def _compose_one(self, foreign, q, k, v, extra, ours, probs0):
-        frame = _Frame(self, q, k, v, ours, probs0)
+    def _compose_one(self, foreign, q, k, v, extra, ours):
+        frame = _Frame(self, q, k, v, ours)
         token = _FRAMES.set(_FRAMES.get() + (frame,))
         try:
             out = foreign(q, k, v, extra)
@@ -463,7 +554,7 @@ class _Dispatcher:
         if ours is None or frame.consumed or out is v:
             # nothing of ours changed / the patch composed itself with ours / identity attention (PAG)
             return out
-        attn = apply_probs(probs0, v, int(extra["n_heads"]))
+        attn = self._fallback(q, k, v, extra)
         delta = out - attn
         if not declared_additive(foreign) and not _negligible(delta, attn):
             name = patch_name(foreign)

@@ -18,7 +18,7 @@ from comfy_api.latest import io
 from ..attention.ddim import Inversion, sample_ddim_inversion
 from ..attention.store import format_bytes  # noqa: F401  (re-exported for the nodes)
 
-CATEGORY = "zero-shot video edit"
+CATEGORY = "Zero-Shot Video Edit"
 
 # Custom socket types, prefixed with the pack's prefix.
 InversionType = io.Custom("ZSVE_INVERSION")
@@ -55,17 +55,52 @@ def check_choice(node: str, name: str, value, options) -> None:
         raise ZSVEInputError(f"{node}: '{name}' must be one of {opts}, got {value!r}.")
 
 
+def unet_config(model) -> dict:
+    """The UNet config of a MODEL (comfy.supported_models_base.BASE.unet_config): what attention/arch.py reads
+    the layout and the architecture-dependent defaults from. {} when the model has none."""
+    cfg = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", None)
+    return dict(cfg) if isinstance(cfg, dict) else {}
+
+
+SUPPORTED_MODELS = ("SD1.x, SD2.x or SDXL-family checkpoints (their fine-tunes and LoRAs) with the standard "
+                    "1000-step DDPM schedule, eps- or v-prediction")
+
+
 def check_diffusion_model(model, node: str):
+    """The model's ModelSampling, after refusing what DDIM inversion cannot invert (before any UNet call)."""
     if not isinstance(model, comfy.model_patcher.ModelPatcher) or not hasattr(model.model, "model_sampling"):
         raise ZSVEInputError(
             f"{node}: the 'model' input is not a diffusion MODEL (got {type(model).__name__}). Connect the MODEL "
-            "output of a checkpoint loader (e.g. Load Checkpoint) for an SD1.5-family model."
+            "output of a checkpoint loader (e.g. Load Checkpoint) for an SD1.5, SD2.x or SDXL-family model."
         )
     ms = model.get_model_object("model_sampling")
+    cfg = unet_config(model)
+    if "model_channels" not in cfg or "channel_mult" not in cfg:
+        raise ZSVEInputError(
+            f"{node}: this model is not a UNet of the Stable Diffusion family (its config has no UNet levels: "
+            f"{type(model.model).__name__}); the pack's methods act on the UNet's attention and decoder blocks. "
+            f"Use {SUPPORTED_MODELS}."
+        )
+    msl = comfy.model_sampling
+    if isinstance(ms, (msl.ModelSamplingContinuousEDM, msl.ModelSamplingDiscreteEDM, msl.EDM)):
+        raise ZSVEInputError(
+            f"{node}: this is an EDM model (e.g. Playground v2.5, an EDM v-prediction checkpoint, or a Model Sampling "
+            "Continuous EDM / Discrete EDM node on the model): it is conditioned on continuous noise levels, not on "
+            "the 1000 discrete training timesteps of the DDPM schedule. DDIM inversion walks those timesteps backwards "
+            "and the edit recalls each step's inversion by its timestep, so an EDM model cannot be inverted and "
+            "edited exactly. Use " + SUPPORTED_MODELS + ", and remove any Model Sampling node that switches the model "
+            "to EDM."
+        )
+    if isinstance(ms, (msl.ModelSamplingDiscreteFlow, msl.ModelSamplingFlux, msl.CONST)):
+        raise ZSVEInputError(
+            f"{node}: this model samples by flow matching (e.g. a Model Sampling SD3/Flux/AuraFlow node on it): "
+            "DDIM inversion needs the discrete DDPM schedule the model was trained with. Remove that node; use "
+            + SUPPORTED_MODELS + "."
+        )
     if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(ms, comfy.model_sampling.EPS):
         raise ZSVEInputError(
-            f"{node}: DDIM inversion needs a discrete-timestep eps- or v-prediction model (SD1.x/SD2.x family); "
-            f"this model samples with {type(ms).__name__}. Use an SD1.5-family checkpoint."
+            f"{node}: DDIM inversion needs a discrete-timestep eps- or v-prediction model; this model's noise "
+            f"schedule ({type(ms).__name__}) is another kind. Use {SUPPORTED_MODELS}."
         )
     return ms
 
@@ -110,6 +145,12 @@ def inversion_sigmas(model_sampling, steps: int, node: str = "VideoDDIMInvert") 
 
 def timestep_of(model_sampling, sigma) -> int:
     return int(model_sampling.timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(1)).item())
+
+
+def _pooled(conditioning):
+    """The pooled text embedding of a one-entry CONDITIONING (SDXL), CPU float32, or None."""
+    p = conditioning[0][1].get("pooled_output") if len(conditioning) == 1 else None
+    return p.detach().float().cpu() if torch.is_tensor(p) else None
 
 
 def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: float, node: str = "VideoDDIMInvert",
@@ -165,7 +206,8 @@ def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: floa
         records={name: r.finalize() for name, r in recorders.items()},
         info={"steps_requested": int(steps), "scheduler": "ddim_uniform",
               # the source prompt's text embedding (Edit Prompts' pair is checked against it)
-              "positive_embedding": positive[0][0].detach().float().cpu() if len(positive) == 1 else None},
+              "positive_embedding": positive[0][0].detach().float().cpu() if len(positive) == 1 else None,
+              "positive_pooled": _pooled(positive)},
     )
     out = {k: v for k, v in latent.items() if k != "noise_mask"}
     out["samples"] = z_T.to(comfy.model_management.intermediate_device())

@@ -271,7 +271,7 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
         add_processor(m, BlendMapProcessor(key, layers))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, patch.outer_sample)
     install_contract(m, NODE, inversion, None if pair is None else pair.edit.embedding,
-                     "" if pair is None else pair.edit.text)
+                     "" if pair is None else pair.edit.text, None if pair is None else pair.edit.pooled)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, key, patch.predict_noise)
 
     first = sum(1 for i in range(inversion.steps) if not in_window(i, inversion.steps, start, 1.0))
@@ -290,8 +290,8 @@ class LatentBlendWithInversion(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=NODE,
-            display_name="Latent Blend With Inversion (BLD)",
-            category=CATEGORY + "/Blended latent",
+            display_name="Latent Blend With Inversion (Blended Latent, FateZero)",
+            category=CATEGORY + "/Blended Latent",
             description=(
                 "Blended Latent Diffusion under attention control: at each edit step in [start, end) the latent "
                 "becomes M * edit + (1 - M) * the DDIM inversion latent of the source at the same sigma, so "
@@ -302,7 +302,7 @@ class LatentBlendWithInversion(io.ComfyNode):
                 "z_T. Composes with the other attention patches of the pack."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.5 family), possibly already patched by "
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x/2.x or SDXL family), possibly already patched by "
                                "other attention nodes (temporal attention, attention blend)."),
                 InversionType.Input("inversion", tooltip="The inversion output of Video DDIM Invert of the source "
                                     "video: its per-step latents are the background."),
@@ -372,8 +372,8 @@ class LatentBlendMaskPreview(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LatentBlendMaskPreview",
-            display_name="Latent Blend Mask Preview",
-            category=CATEGORY + "/Blended latent",
+            display_name="Latent Blend Mask Preview (Blended Latent)",
+            category=CATEGORY + "/Blended Latent",
             description=(
                 "The per-frame masks Latent Blend With Inversion used in the last sampling run, as a MASK and as "
                 "an overlay on the frames. Connect the sampler's LATENT so this runs after the sampler."

@@ -1,4 +1,4 @@
-"""Context windows over the frames of SD1.5-family video edits (frames are the latent batch).
+"""Context windows over the frames of SD1.x/2.x and SDXL-family video edits (frames are the latent batch).
 
 ComfyUI's core context-window handler is used as is, except for one thing: at ComfyUI 0.3.64 its
 `set_step` compares the whole per-frame sigma tensor with the schedule (`isclose(sample_sigmas, timestep)`),
@@ -79,7 +79,7 @@ class VideoContextWindows(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Edit clips longer than one batch: ComfyUI's core context windows over the frames (the latent "
-                "batch) of an SD1.5-family model, for inversion and editing alike. Apply it to the MODEL before "
+                "batch) of an SD1.x/2.x or SDXL-family model, for inversion and editing alike. Apply it to the MODEL before "
                 "Video DDIM Invert and the edit sampler. The attention patches of this pack receive absolute "
                 "frame indices of each window, and the clip's first/middle frames are added to every window "
                 "(key_frames), so temporal key frames stay global. Same options as the core "

@@ -110,14 +110,22 @@ def check_conditioning(node: str, guider, positive_keys=("positive",), negative_
         )
 
 
-def conditioning_matches(entries: list, reference: torch.Tensor) -> bool:
-    """Whether one of the cond entries carries the text embedding `reference` ([1, T, D], any device)."""
-    ref = reference.detach().float().cpu()
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return tuple(a.shape[1:]) == tuple(b.shape[1:]) and torch.allclose(a[:1], b[:1], atol=1e-4, rtol=1e-4)
+
+
+def conditioning_matches(entries: list, reference: torch.Tensor, pooled: torch.Tensor | None = None) -> bool:
+    """Whether one of the cond entries carries the text embedding `reference` ([1, T, D], any device) and, where
+    both sides have one, the pooled text embedding `pooled` ([1, D'], SDXL's clip_g pooled output)."""
     for e in entries:
         emb = cross_attn_of(e)
-        if emb is not None and tuple(emb.shape[-2:]) == tuple(ref.shape[-2:]) and torch.allclose(
-                emb[:1].detach().float().cpu(), ref[:1], atol=1e-4, rtol=1e-4):
-            return True
+        if emb is None or not _close(emb, reference):
+            continue
+        own = e.get("pooled_output")
+        if pooled is not None and torch.is_tensor(own) and not _close(own, pooled):
+            continue
+        return True
     return False
 
 
@@ -132,6 +140,7 @@ class ContractEntry:
     inversion: Inversion
     edit_embedding: torch.Tensor | None = None
     edit_text: str = ""
+    edit_pooled: torch.Tensor | None = None  # SDXL: the edit prompt's pooled text embedding
 
     def __deepcopy__(self, memo):
         return self
@@ -226,7 +235,7 @@ def check_edit_run(entries, guider, noise, latent_image, sampler, sigmas, denois
     for entry in entries:
         if entry.edit_embedding is not None:
             pos = [e for k in positive_keys for e in _entries(guider, k)]
-            if pos and not conditioning_matches(pos, entry.edit_embedding):
+            if pos and not conditioning_matches(pos, entry.edit_embedding, entry.edit_pooled):
                 raise ZSVEInputError(
                     f"{entry.node}: the sampler's positive CONDITIONING is not the edit prompt of the prompt pair "
                     f"({entry.edit_text!r}): the attention control was planned for that prompt's words. Connect the "
@@ -322,12 +331,12 @@ class EditContract:
 
 
 def install_contract(model, node: str, inversion: Inversion, edit_embedding: torch.Tensor | None = None,
-                     edit_text: str = "") -> None:
+                     edit_text: str = "", edit_pooled: torch.Tensor | None = None) -> None:
     """Put (or extend) the edit contract on `model` (a clone the caller owns): the run is checked against this
     node's inversion, and against the inversions of the edit nodes already on the model."""
     old = [w for w in model.get_wrappers(OUTER_SAMPLE, CONTRACT_KEY) if isinstance(w, EditContract)]
     entries = [e for w in old for e in w.entries if e.node != node]
     entries.append(ContractEntry(node, inversion, None if edit_embedding is None else edit_embedding.detach().cpu(),
-                                 edit_text))
+                                 edit_text, None if edit_pooled is None else edit_pooled.detach().cpu()))
     model.remove_wrappers_with_key(OUTER_SAMPLE, CONTRACT_KEY)
     model.add_wrapper_with_key(OUTER_SAMPLE, CONTRACT_KEY, EditContract(tuple(entries)))

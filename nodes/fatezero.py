@@ -8,11 +8,12 @@ import logging
 import torch
 from comfy_api.latest import io
 
+from ..attention import arch
 from ..attention.fatezero import FateZeroController, FusionConfigError, make_plan, preview_mask
-from ..attention.store import AttentionStoreSpec, StoreConfig
+from ..attention.store import AttentionStoreSpec, StoreConfig, full_res_hint
 from ..attention.temporal import MODES, TemporalKV
 from ._attn_patch import add_processor, add_record_spec
-from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
+from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model, unet_config
 from .contract import check_choice, install_contract
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
@@ -35,11 +36,12 @@ class AttentionStore(io.ComfyNode):
                 "is never copied by model clones (LoRA loaders), and changing only the edit side of the graph "
                 "re-uses it without re-running the inversion. Stored (fp16, CPU): per-head cross-attention maps, "
                 "and self-attention as projected queries/keys (the exact per-head maps are recomputed at edit "
-                "time from a fraction of the memory), only for layers at or below half the latent resolution and "
+                "time from a fraction of the memory), only for the levels FateZero's rule records (all but the model's "
+                "finest attention level: SD1.5's 32x32 and below at 512 px, SDXL's 32x32 level at 1024 px) and "
                 "only for the steps of the replace windows. The inversion's text shows the store's size."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.5 family) that Video DDIM Invert will use. "
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x/2.x or SDXL family) that Video DDIM Invert will use. "
                                "Apply Temporal Self-Attention before or after this node; it must also be on the "
                                "edit model."),
                 io.Float.Input("record_window", default=1.0, min=0.0, max=1.0, step=0.05,
@@ -47,9 +49,11 @@ class AttentionStore(io.ComfyNode):
                                "cover the largest cross/self replace window you will use in Attention Blend (0.8 "
                                "for FateZero's defaults); smaller saves memory."),
                 io.Boolean.Input("skip_full_res", default=True,
-                                 tooltip="Do not record layers at the latent's full resolution (FateZero stores 32x32 "
-                                 "and below at 512x512: the 64x64 maps are by far the largest). Turn off to control "
-                                 "every layer, e.g. for frames of 256x256 or smaller, where FateZero's rule (query "
+                                 tooltip="Do not record the model's finest attention level, by far the largest maps: "
+                                 "SD1.5's full-resolution level (FateZero stores 32x32 and below at 512x512), SDXL's "
+                                 "half-resolution level (SDXL has no full-resolution attention; at 1024x1024 its "
+                                 "32x32 level is what FateZero's rule keeps). Turn off to control every layer, e.g. "
+                                 "for frames of half the model's native size or smaller, where FateZero's rule (query "
                                  "maps of at most 32x32) takes every level."),
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
                                tooltip="Refuse to record more than this many GiB of attention (checked after the "
@@ -64,11 +68,16 @@ class AttentionStore(io.ComfyNode):
     @classmethod
     def execute(cls, model, record_window, skip_full_res, memory_budget_gb) -> io.NodeOutput:
         check_diffusion_model(model, "AttentionStore")
-        cfg = StoreConfig(record_window=float(record_window), min_factor=2 if skip_full_res else 1,
+        cfg = StoreConfig(record_window=float(record_window),
+                          min_factor=arch.store_min_factor(unet_config(model), bool(skip_full_res)),
                           budget_bytes=int(float(memory_budget_gb) * 2**30))
         m = model.clone()
         add_record_spec(m, RECORD_NAME, AttentionStoreSpec(cfg))
-        return io.NodeOutput(m)
+        layers = arch.layout(unet_config(model))[0]
+        kept = [lay for lay in layers if lay.factor >= cfg.min_factor]
+        text = (f"records {len(kept)} of the model's {len(layers)} attention layers: those at 1/{cfg.min_factor} of "
+                "the latent size and coarser" if cfg.min_factor > 1 else f"records all {len(layers)} attention layers")
+        return io.NodeOutput(m, ui={"text": [text]})
 
 
 class TemporalSelfAttentionPatch(io.ComfyNode):
@@ -76,7 +85,7 @@ class TemporalSelfAttentionPatch(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="TemporalSelfAttentionPatch",
-            display_name="Temporal Self-Attention",
+            display_name="Temporal Self-Attention (FateZero, Video-P2P)",
             category=FZ_CATEGORY,
             description=(
                 "Spatial-temporal self-attention without new weights: every frame's self-attention also (or only) "
@@ -92,16 +101,19 @@ class TemporalSelfAttentionPatch(io.ComfyNode):
                                "FateZero's code default), all frames (memory grows with frames^2)."),
                 io.Boolean.Input("include_own_frame", default=False,
                                  tooltip="Also attend to the frame's own keys/values (the references do not)."),
-                io.Int.Input("min_channels", default=640, min=0, max=4096,
-                             tooltip="Layers with fewer channels stay per-frame (FateZero's least_sc_channel: 640 "
-                             "keeps SD1.5's 64x64 layers per-frame). 0 = every layer."),
+                io.Int.Input("min_channels", default=-1, min=-1, max=4096,
+                             tooltip="Layers with fewer channels stay per-frame (FateZero's least_sc_channel). -1 = "
+                             "auto from the model: the finest attention level stays per-frame (SD1.5/2.x: 640, "
+                             "keeping the 64x64 layers at 512 px per-frame; SDXL: 1280). 0 = every layer."),
             ],
             outputs=[io.Model.Output(tooltip="The model with spatial-temporal self-attention.")],
         )
 
     @classmethod
-    def execute(cls, model, mode, include_own_frame, min_channels) -> io.NodeOutput:
+    def execute(cls, model, mode, include_own_frame, min_channels=-1) -> io.NodeOutput:
         check_diffusion_model(model, "TemporalSelfAttentionPatch")
+        if int(min_channels) < 0:
+            min_channels = arch.temporal_min_channels(unet_config(model))
         m = model.clone()
         to = m.model_options.setdefault("transformer_options", {})
         patches = dict(to.get("patches", {}))
@@ -111,7 +123,7 @@ class TemporalSelfAttentionPatch(io.ComfyNode):
         check_choice("TemporalSelfAttentionPatch", "mode", mode, MODES)
         if mode != "per-frame":
             m.set_model_attn1_patch(TemporalKV(mode, include_own_frame, min_channels))
-        return io.NodeOutput(m)
+        return io.NodeOutput(m, ui={"text": [f"min_channels {int(min_channels)}"]})
 
 
 class AttentionBlend(io.ComfyNode):
@@ -206,11 +218,12 @@ class AttentionBlend(io.ComfyNode):
             log.warning("AttentionBlend: %s", note)
         m = model.clone()
         add_processor(m, FateZeroController(store, plan))
-        install_contract(m, "AttentionBlend", inversion, pair.edit.embedding, pair.edit.text)
+        install_contract(m, "AttentionBlend", inversion, pair.edit.embedding, pair.edit.text, pair.edit.pooled)
         h, w = store.latent_hw
         mask = preview_mask(store, plan, (h, w))
         mask = torch.nn.functional.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]
-        text = [store.summary()] + plan.notes
+        hint = full_res_hint(store.config, store.latent_hw)
+        text = [store.summary()] + plan.notes + ([f"Attention Store: {hint}"] if hint else [])
         return io.NodeOutput(m, mask, ui={"text": text})
 
 

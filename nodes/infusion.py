@@ -17,6 +17,7 @@ import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy_api.latest import io
 
+from ..attention import arch
 from ..attention.infusion import (
     DEFAULT_ALPHA,
     DEFAULT_S1,
@@ -39,7 +40,7 @@ from ._attn_patch import (
     chunk_kinds,
     in_guidance_pass,
 )
-from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
+from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model, unet_config
 from .contract import install_contract
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 
 DEFAULTS_DOC = (
     "Defaults where the paper is silent are Plug-and-Play's: features of the ResBlock of decoder block 4, "
-    "self-attention of decoder blocks 4-11, feature/key-value injection into both halves of the guidance; the "
+    "self-attention of decoder blocks 4-11 on SD1.5 ('auto' takes the same blocks by structure on other UNets: "
+    "decoder block 1 and blocks 1-5 on SDXL), feature/key-value injection into both halves of the guidance; the "
     "windows S1=0.5, S2=0.8 are PnP's two thresholds placed in the paper's order. Our own choices: alpha 0.5, "
     "mask threshold 0.3 (FateZero), the fusion row-normalised where Me != Ms (see attention/infusion.py)."
 )
@@ -114,42 +116,67 @@ class ResBlockHooks:
                 h.remove()
 
 
-def _blocks(text: str, node: str, what: str) -> tuple[int, ...]:
+def _blocks(text: str, node: str, what: str, model=None) -> tuple[int, ...]:
+    """The blocks of a block input; 'auto' (or empty): the model's defaults (attention/arch.py infusion_blocks)."""
+    if str(text or "").strip().lower() in ("", "auto"):
+        try:
+            feature, attention = arch.infusion_blocks(unet_config(model))
+        except arch.ArchitectureError as e:
+            raise ZSVEInputError(f"{node}: {what} 'auto': {e}; give the blocks explicitly.") from None
+        return feature if what == "feature_blocks" else attention
     try:
         return parse_blocks(text, what)
     except InFusionConfigError as e:
         raise ZSVEInputError(f"{node}: {e}") from None
 
 
+def _valid_blocks_hint(unet, cfg: dict) -> str:
+    """The blocks of this model a user can give, and what 'auto' takes on it."""
+    n = len(unet.output_blocks)
+    attn = [b for b in range(n) if any(isinstance(layer, SpatialTransformer) for layer in unet.output_blocks[b])]
+    res = [b for b in range(n) if type(unet.output_blocks[b][0]).__name__ == "ResBlock"]
+    try:
+        feature, attention = arch.infusion_blocks(cfg)
+        auto = f"; 'auto' takes feature_blocks {arch.format_blocks(feature)} and attention_blocks " \
+               f"{arch.format_blocks(attention)} on it (Plug-and-Play's 4 and 4-11 on SD1.5)"
+    except arch.ArchitectureError:
+        auto = ""
+    fam = arch.family(cfg) if cfg else ""
+    return (f"this {fam + ' ' if fam else ''}UNet has {n} decoder blocks 0-{n - 1}: feature_blocks may "
+            f"be {arch.format_blocks(res) or 'none'} (blocks starting with a ResBlock), attention_blocks "
+            f"{arch.format_blocks(attn) or 'none'} (blocks with attention){auto}")
+
+
 def check_blocks(model, feature_blocks, attention_blocks, node: str) -> None:
-    """Clear errors for blocks the model does not have (tiny or non-SD1.5 UNets)."""
+    """Clear errors for blocks the model does not have, naming the blocks it has (SD1.5: 12, SDXL: 9)."""
     unet = model.get_model_object("diffusion_model")
+    cfg = unet_config(model)
     n = len(unet.output_blocks)
     for what, blocks in (("feature_blocks", feature_blocks), ("attention_blocks", attention_blocks)):
         bad = [b for b in blocks if b >= n]
         if bad:
-            raise ZSVEInputError(
-                f"{node}: {what} {bad} do not exist: this model's UNet has {n} output (decoder) blocks, 0-{n - 1} "
-                f"(SD1.5 has 12; the Plug-and-Play defaults 4 and 4-11 are for SD1.5). Choose blocks in 0-{n - 1}."
-            )
+            raise ZSVEInputError(f"{node}: {what} {arch.format_blocks(bad)} do not exist: "
+                                 f"{_valid_blocks_hint(unet, cfg)}.")
     for b in feature_blocks:
         first = unet.output_blocks[b][0]
         if type(first).__name__ != "ResBlock":
             raise ZSVEInputError(f"{node}: output block {b} does not start with a ResBlock ({type(first).__name__}); "
-                                 "choose decoder blocks whose first layer is a ResBlock.")
+                                 f"{_valid_blocks_hint(unet, cfg)}.")
     if not any(isinstance(layer, SpatialTransformer) for b in attention_blocks for layer in unet.output_blocks[b]):
-        raise ZSVEInputError(f"{node}: output blocks {list(attention_blocks)} have no attention layers; choose "
-                             "decoder blocks with transformer (attention) layers.")
+        raise ZSVEInputError(f"{node}: output blocks {arch.format_blocks(attention_blocks)} have no attention "
+                             f"layers; {_valid_blocks_hint(unet, cfg)}.")
 
 
 def _common_inputs():
     return [
-        io.String.Input("feature_blocks", default="4",
+        io.String.Input("feature_blocks", default="auto",
                         tooltip="Decoder (output) blocks whose ResBlock output is injected in the feature phase, "
-                        "e.g. '4' or '3,4'. Default 4 = Plug-and-Play's layer (SD1.5 has output blocks 0-11)."),
-        io.String.Input("attention_blocks", default="4-11",
+                        "e.g. '4' or '3,4'. 'auto' = Plug-and-Play's layer for the model: 4 on SD1.x/2.x (output "
+                        "blocks 0-11), 1 on SDXL (output blocks 0-8)."),
+        io.String.Input("attention_blocks", default="auto",
                         tooltip="Decoder blocks whose self-attention gets the source keys/values (S1..S2) and whose "
-                        "attention is fused (after S2). Default 4-11 = Plug-and-Play's self-attention layers."),
+                        "attention is fused (after S2), e.g. '4-11'. 'auto' = Plug-and-Play's self-attention layers "
+                        "for the model: 4-11 on SD1.x/2.x, 1-5 on SDXL (its blocks 6-8 have no attention)."),
         io.Float.Input("feature_end", default=DEFAULT_S1, min=0.0, max=1.0, step=0.05,
                        tooltip="S1: fraction of the steps (from the noisiest) with feature-difference injection. "
                        "Default 0.5 (Plug-and-Play's attention threshold; the paper gives no value)."),
@@ -176,13 +203,14 @@ class InFusionSource(io.ComfyNode):
                 "and windows in InFusion Inject. " + DEFAULTS_DOC
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.5 family, LoRA allowed) that Video DDIM "
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x/2.x or SDXL family, LoRA allowed) that Video DDIM "
                                "Invert will use."),
                 *_common_inputs(),
                 io.Boolean.Input("skip_full_res", default=True,
-                                 tooltip="Fuse (and record for the fusion) only attention layers below the latent's "
-                                 "full resolution, as FateZero's store (the 64x64 maps at 512x512 are the largest). "
-                                 "Key/value injection uses every chosen layer regardless."),
+                                 tooltip="Fuse (and record for the fusion) only attention layers coarser than the "
+                                 "model's finest attention level, as FateZero's store (SD1.5: the 64x64 maps at "
+                                 "512x512; SDXL: its 64x64 maps at 1024x1024). Key/value injection uses every chosen "
+                                 "layer regardless."),
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
                                tooltip="Refuse to record more than this many GiB (checked as the record grows). "
                                "0 = no limit."),
@@ -196,13 +224,13 @@ class InFusionSource(io.ComfyNode):
                 memory_budget_gb) -> io.NodeOutput:
         node = "InFusionSource"
         check_diffusion_model(model, node)
-        fb = _blocks(feature_blocks, node, "feature_blocks")
-        ab = _blocks(attention_blocks, node, "attention_blocks")
+        fb = _blocks(feature_blocks, node, "feature_blocks", model)
+        ab = _blocks(attention_blocks, node, "attention_blocks", model)
         check_blocks(model, fb, ab, node)
         if kv_end < feature_end:
             raise ZSVEInputError(f"{node}: kv_end ({kv_end:g}) must not be before feature_end ({feature_end:g}).")
         cfg = InFusionRecordConfig(feature_blocks=fb, attention_blocks=ab, s1=float(feature_end), s2=float(kv_end),
-                                   fusion_min_factor=2 if skip_full_res else 1,
+                                   fusion_min_factor=arch.store_min_factor(unet_config(model), bool(skip_full_res)),
                                    budget_bytes=int(float(memory_budget_gb) * 2**30))
         m = model.clone()
         add_record_spec(m, RECORD_NAME, InFusionRecordSpec(cfg))
@@ -278,8 +306,8 @@ class InFusionInject(io.ComfyNode):
                 "the model and Video DDIM Invert and run the inversion again."
             )
         pair = check_pair(prompts, node)
-        fb = _blocks(feature_blocks, node, "feature_blocks")
-        ab = _blocks(attention_blocks, node, "attention_blocks")
+        fb = _blocks(feature_blocks, node, "feature_blocks", model)
+        ab = _blocks(attention_blocks, node, "attention_blocks", model)
         check_blocks(model, fb, ab, node)
         try:
             check_inversion_prompt(pair, inversion, node)
@@ -299,7 +327,7 @@ class InFusionInject(io.ComfyNode):
         add_processor(m, controller)
         m.remove_wrappers_with_key(DIFFUSION_MODEL, INJECT_WRAPPER_KEY)
         m.add_wrapper_with_key(DIFFUSION_MODEL, INJECT_WRAPPER_KEY, ResBlockHooks(controller))
-        install_contract(m, node, inversion, pair.edit.embedding, pair.edit.text)
+        install_contract(m, node, inversion, pair.edit.embedding, pair.edit.text, pair.edit.pooled)
         masks = preview_masks(controller, record, plan)
         text = [record.summary()] + plan.notes
         return io.NodeOutput(m, masks, ui={"text": text})

@@ -30,7 +30,7 @@ class VideoDDIMInvert(io.ComfyNode):
                 "recording nodes applied to the model record during this run."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.5 family). Apply AttentionStore / "
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x/2.x or SDXL family). Apply AttentionStore / "
                                "TemporalSelfAttention / ControlNet-conditioning before this node so they act during "
                                "inversion too."),
                 io.Latent.Input("latent", tooltip="The encoded video frames, one latent per frame (VAE Encode of "
@@ -63,7 +63,7 @@ class DDIMInversionSampler(io.ComfyNode):
         return io.Schema(
             node_id="DDIMInversionSampler",
             display_name="DDIM Inversion Sampler",
-            category=CATEGORY + "/sampling",
+            category=CATEGORY + "/Sampling",
             description=(
                 "The DDIM inversion as a SAMPLER for SamplerCustomAdvanced: use it with DisableNoise and the SIGMAS of "
                 "'DDIM Inversion Sigmas'. The output latent is z_T (no trajectory is kept; use Video DDIM Invert "
@@ -88,7 +88,7 @@ class DDIMInversionSigmas(io.ComfyNode):
         return io.Schema(
             node_id="DDIMInversionSigmas",
             display_name="DDIM Inversion Sigmas",
-            category=CATEGORY + "/sampling",
+            category=CATEGORY + "/Sampling",
             description=(
                 "The ddim_uniform schedule reversed (0 -> sigma_max), for inverting with the DDIM Inversion Sampler "
                 "in SamplerCustomAdvanced. Sample back with BasicScheduler(ddim_uniform) at the same steps."

@@ -38,8 +38,8 @@ def _sd_tokenizer(clip, node: str):
         sd_tok = getattr(tok, name, None)
         if sd_tok is not None and hasattr(sd_tok, "tokenizer"):
             return name[-1], sd_tok
-    raise ZSVEInputError(f"{node}: this CLIP has no CLIP-L/G tokenizer; connect the CLIP of an SD1.5-family "
-                         "checkpoint.")
+    raise ZSVEInputError(f"{node}: this CLIP has no CLIP-L/G tokenizer; connect the CLIP of an SD1.x/2.x or "
+                         "SDXL-family checkpoint.")
 
 
 class PairTokenizer:
@@ -111,6 +111,12 @@ class PromptSide:
     def embedding(self) -> torch.Tensor:
         """The text embedding [1, 77*k, dim] of the conditioning (what the sampler's positive must carry)."""
         return self.conditioning[0][0]
+
+    @property
+    def pooled(self) -> torch.Tensor | None:
+        """The pooled text embedding [1, D'] (SDXL: clip_g's, part of the model's `y`), or None (SD1.x)."""
+        p = self.conditioning[0][1].get("pooled_output")
+        return p if torch.is_tensor(p) else None
 
 
 @dataclass(eq=False)
@@ -215,10 +221,12 @@ def check_pair(prompts, node: str) -> PromptPair:
 
 def check_inversion_prompt(prompts: PromptPair, inversion, node: str) -> None:
     """Refuse a prompt pair whose source prompt is not the prompt the inversion was made with."""
-    ref = getattr(inversion, "info", {}).get("positive_embedding")
+    info = getattr(inversion, "info", {})
+    ref = info.get("positive_embedding")
     if ref is None:
         return
-    if not conditioning_matches([{"cross_attn": ref}], prompts.source.embedding):
+    if not conditioning_matches([{"cross_attn": ref, "pooled_output": info.get("positive_pooled")}],
+                                prompts.source.embedding, prompts.source.pooled):
         raise ZSVEInputError(
             f"{node}: the inversion was made with another positive prompt than the prompt pair's source "
             f"({prompts.source.text!r}): the recorded attention belongs to that other prompt. Connect Edit Prompts' "
@@ -242,7 +250,8 @@ class EditPrompts(io.ComfyNode):
                 "'edit' / 'negative' to the edit sampler."
             ),
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP of the checkpoint (SD1.5 family)."),
+                io.Clip.Input("clip", tooltip="The CLIP of the checkpoint (SD1.x/2.x or SDXL family; on SDXL the "
+                              "conditionings carry the pooled output, as CLIP Text Encode makes them)."),
                 io.String.Input("source_text", multiline=True, default="",
                                 tooltip="The source prompt: a text that describes the input video (FateZero/Video-P2P "
                                 "invert with it), e.g. 'a silver jeep driving down a road'."),

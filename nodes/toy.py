@@ -23,7 +23,7 @@ class ToyModelLoader(io.ComfyNode):
         return io.Schema(
             node_id="ToyModelLoader",
             display_name="Load Toy Model (demo)",
-            category=CATEGORY + "/toy",
+            category=CATEGORY + "/Toy",
             description=(
                 "Demo and test aid: loads the pack's tiny SD1.5-architecture model, trained by the project itself "
                 "(toy/train.py) on procedural scenes such as 'a red circle on blue stripes' (128x128 images, 16x16 "

@@ -14,7 +14,8 @@ Recommended graph (see docs in the node descriptions):
 Design: the sampler carries both branches as a [2F] latent (source frames, then target frames); the
 guider duplicates the input latent before sampling and returns (and previews) only the target half, so
 SamplerCustomAdvanced's outputs are the edited frames. Both branches and both guidance halves go through
-one calc_cond_batch call with per-row text embeddings, so a single attention call sees the source and
+one calc_cond_batch call with per-row conditioning (each branch's rows carry its own prompt's text embedding
+and, on SDXL, its own pooled-text/size vector `y`), so a single attention call sees the source and
 target rows (`transformer_options["zsve_branches"] = 2` tells the attention patches that each chunk holds
 two videos). The guider computes each step's next latent itself (DDIM = Euler in sigma space, plus Local
 Blend) and returns the denoised prediction that makes the sampler's Euler step land on it; it checks
@@ -42,7 +43,7 @@ import torch
 from comfy_api.latest import io
 from tqdm.auto import tqdm
 
-from ..attention import align
+from ..attention import align, arch
 from ..attention.ddim import Inversion
 from ..attention.fatezero import FusionConfigError, make_plan, split_words
 from ..attention.videop2p import (
@@ -59,7 +60,15 @@ from ..attention.videop2p import (
     optimize_null_text,
 )
 from ._attn_patch import PROCESSORS_KEY, begin_guidance_phase, ensure_dispatchers
-from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_choice, check_diffusion_model, timestep_of
+from ._comfy import (
+    CATEGORY,
+    InversionType,
+    ZSVEInputError,
+    check_choice,
+    check_diffusion_model,
+    timestep_of,
+    unet_config,
+)
 from .contract import ContractEntry, check_conditioning, check_edit_run, conditioning_matches, ui_warning
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
@@ -87,6 +96,42 @@ def _with_crossattn(entry: dict, emb: torch.Tensor) -> dict:
     e = dict(entry)
     e["model_conds"] = dict(entry["model_conds"])
     e["model_conds"]["c_crossattn"] = comfy.conds.CONDCrossAttn(emb)
+    return e
+
+
+def _per_row(cond) -> bool:
+    """A model cond that holds one vector per batch row (the text embedding; SDXL's pooled text + size vector
+    `y`), as opposed to per-latent ones (c_concat of inpainting models) and constants."""
+    return (isinstance(cond, comfy.conds.CONDRegular) and not isinstance(cond, comfy.conds.CONDNoiseShape)
+            and torch.is_tensor(getattr(cond, "cond", None)) and cond.cond.ndim >= 2)
+
+
+def _rows(a: dict, b: dict, n: int, emb_a: torch.Tensor | None = None, emb_b: torch.Tensor | None = None) -> dict:
+    """One processed cond entry for a [2n] batch of two branches: rows 0..n-1 carry entry `a`'s per-row model
+    conds (its text embedding, or `emb_a`, and on SDXL its pooled/size vector `y`), rows n..2n-1 entry `b`'s.
+    Everything else (ControlNet, area, other model conds) is entry `b`'s. Raises ZSVEInputError when the two
+    entries' per-row conds cannot share a batch (different shapes)."""
+    e = dict(b)
+    mc = dict(b["model_conds"])
+    over = {"c_crossattn": (emb_a, emb_b)}
+    for key, cb in b["model_conds"].items():
+        if not _per_row(cb):
+            continue
+        ca = a["model_conds"].get(key)
+        ta, tb = over.get(key, (None, None))
+        ta = ta if ta is not None else (ca.cond if _per_row(ca) else None)
+        tb = tb if tb is not None else cb.cond
+        if ta is None:
+            raise ZSVEInputError(f"VideoP2PGuider: the source and the edit CONDITIONING differ in kind (the edit's "
+                                 f"carries '{key}', the source's not): encode both with the same node (Edit Prompts, "
+                                 "or CLIP Text Encode (SDXL) with the same sizes).")
+        if ta.shape[1:] != tb.shape[1:]:
+            raise ZSVEInputError(f"VideoP2PGuider: the prompts' '{key}' conditionings have different shapes "
+                                 f"({list(ta.shape[1:])} and {list(tb.shape[1:])}); keep each prompt within 75 "
+                                 "tokens and encode all of them with the same CLIP.")
+        rows = torch.cat([ta[:1].expand(n, *ta.shape[1:]), tb[:1].to(ta).expand(n, *tb.shape[1:])])
+        mc[key] = cb._copy_with(rows)
+    e["model_conds"] = mc
     return e
 
 
@@ -286,7 +331,8 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
         except FusionConfigError as e:
             raise ZSVEInputError(f"VideoP2PGuider: {e}") from None
         branch = BranchPlan(blend_source=run.plan.blend_indices, blend_target=s["blend_target"],
-                            blend_threshold=s["blend_threshold"], blend_start=s["blend_start"])
+                            blend_threshold=s["blend_threshold"], blend_start=s["blend_start"],
+                            self_min_factor=s["min_factor"], record_min_factor=s["min_factor"])
         run.controller = VideoP2PController(run.plan, branch, run.frames, run.hw)
 
     def predict_noise(self, x, timestep, model_options=None, seed=None, *args, **kwargs):
@@ -334,11 +380,10 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
                 raise ZSVEInputError(f"VideoP2PGuider: {e}") from None
         u_tgt = u_src if s["target_uncond"] == TARGET_UNCOND[1] else c_neg
 
-        def rows(a, b, n=f):
-            return torch.cat([a[:1].expand(n, -1, -1), b[:1].expand(n, -1, -1)])
-
+        # Each branch's rows carry their own prompt's conditioning: the source rows the source CONDITIONING
+        # (text embedding and, on SDXL, its pooled/size vector y), the target rows the edit's.
         def conds(n=f):
-            return [[_with_crossattn(tgt, rows(c_src, c_tgt, n))], [_with_crossattn(neg, rows(u_src, u_tgt, n))]]
+            return [[_rows(src, tgt, n)], [_rows(neg, neg, n, u_src, u_tgt)]]
 
         mo = dict(model_options)
         # A frame context handler must not see this batch (its rows are two videos): the windows are laid over
@@ -363,8 +408,8 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
         to_cfg["wrappers"] = {t: {k: list(v) for k, v in d.items()} for t, d in (to.get("wrappers") or {}).items()}
         comfy.patcher_extension.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "zsve_videop2p_guidance",
-            _GuidancePasses(x, timestep, f, handler, {id(cond_list): (c_src, c_tgt), id(uncond_list): (u_src, u_tgt)},
-                            cond_list), to_cfg)
+            _GuidancePasses(x, timestep, f, handler, {id(cond_list): (src, None, None),
+                                                      id(uncond_list): (neg, u_src, u_tgt)}, cond_list), to_cfg)
         mo_cfg["transformer_options"] = to_cfg
         den_tgt = comfy.samplers.cfg_function(self.inner_model, dc[f:], du[f:], self.cfg, x[f:], timestep[f:],
                                               model_options=mo_cfg, cond=cond_list, uncond=uncond_list)
@@ -423,7 +468,7 @@ class _GuidancePasses:
 
     def __init__(self, x, timestep, f, handler, texts: dict, cond_list):
         self.x, self.timestep, self.f, self.handler = x, timestep, f, handler
-        self.texts = texts  # id(cond list) -> (source text embedding, target text embedding)
+        self.texts = texts  # id(cond list) -> (source entry, source / target text embedding or None: the entries')
         self.cond_list = cond_list
         self.busy = False
 
@@ -456,8 +501,8 @@ class _GuidancePasses:
                     raise ZSVEInputError("VideoP2PGuider: another node's guidance pass evaluated the edit prompt together "
                                          "with conditioning the guider does not know; it cannot add the source branch "
                                          "to that pass.")
-                src, tgt = texts
-                out.append([_with_crossattn(c[0], torch.cat([src[:1].expand(n, -1, -1), tgt[:1].expand(n, -1, -1)]))])
+                src, emb_src, emb_tgt = texts
+                out.append([_rows(src, c[0], n, emb_src, emb_tgt)])
             return out
 
         self.busy = True
@@ -518,9 +563,10 @@ class VideoP2PGuiderNode(io.ComfyNode):
                                 tooltip="Optional per-word windows for words of the edit prompt: 'word:0.5' or "
                                 "'word:0.2-0.6', comma separated."),
                 io.Float.Input("self_replace", default=0.5, min=0.0, max=1.0, step=0.05,
-                               tooltip="Fraction of the steps in which the target's self-attention of layers at half "
-                               "the latent resolution or coarser is replaced by the source's (Video-P2P default "
-                               "0.5)."),
+                               tooltip="Fraction of the steps in which the target's self-attention is replaced by the "
+                               "source's (Video-P2P default 0.5), in the layers Prompt-to-Prompt replaces: all but "
+                               "the model's finest attention level (SD1.5: half the latent resolution or coarser; "
+                               "SDXL: a quarter)."),
                 io.String.Input("reweight", default="",
                                 tooltip="Reweight words of the edit prompt: 'origami:2' (Video-P2P's eq_params)."),
                 io.String.Input("blend_words", default="",
@@ -617,6 +663,9 @@ class VideoP2PGuiderNode(io.ComfyNode):
             "blend_target": blend_target or None, "blend_start": float(blend_start),
             "blend_threshold": float(blend_threshold), "target_uncond": target_uncond, "null_text": null_text,
             "inversion": inversion,
+            # P2P replaces self-attention of maps of at most 32x32 queries (SD1.5 at 512 px: all but the finest
+            # level); the same level rule for the model at hand (SDXL: its 32x32 level at 1024 px)
+            "min_factor": arch.store_min_factor(unet_config(model)),
         }
         guider = VideoP2PGuider(m, settings)
         conds = []
@@ -625,7 +674,9 @@ class VideoP2PGuiderNode(io.ComfyNode):
             if given is None:
                 conds.append(side.conditioning)
                 continue
-            if not given or not conditioning_matches([{"cross_attn": c[0]} for c in given], side.embedding):
+            if not given or not conditioning_matches(
+                    [{"cross_attn": c[0], "pooled_output": c[1].get("pooled_output")} for c in given], side.embedding,
+                    side.pooled):
                 raise ZSVEInputError(
                     f"{node}: the '{name}' CONDITIONING does not carry the prompt pair's {name} prompt "
                     f"({side.text!r}): connect Edit Prompts' '{name}' output (through ControlNet Apply or the like), "

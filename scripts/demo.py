@@ -6,7 +6,7 @@ a real video. Writes the output video, a side-by-side comparison (source | resul
 JSON, and prints their paths.
 
     bash scripts/demo.sh                       # toy model, toy clip, blended-latent local edit
-    bash scripts/demo.sh --workflow invert_and_reconstruct
+    bash scripts/demo.sh --workflow invert_reconstruct_video
     bash scripts/demo.sh --checkpoint ~/models/v1-5.safetensors --video in.mp4 \
         --source-prompt "a silver jeep driving" --edit-prompt "a red jeep driving" --words "red jeep"
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-DEFAULT_WORKFLOW = "bld_local_edit_attention_mask"
+DEFAULT_WORKFLOW = "blended_latent_auto_mask"
 
 
 def parse_args(argv=None):
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         if ct == "LatentBlendWithInversion" and words:
             inputs["words"] = words
     print(f"[zsve demo] workflow {wf_path.name}: {len(prompt)} nodes; source: {source_prompt!r}"
-          + (f"; edit: {edit_prompt!r}" if edit_prompt and args.workflow != "invert_and_reconstruct" else ""))
+          + (f"; edit: {edit_prompt!r}" if edit_prompt and args.workflow != "invert_reconstruct_video" else ""))
     result = run_prompt(prompt)
 
     # --- outputs -------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         "seconds": round(time.time() - t0, 1),
         "executed_nodes": sorted(result["executed"]),
     }
-    if spec is not None and args.workflow != "invert_and_reconstruct":
+    if spec is not None and args.workflow != "invert_reconstruct_video":
         metrics["toy"] = M.toy_scores(res_frames.numpy(), spec.clip(), spec)
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, default=float) + "\n")

@@ -157,9 +157,42 @@ MSG
   return 1
 }
 
+zsve_browser() {
+  # What tests/test_browser.py needs, installed where missing (quick when present; ZSVE_BROWSER=0 skips it):
+  # Debian's chromium (apt, as root), Playwright (PyPI; it drives the system browser, never downloads one) and the
+  # frontend package ComfyUI's requirements.txt pins (plus spandrel, without which the frontend 1.27 breaks the
+  # checkpoint loader's widget: it comes with the checkout's requirements). A failure here only makes the browser
+  # test skip, saying what is missing.
+  [ "${ZSVE_BROWSER:-1}" = "0" ] && return 0
+  local chromium="${ZSVE_CHROMIUM:-/usr/bin/chromium}" want have
+  if [ ! -x "$chromium" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "[zsve] installing chromium (apt) for the browser test" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+           >/dev/null 2>&1; }; } || echo "[zsve] could not install chromium: the browser test will skip" >&2
+  fi
+  want="$(sed -nE 's/^comfyui-frontend-package==([^ #]+).*/\1/p' "$1/requirements.txt" 2>/dev/null | head -1)"
+  # present and the pinned version (checkouts pin different frontends; the venv holds one): nothing to do
+  have="$("$ZSVE_VENV/bin/python" - 2>/dev/null <<'PYEOF'
+import importlib.metadata as m
+import importlib.util as u
+ok = all(u.find_spec(x) for x in ("playwright", "spandrel"))
+try:
+    print(m.version("comfyui-frontend-package") if ok else "")
+except m.PackageNotFoundError:
+    print("none")
+PYEOF
+)"
+  [ -n "$have" ] && { [ -z "$want" ] || [ "$have" = "$want" ]; } && return 0
+  echo "[zsve] installing playwright${want:+ and comfyui-frontend-package==$want} into $ZSVE_VENV" >&2
+  "$ZSVE_VENV/bin/python" -m pip install -q playwright spandrel ${want:+"comfyui-frontend-package==$want"} >&2 \
+    || echo "[zsve] could not install playwright / the frontend: the browser test will skip" >&2
+}
+
 zsve_setup() {
   # Everything a project command needs: ComfyUI located, the venv with its requirements. Exports PY, COMFYUI_PATH.
   zsve_find_comfyui
   zsve_venv
   zsve_comfy_requirements "$COMFYUI_PATH"
+  zsve_browser "$COMFYUI_PATH"
 }

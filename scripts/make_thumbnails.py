@@ -37,10 +37,44 @@ def inert_controlnet(model):
     return cn
 
 
+CARD_W = 512
+
+
+def card_image(title: str, rows: list, labels: list[str]):
+    """The thumbnail as the template browser shows it (a card a few hundred pixels wide): a title band in large
+    type, then one row of frames per row of `rows` ([frames, H, W, 3] in 0..1), each labelled at its left."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    frames = min(4, rows[0].shape[0])
+    cell = CARD_W // frames
+    band = 64
+    img = Image.new("RGB", (CARD_W, band + cell * len(rows)), (24, 24, 28))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=34)
+    while draw.textlength(title, font=font) > CARD_W - 24 and font.size > 18:
+        font = ImageFont.load_default(size=font.size - 2)
+    draw.text((12, band // 2), title, fill=(240, 240, 240), font=font, anchor="lm")
+    small = ImageFont.load_default(size=20)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        for f in range(frames):
+            x = torch.nn.functional.interpolate(row[f].float().cpu().permute(2, 0, 1)[None], size=(cell, cell),
+                                                mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+            tile = Image.fromarray((x.clamp(0, 1).numpy() * 255).astype(np.uint8))
+            img.paste(tile, (f * cell, band + r * cell))
+        if label:
+            y = band + r * cell + 6
+            w = draw.textlength(label, font=small)
+            draw.rectangle((4, y, 4 + w + 12, y + 28), fill=(0, 0, 0))
+            draw.text((10, y + 14), label, fill=(255, 255, 255), font=small, anchor="lm")
+    return img
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--frames", type=int, default=4)  # frames of the toy clip; the card shows up to 4
     p.add_argument("--only", default=None, help="comma-separated workflow names")
     a = p.parse_args()
     import comfy.utils
@@ -110,8 +144,10 @@ def main():
                 m = torch.nn.functional.interpolate(m.permute(0, 3, 1, 2), size=tuple(rows[0].shape[1:3]),
                                                     mode="nearest").permute(0, 2, 3, 1)
             rows.append(m[: rows[0].shape[0]])
-        grid = torch.cat([torch.cat(list(r.float().cpu()), dim=1) for r in rows], dim=0)
-        img = Image.fromarray((grid.clamp(0, 1).numpy() * 255).astype(np.uint8))
+        ui = load_ui(ROOT / "workflows" / f"{name}.json")
+        preview_title = next((n.get("title", "preview") for n in ui["nodes"] if n["type"] == "PreviewImage"), "")
+        labels = ["input", "reconstruction" if name.startswith("invert") else "edited", preview_title]
+        img = card_image(ui["extra"].get("zsve_card", name), rows, labels)
         path = ROOT / "workflows" / f"{name}.jpg"
         img.save(path, quality=90)
         print(f"wrote {path} ({img.size[0]}x{img.size[1]})", flush=True)

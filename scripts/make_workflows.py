@@ -120,10 +120,10 @@ VIDEOP2P_WORD_SWAP = [
                  "cross_replace": 0.2, "self_replace": 0.5, "reweight": "square:2", "blend_words": "circle",
                  "blend_words_edit": "square", "blend_start": 0.2, "blend_threshold": 0.3},
      "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "prompts": PAIR, "null_text": ("nulltext", 0)}},
-    {"id": "noise", "type": "DisableNoise"},
-    {"id": "ksampler", "type": "KSamplerSelect", "widgets": {"sampler_name": "ddim"}},
+    {"id": "noise", "type": "DisableNoise", "col": 1},
+    {"id": "ksampler", "type": "KSamplerSelect", "widgets": {"sampler_name": "ddim"}, "col": 1},
     {"id": "sigmas", "type": "BasicScheduler", "widgets": {"scheduler": "ddim_uniform", "steps": 20, "denoise": 1.0},
-     "links": {"model": ("temporal", 0)}},
+     "links": {"model": ("temporal", 0)}, "col": 1},
     {"id": "sample", "type": "SamplerCustomAdvanced",
      "links": {"noise": ("noise", 0), "guider": ("guider", 0), "sampler": ("ksampler", 0), "sigmas": ("sigmas", 0),
                "latent_image": ("invert", 0)}},
@@ -200,7 +200,7 @@ def _fatezero_edit(edit: str, blend: dict, prefix: str, latent_blend_words: str 
         *VIDEO_IN,
         *_prompts(edit),
         {"id": "temporal", "type": "TemporalSelfAttentionPatch",
-         "widgets": {"mode": "middle", "include_own_frame": False, "min_channels": 640}, "links": {"model": ("ckpt", 0)}},
+         "widgets": {"mode": "middle", "include_own_frame": False, "min_channels": -1}, "links": {"model": ("ckpt", 0)}},
         {"id": "store", "type": "AttentionStore",
          "widgets": {"record_window": max(blend["cross_replace"], blend["self_replace_end"]), "skip_full_res": True,
                      "memory_budget_gb": 0.0},
@@ -230,8 +230,8 @@ FATEZERO_STYLE = _fatezero_edit(FZ_STYLE_EDIT, dict(
     reweight="watercolor:10", blend_words="", blend_threshold=0.3, only_cond=True), "zsve/fatezero_style")
 FZ_LOCAL_BLEND = dict(mode="replace", cross_replace=0.5, cross_replace_words="", self_replace_start=0.0,
                       self_replace_end=0.5, reweight="", blend_words="red circle", blend_threshold=0.3, only_cond=True)
-FATEZERO_LOCAL = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_local")
-FATEZERO_LOCAL_LATENT_BLEND = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_local_latent_blend",
+FATEZERO_LOCAL = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_attribute_edit")
+FATEZERO_LOCAL_LATENT_BLEND = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_latent_blend_edit",
                                              latent_blend_words="yellow circle")
 
 
@@ -278,34 +278,184 @@ def _fatezero_controlnet_lora() -> list[dict]:
 FATEZERO_CONTROLNET_LORA = _fatezero_controlnet_lora()
 
 
-WORKFLOWS = {
-    "invert_and_reconstruct": ("Invert and reconstruct a video", INVERT_AND_RECONSTRUCT),
-    "bld_local_edit_attention_mask": ("Blended latent local edit, mask from cross-attention",
-                                      _bld_local_edit("cross-attention")),
-    "bld_local_edit_user_mask": ("Blended latent local edit, user mask", _bld_local_edit("user mask")),
-    "videop2p_word_swap_null_text_local_blend": ("Video-P2P word swap with null-text optimisation and local blend",
-                                                 VIDEOP2P_WORD_SWAP),
-    "infusion_multi_concept_lora": ("InFusion multi-concept edit with a LoRA", INFUSION_MULTI_CONCEPT_LORA),
-    "fatezero_style_edit": ("FateZero style edit (attention fusion, full self-attention replacement)", FATEZERO_STYLE),
-    "fatezero_local_attribute_edit": ("FateZero local attribute edit (word swap, blended self-attention)",
-                                      FATEZERO_LOCAL),
-    "fatezero_local_latent_blend": ("FateZero local edit with latent blending (blended self-attention, latents "
-                                    "outside the source/edit word masks kept on the inversion)",
-                                    FATEZERO_LOCAL_LATENT_BLEND),
-    "fatezero_controlnet_lora": ("FateZero local edit on a LoRA with core ControlNet (Canny edges of every frame)",
-                                 FATEZERO_CONTROLNET_LORA),
+# --- stages, groups and notes ---------------------------------------------------------------------------
+# Every workflow reads in up to four rows, one group each: inputs, inversion (with what it records), the edit, the
+# outputs and previews. A node's stage is its spec's "stage", else the default of its id below.
+STAGE_OF_ID = {
+    "inputs": ("ckpt", "lora", "video", "frames", "encode", "prompts", "pos", "neg", "mask", "canny", "show_edges",
+               "cnet", "cn_src", "cn_edit"),
+    "invert": ("temporal", "store", "source", "invert", "nulltext"),
+    "edit": ("blend", "lblend", "inject", "guider", "noise", "ksampler", "sigmas", "sample"),
+    "outputs": ("decode", "create", "save", "preview", "show", "branches", "decode_src", "show_src", "mask_img",
+                "show_mask"),
 }
+STAGE_TITLES = {"inputs": "1  Inputs: video, model, prompts", "invert": "2  Inversion (source video -> noise)",
+                "edit": "3  Edit", "outputs": "4  Outputs and previews"}
+
+VIDEO_LINE = ("- your video as `ComfyUI/input/input.mp4` (or pick another in *Load Video*); 8 frames at 512x512 is "
+              "the papers' size")
+SD15_LINE = ("- an SD1.5 checkpoint in `models/checkpoints` (`v1-5-pruned-emaonly.safetensors`: pick yours in "
+             "*Load Checkpoint*)")
+
+
+def _note(what: str, provide: str, change: str, settings: str = "", checkpoint: str = SD15_LINE) -> str:
+    """The workflow's Read me: what it does (two lines), what to provide (the video, `checkpoint`, then `provide`:
+    further files, each line starting with a newline), the widgets to change first, the papers' settings."""
+    return (f"## What this does\n{what}\n\n**Provide**\n{VIDEO_LINE}\n{checkpoint}{provide}\n\n"
+            f"**Change first**\n{change}" + (f"\n\n**The papers' settings**\n{settings}" if settings else ""))
+
+
+FZ_SETTINGS = ("- style (jeep_watercolor): mode `refine`, cross 0.8, self 0.0-0.8, the style word reweighted "
+               "x10 (`watercolor:10`), no blend words (full self-attention replacement)\n"
+               "- attribute: `refine`, cross 0.5 and self 0.0-0.5 (squ_carrot, the new words x10-20), or 0.7 and "
+               "0.0-0.7 (duck_rubber)\n"
+               "- shape / local (jeep_posche): `replace`, cross 0.5, self 0.0-0.5, blend words = the source "
+               "words of the object, threshold 0.3; add latent blending for the cleanest background")
+PROMPTS_FIRST = ("- *Prompts*: the source text describes your video, the edit text the same with your change "
+                 "(same word count for a word swap)")
+
+
+def workflow(card: str, title: str, nodes: list[dict], note: str, **stage_titles: str) -> dict:
+    """One shipped workflow: a short label for its thumbnail (`card`), its title, its nodes (execution order), its
+    note; stage titles other than the defaults by stage key (e.g. invert="2  Inversion + attention recorded")."""
+    stage = {i: k for k, ids in STAGE_OF_ID.items() for i in ids}
+    nodes = [{**n, "stage": n.get("stage") or stage[n["id"]]} for n in nodes]
+    return {"card": card, "title": title, "nodes": nodes, "note": note,
+            "stages": [(k, stage_titles.get(k, t)) for k, t in STAGE_TITLES.items()]}
+
+
+FZ_INVERT = "2  Inversion, attention recorded (Attention Store)"
+WORKFLOWS = {
+    "invert_reconstruct_video": workflow(
+        "Invert + reconstruct",
+        "Invert and reconstruct a video", INVERT_AND_RECONSTRUCT, _note(
+            "DDIM-inverts your video to noise with the source prompt, then samples it back with the same prompt "
+            "(cfg 1): the output should look like the input. Run it first to check the inversion on your clip.",
+            "", "- *Source prompt*: describe your video\n- *steps* on Video DDIM Invert and the sampler: the same "
+            "number (20; 50 in the papers)"),
+        edit="3  Reconstruct (sample back, same prompt)"),
+    "blended_latent_auto_mask": workflow(
+        "Blended Latent: attention mask",
+        "Blended latent local edit, mask from cross-attention", _bld_local_edit("cross-attention"), _note(
+            "A local edit (Blended Latent Diffusion): inside the region where the edited words attend, the edit "
+            "prompt; outside, the latents of the inversion, so the background stays as it was.",
+            "", PROMPTS_FIRST + "\n- *Latent Blend With Inversion*: `words` = the edited words of the edit "
+            "prompt (`yellow circle`); `threshold` (0.3) and `dilation` grow or shrink the region"),
+        edit="3  Edit, blended with the inversion outside the mask"),
+    "blended_latent_your_mask": workflow(
+        "Blended Latent: painted mask",
+        "Blended latent local edit, user mask", _bld_local_edit("user mask"), _note(
+            "A local edit (Blended Latent Diffusion) inside a mask you paint: inside, the edit prompt; outside, "
+            "the latents of the inversion.",
+            "\n- the mask as `ComfyUI/input/mask.png`: white (red channel) = edit, black = keep, one for all "
+            "frames", PROMPTS_FIRST + "\n- *Edit region*: your mask; *dilation* grows it"),
+        edit="3  Edit, blended with the inversion outside your mask"),
+    "videop2p_word_swap": workflow(
+        "Video-P2P: word swap",
+        "Video-P2P word swap with null-text optimisation and local blend", VIDEOP2P_WORD_SWAP, _note(
+            "Video-P2P: the source and the edit run side by side, the edit's attention driven by the source's "
+            "(word swap circle -> square); null-text optimisation makes the source branch reconstruct the video, "
+            "Local Blend keeps everything outside the edited words.",
+            "", PROMPTS_FIRST + "\n- *Video-P2P Guider*: `blend_words` (source) and `blend_words_edit` (edit) "
+            "= the swapped words; `reweight` (e.g. `square:2`)",
+            "- word swap: cross 0.2, self 0.5, Local Blend threshold 0.3, null text 10 inner steps, cfg 7.5\n"
+            "- attribute / style (words added): mode `refine`, reweight the new words"),
+        invert="2  Inversion + null-text optimisation", edit="3  Edit (source and edit branches together)"),
+    "infusion_two_concepts_lora": workflow(
+        "InFusion: two concepts + LoRA",
+        "InFusion multi-concept edit with a LoRA", INFUSION_MULTI_CONCEPT_LORA, _note(
+            "InFusion: features and attention of the source injected into the edit, each edited concept fused "
+            "inside its own cross-attention mask (here two: the object's colour and the background's).",
+            "\n- a LoRA for your checkpoint in `models/loras` (named `infusion_lora.safetensors` here: pick "
+            "yours in the *LoRA* node; strength 0 to run without)",
+            PROMPTS_FIRST + "\n- *InFusion Inject*: `concepts` = `source word->edit word` pairs, comma-separated",
+            "- SD1.5 + LoRA; decoder block 4's features injected for the first half of the steps "
+            "(`feature_end` 0.5), the source's keys/values in blocks 4-11 up to 0.8 (`kv_end`), then each concept "
+            "fused in its mask (`alpha` 0.5, `mask_threshold` 0.3): Plug-and-Play's values where the paper gives "
+            "none"),
+        invert="2  Inversion, source features recorded", edit="3  Edit, concepts injected and fused"),
+    "fatezero_style_edit": workflow(
+        "FateZero: style edit",
+        "FateZero style edit (attention fusion, full self-attention replacement)", FATEZERO_STYLE, _note(
+            "FateZero style edit: the attention recorded while inverting is fused into the edit, the "
+            "self-attention replaced everywhere, so the structure stays and the style changes.",
+            "", PROMPTS_FIRST + "\n- *Attention Blend*: `reweight` = the style words x10 (`watercolor:10`); "
+            "the windows (cross 0.8, self 0.0-0.8)", FZ_SETTINGS), invert=FZ_INVERT,
+        edit="3  Edit with the recorded attention fused (Attention Blend)"),
+    "fatezero_attribute_edit": workflow(
+        "FateZero: local attribute edit",
+        "FateZero local attribute edit (word swap, blended self-attention)", FATEZERO_LOCAL, _note(
+            "FateZero local edit: the recorded attention fused into the edit, the self-attention blended inside "
+            "the mask of the source words, so only that object changes.",
+            "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = the source words of the object "
+            "(`red circle`); `mode` replace (word swap) or refine", FZ_SETTINGS), invert=FZ_INVERT,
+        edit="3  Edit with the recorded attention fused (Attention Blend)"),
+    "fatezero_latent_blend_edit": workflow(
+        "FateZero: local + latent blend",
+        "FateZero local edit with latent blending (blended self-attention, latents outside the source/edit word "
+        "masks kept on the inversion)", FATEZERO_LOCAL_LATENT_BLEND, _note(
+            "FateZero local edit plus latent blending: outside the union of the source words' and edited words' "
+            "masks the latents come from the inversion (steps 0.2-0.8): the cleanest background.",
+            "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = source words (`red circle`)\n"
+            "- *Latent blend*: `words` = edited words (`yellow circle`)", FZ_SETTINGS), invert=FZ_INVERT,
+        edit="3  Edit: attention fused, latents blended with the inversion"),
+    "fatezero_controlnet_lora": workflow(
+        "FateZero: ControlNet + LoRA",
+        "FateZero local edit on a LoRA with core ControlNet (Canny edges of every frame)", FATEZERO_CONTROLNET_LORA,
+        _note(
+            "FateZero's local edit on a LoRA-adapted model with a core ControlNet: the Canny edges of every frame "
+            "guide the inversion and the edit alike (the attention is recorded under the same control).",
+            "\n- a LoRA in `models/loras` (`your_lora.safetensors` here: pick yours)\n- the SD1.5 Canny "
+            "ControlNet `control_v11p_sd15_canny.pth` in `models/controlnet`",
+            PROMPTS_FIRST + "\n- *Canny*: the thresholds (check the hints preview)\n- *Attention Blend*: "
+            "`blend_words`", FZ_SETTINGS),
+        inputs="1  Inputs: video, model + LoRA, prompts, ControlNet hints", invert=FZ_INVERT,
+        edit="3  Edit with the recorded attention fused (Attention Blend)"),
+}
+
+
+# SDXL (issue 19): FateZero's style edit on an SDXL-family checkpoint. The same graph; what changes with the model is
+# chosen from it: Temporal Self-Attention's min_channels -1 (auto: 1280 on SDXL), Attention Store's skip_full_res
+# (SDXL's 64x64 level at 1024 px), and Edit Prompts' conditionings carry SDXL's pooled output for the inversion and
+# the edit alike (the same conditioning on both sides).
+def _sdxl_fatezero_style() -> list[dict]:
+    spec = [dict(n) for n in _fatezero_edit(FZ_STYLE_EDIT, dict(
+        mode="refine", cross_replace=0.8, cross_replace_words="", self_replace_start=0.0, self_replace_end=0.8,
+        reweight="watercolor:10", blend_words="", blend_threshold=0.3, only_cond=True), "zsve/sdxl_fatezero_style")]
+    for n in spec:
+        if n["id"] == "ckpt":
+            n.update(widgets={"ckpt_name": "sd_xl_base_1.0.safetensors"}, title="SDXL checkpoint")
+        elif n["id"] == "store":
+            n["widgets"] = dict(n["widgets"], memory_budget_gb=64.0)
+            n["title"] = "Attention Store (SDXL: ~44 GiB)"
+    return spec
+
+
+SDXL_LINE = ("- an SDXL-family checkpoint in `models/checkpoints` (`sd_xl_base_1.0.safetensors` or a fine-tune: pick "
+             "yours in *SDXL checkpoint*); EDM-sampled models (Playground v2.5) are refused\n- about 44 GiB of RAM "
+             "for the Attention Store at 8 frames of 1024x1024 and 20 steps (fewer frames or steps: less)")
+WORKFLOWS["sdxl_fatezero_style_edit"] = workflow(
+    "SDXL: FateZero style edit",
+    "SDXL: FateZero style edit (defaults chosen from the model)", _sdxl_fatezero_style(), _note(
+        "FateZero's style edit on an SDXL-family model: the same graph as the SD1.5 one; the levels recorded, the "
+        "temporal layers (`min_channels` -1) and the prompts' pooled output are chosen from the model.",
+        "", PROMPTS_FIRST + "\n- *Attention Blend*: `reweight` = the style words x10 (`watercolor:10`); "
+        "the windows (cross 0.8, self 0.0-0.8)\n- *Attention Store*: `memory_budget_gb` (refused above it)",
+        FZ_SETTINGS, checkpoint=SDXL_LINE), invert=FZ_INVERT,
+    edit="3  Edit with the recorded attention fused (Attention Blend)")
 
 
 def main():
     out_dir = ROOT / "workflows"
     out_dir.mkdir(exist_ok=True)
     only = set(sys.argv[1].split(",")) if len(sys.argv) > 1 else None  # e.g. fatezero_controlnet_lora
-    for name, (title, spec) in WORKFLOWS.items():
+    for name, wf in WORKFLOWS.items():
         if only is not None and name not in only:
             continue
         path = out_dir / f"{name}.json"
-        path.write_text(json.dumps(build_ui(spec, title), indent=1) + "\n")
+        ui = build_ui(wf["nodes"], wf["title"], stages=wf["stages"], note=wf["note"])
+        ui["extra"]["zsve_card"] = wf["card"]
+        path.write_text(json.dumps(ui, indent=1) + "\n")
         print(f"wrote {path}")
 
 

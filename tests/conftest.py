@@ -23,7 +23,7 @@ COMPAT_TESTS = {  # module::test (every parametrization) or module::test[param]
     "test_composition.py::test_inversion_and_reconstruction_under_core_context_windows",
     "test_composition.py::test_key_frames_join_every_window_and_are_fused_only_from_their_own",
     "test_videop2p.py::test_context_windows_give_the_unwindowed_edit_without_temporal_attention",
-    "test_every_method_composes.py::test_workflow_under_context_windows[fatezero_local_latent_blend]",
+    "test_every_method_composes.py::test_workflow_under_context_windows[fatezero_latent_blend_edit]",
     "test_contract.py::test_a_correct_run_passes_and_every_method_installs_the_contract",
     "test_contract.py::test_noise_added_on_top_of_z_T_is_refused[add_noise enable-fatezero]",
     "test_contract.py::test_fewer_steps_than_the_inversion_are_refused[10-5-videop2p]",

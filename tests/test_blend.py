@@ -595,7 +595,7 @@ def test_user_mask_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_v
     band = torch.zeros(64, 64)
     band[16:48] = 1.0  # edit a horizontal band of every frame
     Image.fromarray((band.numpy() * 255).astype("uint8")).convert("RGB").save(io_dirs / "in" / "mask.png")
-    enc, out, mask = _run_bld_workflow("bld_local_edit_user_mask", io_dirs, tiny_model, tiny_clip, tiny_vae)
+    enc, out, mask = _run_bld_workflow("blended_latent_your_mask", io_dirs, tiny_model, tiny_clip, tiny_vae)
     assert torch.equal(mask, band.expand(4, 64, 64))
     outside = band[::8, ::8].expand_as(out[:, 0]).unsqueeze(1).expand_as(out) == 0
     assert torch.allclose(out[outside], enc[outside], atol=1e-5)
@@ -604,7 +604,7 @@ def test_user_mask_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_v
 
 def test_attention_mask_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):
     # 64x64 frames give an 8x8 latent: the shipped settings (for 512x512) would cover it all
-    enc, out, mask = _run_bld_workflow("bld_local_edit_attention_mask", io_dirs, tiny_model, tiny_clip, tiny_vae,
+    enc, out, mask = _run_bld_workflow("blended_latent_auto_mask", io_dirs, tiny_model, tiny_clip, tiny_vae,
                                        {"threshold": 0.7, "dilation": 1, "temporal_smoothing": 0})
     assert mask.shape == (4, 64, 64)
     outside = (mask[:, ::8, ::8] == 0).unsqueeze(1).expand_as(out)

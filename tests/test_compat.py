@@ -52,7 +52,7 @@ def test_every_node_schema_builds_as_the_server_sends_it(pack_node_ids):
         inputs = cls.INPUT_TYPES()
         assert "required" in inputs, node_id
         info = cls.GET_NODE_INFO_V1()
-        assert info["name"] == node_id and info["category"].startswith("zero-shot video edit"), node_id
+        assert info["name"] == node_id and info["category"].startswith("Zero-Shot Video Edit"), node_id
         assert set(inputs["required"]) <= set(info["input"]["required"]), node_id
 
 

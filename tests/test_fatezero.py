@@ -55,20 +55,27 @@ def _temporal(model, mode="middle"):
     return TemporalSelfAttentionPatch.execute(model, mode=mode, include_own_frame=False, min_channels=0).result[0]
 
 
-def test_store_hints_at_skip_full_res_where_fatezero_would_record_every_level(tiny_model, conds, caplog):
+def test_store_hints_at_skip_full_res_where_fatezero_would_record_every_level(tiny_model, tiny_clip, conds, caplog):
     """A 16x16 latent (256 queries at full resolution) is under FateZero's 32x32 bound: with skip_full_res on the
-    store says so once; with it off, nothing."""
+    store says so once in the log and in Attention Blend's UI text (issue 22); with it off, nothing."""
     import logging
 
     with caplog.at_level(logging.INFO):
-        glue.run_inversion(_store_model(tiny_model, skip_full_res=True), _latent(frames=2), conds[0], None, 2, 1.0,
-                           disable_pbar=True)
-    hints = [r for r in caplog.records if "turn skip_full_res off" in r.getMessage()]
+        _, inv = glue.run_inversion(_store_model(tiny_model, skip_full_res=True), _latent(frames=2), conds[0], None,
+                                    2, 1.0, disable_pbar=True)
+    hints = [r for r in caplog.records if "skip_full_res off" in r.getMessage()]
     assert len(hints) == 1 and "16x16" in hints[0].getMessage()
+    ui_text = " ".join(AttentionBlend.execute(tiny_model, inv, prompt_pair(tiny_clip, SRC, SRC), "refine", 1.0, "",
+                                              0.0, 1.0, "", "", 0.3, True).ui["text"])
+    assert "turn Attention Store's skip_full_res off" in ui_text and "16x16" in ui_text
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        glue.run_inversion(_store_model(tiny_model), _latent(frames=2), conds[0], None, 2, 1.0, disable_pbar=True)
+        _, inv = glue.run_inversion(_store_model(tiny_model), _latent(frames=2), conds[0], None, 2, 1.0,
+                                    disable_pbar=True)
     assert not [r for r in caplog.records if "skip_full_res" in r.getMessage()]
+    ui_text = " ".join(AttentionBlend.execute(tiny_model, inv, prompt_pair(tiny_clip, SRC, SRC), "refine", 1.0, "",
+                                              0.0, 1.0, "", "", 0.3, True).ui["text"])
+    assert "skip_full_res" not in ui_text
 
 
 def test_recording_only_dispatcher_leaves_outputs_unchanged(tiny_model, conds):

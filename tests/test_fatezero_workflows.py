@@ -36,7 +36,7 @@ def test_style_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):
 
 def test_local_attribute_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):
     # the random tiny model's cross-attention is nearly flat: a high threshold keeps the mask partial
-    _, inv, mask = _run("fatezero_local_attribute_edit", io_dirs, tiny_model, tiny_clip, tiny_vae,
+    _, inv, mask = _run("fatezero_attribute_edit", io_dirs, tiny_model, tiny_clip, tiny_vae,
                         {"blend_threshold": 0.95})
     assert mask.shape == (3, 64, 64) and 0 < float(mask.mean()) < 1
 
@@ -46,13 +46,13 @@ def test_local_latent_blend_workflow_runs_headless(io_dirs, tiny_model, tiny_cli
     `mask`) and the edited words' edit-time mask runs, and the latent blending changes the result."""
     cap = [("out", ("KSamplerAdvanced", 0))]
     # the random tiny model's flat cross-attention: high thresholds keep both masks partial
-    _, _, mask = _run("fatezero_local_latent_blend", io_dirs, tiny_model, tiny_clip, tiny_vae,
+    _, _, mask = _run("fatezero_latent_blend_edit", io_dirs, tiny_model, tiny_clip, tiny_vae,
                       {"blend_threshold": 0.95}, capture=cap,
                       overrides={"LatentBlendWithInversion": {"threshold": 0.95, "dilation": 1}})
     blended = CAPTURED["out"]["samples"]
     for f in (io_dirs / "out").rglob("*.mp4"):
         f.unlink()
-    _run("fatezero_local_attribute_edit", io_dirs, tiny_model, tiny_clip, tiny_vae, {"blend_threshold": 0.95},
+    _run("fatezero_attribute_edit", io_dirs, tiny_model, tiny_clip, tiny_vae, {"blend_threshold": 0.95},
          capture=cap)
     plain = CAPTURED["out"]["samples"]
     assert mask.shape == (3, 64, 64) and 0 < float(mask.mean()) < 1

@@ -256,8 +256,10 @@ def test_lora_before_and_after_our_patches_both_apply(tiny_model, tiny_clip, con
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(feature_blocks="4"), r"feature_blocks \[4\] do not exist: this model's UNet has 4 output"),
-    (dict(attention_blocks="2-11"), r"attention_blocks \[4, 5, 6, 7, 8, 9, 10, 11\] do not exist"),
+    (dict(feature_blocks="4"), r"feature_blocks 4 do not exist: this SD1.x/2.x-family UNet has 4 decoder blocks 0-3: "
+                               r"feature_blocks may be 0-3 .* attention_blocks 0-3 .*'auto' takes feature_blocks 1 and "
+                               r"attention_blocks 1-3"),
+    (dict(attention_blocks="2-11"), r"attention_blocks 4-11 do not exist"),
     (dict(feature_blocks="x"), "range like 4-11"),
 ])
 def test_source_rejects_blocks_the_model_lacks(tiny_model, kwargs, match):
@@ -329,7 +331,7 @@ def test_node_graph_with_core_lora_loader_through_the_executor(tiny_model, tiny_
     assert ui_text is None or any("InFusion source record" in s for s in ui_text)
 
 
-WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "infusion_multi_concept_lora.json"
+WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "infusion_two_concepts_lora.json"
 # The shipped workflow is for SD1.5 (Plug-and-Play's blocks 4 / 4-11, 20 steps); the tiny UNet has output
 # blocks 0-3 and the test runs 5 steps.
 TINY_WIDGETS = {"InFusionSource": dict(feature_blocks="1", attention_blocks="0-3"),
@@ -338,7 +340,7 @@ TINY_WIDGETS = {"InFusionSource": dict(feature_blocks="1", attention_blocks="0-3
 
 
 def run_infusion_workflow(model, clip, vae, frames, work: Path, lora_sd: dict | None = None) -> dict:
-    """Run workflows/infusion_multi_concept_lora.json headless on (model, clip, vae) with `frames` as input.mp4;
+    """Run workflows/infusion_two_concepts_lora.json headless on (model, clip, vae) with `frames` as input.mp4;
     returns the captured edit latent, masks, patched model and the saved files."""
     (work / "in").mkdir(parents=True, exist_ok=True)
     (work / "out").mkdir(exist_ok=True)

@@ -14,7 +14,7 @@ def test_every_node_has_description_tooltips_and_category(pack_node_ids):
         cls = nodes.NODE_CLASS_MAPPINGS[node_id]
         schema = cls.define_schema()
         assert schema.description, f"{node_id} has no description"
-        assert schema.category.startswith("zero-shot video edit"), node_id
+        assert schema.category.startswith("Zero-Shot Video Edit"), node_id
         for inp in schema.inputs or []:
             assert inp.tooltip, f"{node_id}.{inp.id} has no tooltip"
         for out in schema.outputs or []:
@@ -23,6 +23,28 @@ def test_every_node_has_description_tooltips_and_category(pack_node_ids):
             if t not in ("MODEL", "LATENT", "CONDITIONING", "SAMPLER", "SIGMAS", "GUIDER", "IMAGE", "MASK",
                          "VIDEO", "CLIP", "VAE", "INT", "FLOAT", "STRING", "BOOLEAN", "NOISE", "CONTROL_NET"):
                 assert t.startswith("ZSVE_"), f"custom type {t} of {node_id} lacks the pack prefix"
+
+
+# The methods as they spell themselves: a node in a method's category names it in its display name, so that the
+# node library's search finds it by the method (issue 22); Temporal Self-Attention serves FateZero and Video-P2P.
+METHODS = {"FateZero": "FateZero", "Video-P2P": "Video-P2P", "InFusion": "InFusion", "Blended Latent": "Blended Latent"}
+ALSO = {"TemporalSelfAttentionPatch": ["Video-P2P"], "LatentBlendWithInversion": ["FateZero"]}
+
+
+def test_library_names_and_categories_read_alike(pack_node_ids):
+    """One casing for the categories (Title Case, the methods as they spell themselves) and the method in the
+    display name of every node that belongs to one."""
+    for node_id in pack_node_ids:
+        schema = nodes.NODE_CLASS_MAPPINGS[node_id].define_schema()
+        parts = schema.category.split("/")
+        assert parts[0] == "Zero-Shot Video Edit", node_id
+        for part in parts[1:]:
+            assert part in METHODS or all(w[0].isupper() for w in part.split()), (node_id, schema.category)
+        method = parts[1] if len(parts) > 1 and parts[1] in METHODS else None
+        for m in ([method] if method else []) + ALSO.get(node_id, []):
+            assert METHODS[m].lower() in schema.display_name.lower(), (node_id, schema.display_name, m)
+    temporal = nodes.NODE_CLASS_MAPPINGS["TemporalSelfAttentionPatch"].define_schema().display_name.lower()
+    assert "fatezero" in temporal and "video-p2p" in temporal
 
 
 def test_pack_uses_only_relative_imports(pack):

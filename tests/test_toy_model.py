@@ -136,7 +136,7 @@ def _graph(prompt_text, seed, batch=4, steps=10, cfg=5.0):
 
 def test_loader_node_generates_through_the_executor(loader_cls):
     schema = loader_cls.define_schema()
-    assert schema.category.startswith("zero-shot video edit/toy") and schema.description
+    assert schema.category.startswith("Zero-Shot Video Edit/Toy") and schema.description
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     CAPTURED.pop("toy_images", None)
     run_prompt(_graph("a red square on black", seed=1))

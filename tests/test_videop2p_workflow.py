@@ -8,7 +8,7 @@ import torch
 from zsve_harness import CAPTURED, run_prompt
 from zsve_workflows import shipped_prompt
 
-WORKFLOW = "videop2p_word_swap_null_text_local_blend"
+WORKFLOW = "videop2p_word_swap"
 
 
 def test_videop2p_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):

@@ -62,6 +62,44 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import importlib  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+
+
+class _CoreImportNoise(logging.Filter):
+    """Holds back, while ComfyUI's core boots, its warnings about optional core nodes that cannot import here (the
+    audio nodes: no torchaudio build matches the pinned torch) and says it in one line afterwards (`summary`).
+    Any other warning passes unchanged. ZSVE_CORE_LOG=1 shows everything as ComfyUI logs it."""
+
+    KNOWN = re.compile(r"torchaudio|IMPORT FAILED|Cannot import .*comfy_extras|comfy_extras/ nodes did not import|"
+                       r"missing dependencies added|pip install -r requirements.txt|^\s*$|^Traceback \(most recent call last\)", re.S)
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING and self.KNOWN.search(msg):
+            self.held.append(msg)
+            return False
+        return True
+
+    def summary(self) -> str | None:
+        if not self.held:
+            return None
+        failed = sorted(set(re.findall(r"IMPORT FAILED: (\S+)", "\n".join(self.held))))
+        missing = sorted(set(re.findall(r"No module named '([^']+)'", "\n".join(self.held))))
+        what = ("audio nodes this pack does not use" if failed and all("audio" in f for f in failed)
+                else "check whether your graph needs them")
+        return (f"[zsve] ComfyUI core: {len(failed)} optional core node module(s) not loaded "
+                f"({', '.join(failed) or 'none'}; missing {', '.join(missing) or 'a dependency'}): {what} "
+                "(ZSVE_CORE_LOG=1 shows ComfyUI's full log)")
+
+
+_NOISE = _CoreImportNoise()
+if os.environ.get("ZSVE_CORE_LOG") != "1":
+    logging.getLogger().addFilter(_NOISE)
 
 # Order matters (as in ComfyUI's main.py): ComfyUI's own `utils` package before `nodes`, which puts
 # ComfyUI/comfy first on sys.path. importlib keeps import sorters from reordering these.
@@ -77,7 +115,12 @@ comfy_utils.PROGRESS_BAR_ENABLED = os.environ.get("ZSVE_PROGRESS") == "1"
 
 def _load_pack():
     """Load the pack exactly as ComfyUI loads a custom node: by path, through nodes.load_custom_node."""
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    try:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    finally:
+        logging.getLogger().removeFilter(_NOISE)
+    if _NOISE.summary():
+        print(_NOISE.summary(), file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix="zsve-test-"))
     (tmp / "custom_nodes").mkdir()
     link = tmp / "custom_nodes" / PACK_NAME

@@ -68,18 +68,83 @@ def init_module_(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch
     return module
 
 
-def make_tiny_model(seed: int = 0, prediction: str = "eps", unet: dict | None = None, heads: int | None = 2):
-    """A tiny SD1.5-architecture MODEL: comfy.supported_models.SD15 -> BaseModel -> ModelPatcher."""
+def make_tiny_model(seed: int = 0, prediction: str = "eps", unet: dict | None = None, heads: int | None = 2,
+                    zsnr: bool = False):
+    """A tiny SD1.5-architecture MODEL: comfy.supported_models.SD15 -> BaseModel -> ModelPatcher. prediction "v"
+    with zsnr=True: an SD2.x-style v-prediction model with the zero-terminal-SNR schedule."""
     cfg = comfy.supported_models.SD15(dict(TINY_UNET, **(unet or {})))
     if heads is not None:
         cfg.unet_config["num_heads"] = heads
     cfg.set_inference_dtype(torch.float32, None)
+    if zsnr:
+        cfg.sampling_settings = dict(cfg.sampling_settings, zsnr=True)
     model_type = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}[prediction]
     base = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
     init_module_(base.diffusion_model, seed)
     # Output convolutions are zero-initialised in SD: keep them small but non-zero so the model acts.
     base.diffusion_model.eval()
     return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+# A tiny SDXL-architecture UNet: SDXL's layout (3 levels, no attention at the full-resolution level, deeper
+# transformer stacks at the coarser levels, 2 ResBlocks per level -> 9 decoder blocks, linear transformer
+# projections, the pooled-text + size vector `y`), at toy widths. context_dim = clip_l + clip_g hidden sizes;
+# adm_in_channels = clip_g projection + 6 x 256 (SDXL's size/crop embeddings, comfy.model_base.SDXL.encode_adm).
+TINY_SDXL_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+                    "projection_dim": 32}
+TINY_SDXL_CLIP_G = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+                    "projection_dim": 32}
+TINY_SDXL_UNET = {
+    "model_channels": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "channel_mult": [1, 2, 4],
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 1, 1, 2, 2],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2],
+    "transformer_depth_middle": 2,
+    "context_dim": TINY_SDXL_CLIP_L["hidden_size"] + TINY_SDXL_CLIP_G["hidden_size"],
+    "use_linear_in_transformer": True,
+    "num_classes": "sequential",
+    "adm_in_channels": TINY_SDXL_CLIP_G["projection_dim"] + 6 * 256,
+    "use_temporal_attention": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+}
+
+
+def make_tiny_sdxl_model(seed: int = 0, prediction: str = "eps", unet: dict | None = None, heads: int = 2,
+                         zsnr: bool = False):
+    """A tiny SDXL-architecture MODEL: comfy.supported_models.SDXL -> comfy.model_base.SDXL -> ModelPatcher.
+    `prediction`: "eps", "v" (v-prediction; with zsnr=True zero-terminal-SNR), "edm" (Playground 2.5 style
+    EDM sampling) or "v_edm"."""
+    cfg = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET, **(unet or {})))
+    cfg.unet_config["num_heads"] = heads
+    cfg.unet_config["num_head_channels"] = -1
+    cfg.set_inference_dtype(torch.float32, None)
+    mt = comfy.model_base.ModelType
+    model_type = {"eps": mt.EPS, "v": mt.V_PREDICTION, "edm": mt.EDM, "v_edm": mt.V_PREDICTION_EDM}[prediction]
+    if prediction in ("edm", "v_edm"):
+        cfg.sampling_settings = dict(cfg.sampling_settings, sigma_data=0.5, sigma_max=80.0, sigma_min=0.002)
+    if zsnr:
+        cfg.sampling_settings = dict(cfg.sampling_settings, zsnr=True)
+    base = comfy.model_base.SDXL(cfg, model_type=model_type, device=torch.device("cpu"))
+    init_module_(base.diffusion_model, seed)
+    base.diffusion_model.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def make_tiny_sdxl_clip(seed: int = 0):
+    """A tiny SDXL CLIP (clip_l + clip_g with the real tokenizers) through comfy.sdxl_clip / comfy.sd.CLIP: its
+    conditioning carries the clip_g pooled output, as CLIP Text Encode makes it for SDXL."""
+    import comfy.sdxl_clip
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_SDXL_CLIP_L),
+                                                "clip_g_model_config": dict(TINY_SDXL_CLIP_G)})
+    init_module_(clip.cond_stage_model, seed + 1)
+    return clip
 
 
 def make_tiny_clip(seed: int = 0):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import nodes
 
+# Nodes the frontend alone defines (virtual: never in an API prompt).
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -42,19 +44,30 @@ def _outputs(class_type: str) -> list[tuple[str, str]]:
     return list(zip(names, types))
 
 
-def build_ui(spec: list[dict], title: str = "") -> dict:
+def display_name(class_type: str) -> str:
+    return nodes.NODE_DISPLAY_NAME_MAPPINGS.get(class_type) or class_type
+
+
+def build_ui(spec: list[dict], title: str = "", stages: list[tuple[str, str]] | None = None, note: str = "") -> dict:
     """spec: [{"id": "name", "type": ClassType, "widgets": {name: value}, "links": {input: ("src id", slot)},
-    "title": optional}] in execution order. Widgets not given take the schema default."""
+    "title": optional, "stage": key, "col": optional least sub-column in its stage}] in execution order. Widgets not given take the schema default.
+    With `stages` ([(key, group title)] in reading order), the nodes are laid out by stage (tests/zsve_layout.py)
+    with a group per stage and `note` as a Markdown note; without, in one row (as the generator did before)."""
+    from zsve_layout import layout, node_size
+
+    sizes: dict[int, list[int]] = {}
     ids = {n["id"]: i + 1 for i, n in enumerate(spec)}
     links: list[list] = []
     out_links: dict[tuple[int, int], list[int]] = {}
     ui_nodes = []
     for order, n in enumerate(spec):
         nid = ids[n["id"]]
-        inputs, widgets = [], []
+        inputs, widgets, shown = [], [], []
         for name, ispec, optional in _ordered_inputs(n["type"]):
             if is_widget(ispec):
                 opts = ispec[1] if len(ispec) > 1 and isinstance(ispec[1], dict) else {}
+                shown.append((name, n.get("widgets", {}).get(name, opts.get("default", "")),
+                              bool(opts.get("multiline"))))
                 if name in n.get("widgets", {}):
                     val = n["widgets"][name]
                 elif "default" in opts:
@@ -66,6 +79,7 @@ def build_ui(spec: list[dict], title: str = "") -> dict:
                 widgets.append(val)
                 if _has_control(name, ispec):
                     widgets.append("fixed")
+                    shown.append(("control after generate", "fixed", False))
                 continue
             link_id = None
             if name in n.get("links", {}):
@@ -78,6 +92,11 @@ def build_ui(spec: list[dict], title: str = "") -> dict:
                 raise ValueError(f"workflow node {n['id']} ({n['type']}): required input '{name}' is not linked")
             inputs.append({"name": name, "type": ispec[0] if isinstance(ispec[0], str) else "COMBO",
                            "link": link_id})
+        in_names = [i["name"] for i in inputs]
+        out_names = [name for name, _t in _outputs(n["type"])]
+        slots = [(in_names[i] if i < len(in_names) else "", out_names[i] if i < len(out_names) else "")
+                 for i in range(max(len(in_names), len(out_names)))]
+        sizes[nid] = node_size(n["type"], n.get("title", display_name(n["type"])), shown, slots)
         ui_nodes.append({
             "id": nid, "type": n["type"], "pos": [40 + 330 * order, 80 + 60 * (order % 3)], "size": [300, 160],
             "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": [],
@@ -89,10 +108,14 @@ def build_ui(spec: list[dict], title: str = "") -> dict:
             {"name": name, "type": t, "links": out_links.get((node["id"], slot), []), "slot_index": slot}
             for slot, (name, t) in enumerate(_outputs(node["type"]))
         ]
-    return {
+    ui = {
         "last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
         "groups": [], "config": {}, "extra": {"zsve_title": title}, "version": 0.4,
     }
+    if stages is not None:
+        layout(ui, {ids[n["id"]]: n["stage"] for n in spec}, stages, note, sizes,
+               {ids[n["id"]]: n["col"] for n in spec if "col" in n})
+    return ui
 
 
 def ui_to_api(ui: dict, replace: dict | None = None) -> dict:
@@ -102,7 +125,7 @@ def ui_to_api(ui: dict, replace: dict | None = None) -> dict:
     links = {link[0]: link for link in ui["links"]}
     prompt: dict[str, dict] = {}
     for node in ui["nodes"]:
-        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+        if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:  # muted / bypassed / notes
             continue
         nid = str(node["id"])
         sub = replace.get(nid, replace.get(node["type"]))
