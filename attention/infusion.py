@@ -7,7 +7,8 @@ The paper's pseudo-code gives the schedule over the edit steps i = 0..N-1 (0 = n
 
 - **feature phase, i < S1**: in the decoder ResBlocks L, inject the difference of the features obtained
   with the source and with the edit prompt: `f = f_edit + strength * (f_source - f_edit)` (strength 1:
-  the source feature replaces the edit's, as Plug-and-Play does).
+  the source feature replaces the edit's, as Plug-and-Play does), by default only outside the concepts'
+  source masks (`FEATURE_REGIONS`; the readings measured are in docs/infusion.md).
 - **key/value phase, S1 <= i < S2**: self-attention of the edit queries the source's keys and values:
   `softmax(q_edit k_src^T / sqrt(d)) v_src`.
 - **fusion phase, i >= S2**: masks `Ms` (from the source cross-attention of the source words) and `Me`
@@ -168,11 +169,35 @@ def call_step(call) -> int | None:
 # --- the formulas ---------------------------------------------------------------------------------------
 
 
-def inject_difference(edit: torch.Tensor, source: torch.Tensor, strength: float) -> torch.Tensor:
-    """f_edit + strength * (f_source - f_edit). `edit` [chunks*F, ...], `source` [F, ...] (broadcast per chunk)."""
+# The paper's feature phase injects "the difference of features obtained with source and edit prompt" to
+# "highlight edited concepts"; its sign, scale and region are not given. The readings (docs/infusion.md has their
+# figures on the toy benchmark's dev split):
+#   mode "source":     f_edit + strength * (f_source - f_edit)   (the difference subtracted from the edit's
+#                      features: strength 1 puts the source's feature in, as Plug-and-Play does)
+#   mode "difference": f_edit + strength * (f_edit - f_source)   (the difference added: the edit's change
+#                      amplified)
+#   region "all" / "outside" / "inside": everywhere, only outside or only inside the concepts' source masks.
+FEATURE_MODES = ("source", "difference")
+FEATURE_REGIONS = ("all", "outside", "inside")
+DEFAULT_FEATURE_MODE = "source"
+DEFAULT_FEATURE_REGION = "outside"
+
+
+def inject_difference(edit: torch.Tensor, source: torch.Tensor, strength: float, mode: str = "source",
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The feature injection. `edit` [chunks*F, C, H, W], `source` [F, C, H, W] (broadcast per chunk);
+    mode "source": f_edit + strength * (f_source - f_edit); "difference": f_edit + strength * (f_edit - f_source);
+    `weight` [F, H, W] in [0, 1] limits the change to a region (None: everywhere)."""
+    if mode not in FEATURE_MODES:
+        raise InFusionConfigError(f"feature mode must be one of {', '.join(FEATURE_MODES)} (got {mode!r})")
     f = source.shape[0]
     e = edit.reshape(-1, f, *edit.shape[1:])
-    out = e + float(strength) * (source.to(edit.device, edit.dtype).unsqueeze(0) - e)
+    d = source.to(edit.device, edit.dtype).unsqueeze(0) - e
+    if mode == "difference":
+        d = -d
+    if weight is not None:
+        d = d * weight.to(edit.device, edit.dtype).reshape(1, f, 1, *weight.shape[-2:])
+    out = e + float(strength) * d
     return out.reshape(edit.shape)
 
 
@@ -421,6 +446,8 @@ class InFusionPlan:
     feature_blocks: tuple[int, ...]
     attention_blocks: tuple[int, ...]
     strength: float = 1.0
+    feature_mode: str = DEFAULT_FEATURE_MODE
+    feature_region: str = DEFAULT_FEATURE_REGION
     alpha: float = DEFAULT_ALPHA
     threshold: float = DEFAULT_THRESHOLD
     mask_factor: int = 4
@@ -461,8 +488,15 @@ def _side_indices(prompt: str, words: str, tokenizer, which: str, label: str) ->
 def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timesteps: Sequence[int],
               feature_blocks: Sequence[int] = PNP_FEATURE_BLOCKS, attention_blocks: Sequence[int] = PNP_ATTENTION_BLOCKS,
               s1: float = DEFAULT_S1, s2: float = DEFAULT_S2, strength: float = 1.0, alpha: float = DEFAULT_ALPHA,
-              threshold: float = DEFAULT_THRESHOLD, inject_uncond: bool = True, mask_factor: int = 4) -> InFusionPlan:
-    """Translate the edit settings into an InFusionPlan (token alignment, concept indices, schedule)."""
+              threshold: float = DEFAULT_THRESHOLD, inject_uncond: bool = True, mask_factor: int = 4,
+              feature_mode: str = DEFAULT_FEATURE_MODE, feature_region: str = DEFAULT_FEATURE_REGION) -> InFusionPlan:
+    """Translate the edit settings into an InFusionPlan (token alignment, concept indices, schedule).
+    feature_mode / feature_region: the reading of the feature injection (`inject_difference`)."""
+    if feature_mode not in FEATURE_MODES:
+        raise InFusionConfigError(f"feature mode must be one of {', '.join(FEATURE_MODES)} (got {feature_mode!r})")
+    if feature_region not in FEATURE_REGIONS:
+        raise InFusionConfigError(f"feature region must be one of {', '.join(FEATURE_REGIONS)} "
+                                  f"(got {feature_region!r})")
     ts = list(inversion_timesteps)
     n = len(ts) - 1
     if n < 1:
@@ -498,7 +532,9 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
                      "(Ms = Me = 0), a global edit")
     step_of = {int(ts[k]): n - k for k in range(1, n + 1)}
     return InFusionPlan(num_steps=n, timestep_to_step=step_of, bounds=bounds, feature_blocks=tuple(feature_blocks),
-                        attention_blocks=tuple(attention_blocks), strength=float(strength), alpha=float(alpha),
+                        attention_blocks=tuple(attention_blocks), strength=float(strength),
+                        feature_mode=feature_mode, feature_region=feature_region if items else "all",
+                        alpha=float(alpha),
                         threshold=float(threshold), mask_factor=int(mask_factor), inject_uncond=bool(inject_uncond),
                         cross_mode=cross_mode, mapper=mapper, refine_alphas=refine_alphas, concepts=items, notes=notes)
 
@@ -515,6 +551,10 @@ def check_record(record: InFusionRecord, plan: InFusionPlan, hint: str = "") -> 
     if missing_att and (plan.steps_of("kv") or plan.steps_of("fusion")):
         raise InFusionConfigError(f"attention blocks {missing_att} were not recorded (recorded: "
                                   f"{list(cfg.attention_blocks)}); {rerun}")
+    if plan.feature_region != "all" and plan.concepts and plan.steps_of("feature") and not plan.steps_of("fusion"):
+        raise InFusionConfigError(
+            "the feature injection is limited to outside (or inside) the concepts' source masks, which come from the "
+            "source cross-attention of the fusion steps, and these settings have none: give kv_end (S2) below 1")
     ft, kvt = record.feature_timesteps(), record.kv_timesteps()
     att = record.attention
     for phase, have, what in (("feature", ft, "ResBlock features"), ("kv", kvt, "self-attention keys/values"),
@@ -602,8 +642,9 @@ class InFusionController:
                     raise ValueError(f"InFusionInject: the recorded feature of output block {block} has shape "
                                      f"{list(s.shape[1:])}, the edit's {list(out.shape[1:])}: edit at the inverted "
                                      "resolution")
+                weight = self.feature_weight(tuple(out.shape[-2:]), frame_index)
                 for sl in chunks:
-                    new[sl] = inject_difference(out[sl], s, self.plan.strength)
+                    new[sl] = inject_difference(out[sl], s, self.plan.strength, self.plan.feature_mode, weight)
                 self.counts["feature"] += 1
                 return new
             return inject
@@ -646,6 +687,35 @@ class InFusionController:
                 return True  # read the edit's own maps for Me (the next step's mask)
             return i >= b and call.layer in self._cross_layers
         return i >= b and call.layer in self._self_layers
+
+    def concept_region(self, hw) -> torch.Tensor:
+        """[F, H, W] 0/1: the union of the concepts' source masks, from the source cross-attention averaged over
+        every recorded (fusion-phase, low-noise) step of the inversion: where the source words are. Cached."""
+        key = ("region", tuple(hw))
+        got = self._masks.get(key)
+        if got is not None:
+            return got
+        att = self.record.attention
+        if att is None or not att.timesteps or not self._mask_layers:
+            raise InFusionConfigError(
+                "InFusionInject: the feature injection inside/outside the concepts needs the source cross-attention "
+                "of the fusion steps; give kv_end (S2) below 1 on both nodes, or use feature region 'all'")
+        hws = [att.layers[lay].hw for lay in self._mask_layers]
+        maps = [torch.stack([att.cross_mean(t, lay) for t in att.timesteps]).mean(0) for lay in self._mask_layers]
+        got = union(*[cross_attention_mask(maps, hws, c.source_indices, hw, threshold=self.plan.threshold)
+                      for c in self.plan.concepts])
+        self._masks[key] = got
+        return got
+
+    def feature_weight(self, hw, frame_index=None) -> torch.Tensor | None:
+        """The injection's region weight [F, H, W] (None: everywhere)."""
+        region = self.plan.feature_region
+        if region == "all" or not self.plan.concepts:
+            return None
+        m = self.concept_region(hw)
+        if frame_index is not None:
+            m = m[torch.as_tensor(list(frame_index))]
+        return m if region == "inside" else 1.0 - m
 
     # dispatcher protocol extensions (attention/processor.py) --------------------------------------------
     def kinds(self, call) -> set[int]:
@@ -722,7 +792,7 @@ class InFusionController:
             if me_j is None:
                 me_j = ms_j
             got = (union(*me_j).reshape(frames, -1), union(*ms_j).reshape(frames, -1))
-        self._masks = {k: v for k, v in self._masks.items() if k[0] == i}
+        self._masks = {k: v for k, v in self._masks.items() if k[0] in (i, "region")}
         self._masks[key] = got
         return got
 

@@ -249,7 +249,9 @@ class InFusionInject(io.ComfyNode):
             description=(
                 "InFusion's multi-concept edit (Khandelwal 2023), following the paper's schedule: steps before S1 "
                 "inject the difference of the decoder ResBlock features obtained with the source and the edit prompt "
-                "(f_edit + strength * (f_source - f_edit)); steps S1..S2 let self-attention query the source's keys "
+                "(f_edit + strength * (f_source - f_edit)) outside the concepts' source masks, so that what is not "
+                "edited keeps the source's features and the concepts keep the edit's (the reading that edits and "
+                "keeps best on the toy benchmark's dev split, docs/infusion.md); steps S1..S2 let self-attention query the source's keys "
                 "and values; later steps fuse attention with masks: self-attention Me*edit + (1-Ms)*source, "
                 "cross-attention alpha*edit + (1-alpha)*source, Ms/Me from the source/edit cross-attention of each "
                 "concept's words. Source features come from the same timestep of the inversion (InFusion Source "
@@ -271,7 +273,8 @@ class InFusionInject(io.ComfyNode):
                 *_common_inputs(),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="Strength of the injected feature difference: 1 replaces the edit's ResBlock "
-                               "output by the source's (Plug-and-Play), 0 disables the feature phase."),
+                               "output by the source's (Plug-and-Play) outside the concepts' source masks, 0 disables "
+                               "the feature phase. Without concepts it acts everywhere."),
                 io.Float.Input("alpha", default=DEFAULT_ALPHA, min=0.0, max=1.0, step=0.05,
                                tooltip="Cross-attention fusion weight of the edit's maps (1 - alpha for the source's); "
                                "the paper gives no value, 0.5 is our default."),

@@ -102,7 +102,7 @@ def test_edit_runs_every_phase_and_injects_the_source_feature(tiny_model, tiny_c
     z_T, inv = _invert(tiny_model, conds)
     rec = inv.records["infusion"]
     m, masks = _inject(tiny_model, inv, tiny_clip)
-    ctl = _controller(m)
+    ctl = _half_region(_controller(m))
     seen = {}
     unet = tiny_model.model.diffusion_model
 
@@ -127,13 +127,27 @@ def test_edit_runs_every_phase_and_injects_the_source_feature(tiny_model, tiny_c
     assert ctl.counts["kv"] == 2 * 4  # two steps x four decoder self-attention layers
     assert ctl.counts["fusion_self"] == 2 and ctl.counts["fusion_cross"] == 2  # one step x two 8x8 layers
     t_of = {STEPS - k: inv.timesteps[k] for k in range(1, STEPS + 1)}
-    for i in (0, 1):  # strength 1: both guidance halves carry exactly the recorded source feature (fp16)
-        got = seen[t_of[i]]
-        src = rec.feature(t_of[i], 1).float()
-        assert torch.allclose(got[:2], src, atol=2e-3) and torch.allclose(got[2:], src, atol=2e-3)
+    out_of_concepts = _HALF.expand(2, -1, -1) == 0  # [F, h, w]
+    for i in (0, 1):  # strength 1: outside the concepts both guidance halves carry the recorded source feature (fp16)
+        got = seen[t_of[i]].permute(0, 2, 3, 1)  # [2F, h, w, C]
+        src = rec.feature(t_of[i], 1).float().permute(0, 2, 3, 1)
+        for half in (got[:2], got[2:]):
+            assert torch.allclose(half[out_of_concepts], src[out_of_concepts], atol=2e-3)
+            assert not torch.allclose(half[~out_of_concepts], src[~out_of_concepts], atol=2e-3)
     got = seen[t_of[2]]
     assert not torch.allclose(got[:2], got[2:], atol=1e-3)  # kv phase: the features are the edit's own again
     assert masks.shape == (2 * 2, 128, 128)
+
+
+# The tiny random model's concept masks cover its whole 8x8 feature map, which would leave the default injection
+# region (outside the concepts) empty: the tests give the controller a region covering the left half instead.
+_HALF = torch.zeros(1, 8, 8)
+_HALF[..., :4] = 1.0
+
+
+def _half_region(ctl):
+    ctl.concept_region = lambda hw: _HALF.expand(2, *hw) if tuple(hw) == (8, 8) else None
+    return ctl
 
 
 def _first_steps(model, z_T, positive, negative, last_step, cfg=5.0):
@@ -151,8 +165,10 @@ def test_strength_scales_the_feature_phase(tiny_model, tiny_clip, conds):
     assert _controller(m0).counts["feature"] == 0
     assert torch.allclose(out0, plain, atol=1e-6)  # nothing else acts in the feature phase
     m1, _ = _inject(tiny_model, inv, tiny_clip, strength=1.0)
+    _half_region(_controller(m1))
     out1 = _first_steps(m1, z_T, conds[1], conds[2], last_step=2)
     m5, _ = _inject(tiny_model, inv, tiny_clip, strength=0.5)
+    _half_region(_controller(m5))
     out5 = _first_steps(m5, z_T, conds[1], conds[2], last_step=2)
     d1, d5 = (out1 - plain).abs().mean(), (out5 - plain).abs().mean()
     assert d1 > 1e-4 and 0.0 < d5 < d1

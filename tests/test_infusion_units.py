@@ -155,7 +155,7 @@ def test_kv_injection_replaces_rows_of_every_chunk_and_only_in_its_phase():
 
 
 def test_feature_injection_rows_chunks_and_context_windows():
-    plan = _plan()
+    plan = _plan(feature_region="all")
     rec = inf.InFusionRecord(config=inf.InFusionRecordConfig(feature_blocks=(1,), attention_blocks=(0, 1, 2, 3),
                                                              s1=0.4, s2=0.8), frames=3, num_steps=5)
     src = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(1)).half()
@@ -190,3 +190,29 @@ def test_recorder_keeps_one_entry_per_context_window():
     rec = r.finalize()
     assert rec.frames == 3 and set(rec.features) == {(801, 1, (0, 1)), (801, 1, (1, 2))}
     assert float(rec.feature(801, 1, window=[1, 2]).float().mean()) == 1.0
+
+
+def test_feature_readings_sign_and_region():
+    """The readings of the paper's feature difference (docs/infusion.md): towards the source (the default, outside
+    the concepts' source masks) or away from it, everywhere / outside / inside the concepts."""
+    edit, src = torch.zeros(2, 1, 1, 2), torch.ones(1, 1, 1, 2)
+    w = torch.tensor([[[1.0, 0.0]]])  # [F, H, W]: the first position is inside the region
+    assert torch.equal(inf.inject_difference(edit, src, 1.0, "source"), torch.ones(2, 1, 1, 2))
+    assert torch.equal(inf.inject_difference(edit, src, 0.5, "difference"), torch.full((2, 1, 1, 2), -0.5))
+    assert inf.inject_difference(edit, src, 1.0, "source", w).tolist() == [[[[1.0, 0.0]]]] * 2
+    with pytest.raises(inf.InFusionConfigError, match="feature mode"):
+        inf.inject_difference(edit, src, 1.0, "add")
+    assert _plan().feature_region == "outside" and _plan().feature_mode == "source"
+    assert _plan(concepts="").feature_region == "all"  # no concepts: no masks, everywhere
+    with pytest.raises(inf.InFusionConfigError, match="feature region"):
+        _plan(feature_region="around")
+    rec = inf.InFusionRecord(config=inf.InFusionRecordConfig(feature_blocks=(1,), attention_blocks=(0, 1, 2, 3),
+                                                             s1=0.4, s2=0.8), frames=1, num_steps=5)
+    rec.add_feature(801, 1, torch.ones(1, 1, 1, 2).half())
+    for region, want in (("outside", [0.0, 1.0]), ("inside", [1.0, 0.0]), ("all", [1.0, 1.0])):
+        ctl = inf.InFusionController(rec, _plan(feature_region=region))
+        ctl.concept_region = lambda hw: torch.tensor([[[1.0, 0.0]]])  # the concepts cover the first position
+        new = ctl.feature_targets(801, [0], 1)[1](torch.zeros(1, 1, 1, 2))
+        assert new.flatten().tolist() == want, region
+    with pytest.raises(inf.InFusionConfigError, match="kv_end"):  # no fusion steps: no source masks to limit it
+        inf.check_record(rec, _plan(s2=1.0))

@@ -138,22 +138,41 @@ def test_fatezero_style_row_reweights_the_words_the_edit_adds():
                    "background_change": ["green", "dots"], "two_object": ["yellow"], "background_recolor": ["blue"]}
 
 
-def test_fatezero_rows_beat_no_control_on_the_toy_benchmark():
-    """Issue 4's bar, on the committed checkpoint with the benchmark's own settings (all six items, 8 frames, 20
-    steps, guidance 5): the style and local-blended FateZero rows edit at least as many frames as the uncontrolled
-    edit, keep more of what must not change (preservation PSNR) and flicker less (warp error). Figures in
-    docs/fatezero.md (no control 92% / 35.0 dB / 0.0194; style 100% / 42.7 / 0.0112; local 100% / 38.8 / 0.0153)."""
+# The CI subset of the held-out test split: its first item of each edit kind (a rule fixed before any row was run on
+# it), 4 frames as the split's tables, 20 steps, guidance 5.
+CI_ITEMS = ["test00_color", "test01_shape", "test02_two_object", "test03_background", "test04_background_recolor",
+            "test05_object_background"]
+# Issue 20's bar on the whole test split (toy/RESULTS.md): no row reaches 90% edit success there; FateZero (style)
+# edits most (82%) and beats the uncontrolled edit on local-edit preservation PSNR and on warp error with the 95%
+# intervals separated. The test below holds it to that on the CI subset.
+CI_ROWS = ["FateZero (style)"]
+
+
+def test_fatezero_style_beats_no_control_on_the_ci_subset_of_the_test_split():
+    """On a CI-sized fixed subset of the held-out test split (its first item of each edit kind), FateZero (style)
+    edits >= 90% of the frames (all of them when measured; 82% over the whole split, below the bar), keeps more of
+    the frame on the local edits (mean preservation PSNR, +6 dB measured) and flickers less (mean warp error, a third
+    of the uncontrolled edit's measured) than the uncontrolled edit. (The split's report compares 95% bootstrap
+    intervals; with six items only the means are compared.)"""
     import zsve.toy.methods_fatezero  # noqa: F401  (registers the rows)
 
+    assert [s.name for s in sc.split_set("test", 2)[:6]] == CI_ITEMS
     model, clip, vae, _ = toy_model.load()
-    base, rows = "inversion + edit prompt, no control", ["FateZero (style)", "FateZero (local blended)"]
-    res = bench.run(model, clip, vae, [base, *rows], verbose=False)
-    b = res[base]["mean"]
-    for r in rows:
-        m = res[r]["mean"]
-        assert m["success"] >= b["success"], (r, m["success"], b["success"])
-        assert m["psnr_bg"] > b["psnr_bg"] + 2.0, (r, m["psnr_bg"], b["psnr_bg"])
-        assert m["warp_err"] < 0.85 * b["warp_err"], (r, m["warp_err"], b["warp_err"])
+    res = bench.run(model, clip, vae, [bench.BASELINE, *CI_ROWS], frames=4, items=CI_ITEMS, split="test",
+                    verbose=False)
+    loc = bench.local_items(res)
+    assert loc == CI_ITEMS[:3]
+    base = res[bench.BASELINE]
+
+    def local_psnr(r):
+        return sum(r["items"][n]["psnr_bg"] for n in loc) / len(loc)
+
+    for m in CI_ROWS:
+        r = res[m]
+        assert r["mean"]["success"] >= bench.BAR_SUCCESS, (m, {n: s["success"] for n, s in r["items"].items()})
+        assert local_psnr(r) > local_psnr(base) + 2.0, (m, local_psnr(r), local_psnr(base))
+        assert r["mean"]["warp_err"] < 0.85 * base["mean"]["warp_err"], (m, r["mean"]["warp_err"],
+                                                                       base["mean"]["warp_err"])
 
 
 def test_fatezero_rows_follow_the_reference_query_length_rule():
@@ -163,3 +182,55 @@ def test_fatezero_rows_follow_the_reference_query_length_rule():
 
     assert fatezero_skips_full_res((64, 64)) and fatezero_skips_full_res((33, 32))
     assert not fatezero_skips_full_res((32, 32)) and not fatezero_skips_full_res((16, 16))
+
+
+def test_bootstrap_intervals_are_seeded_and_cover_the_mean():
+    vals = [0.0, 1.0] * 10 + [float("nan")]
+    m, lo, hi = bench.bootstrap_ci(vals)
+    assert m == 0.5 and lo < 0.5 < hi and 0.2 <= lo and hi <= 0.8
+    assert bench.bootstrap_ci(vals) == (m, lo, hi)  # seeded
+    assert bench.bootstrap_ci([3.0] * 5) == (3.0, 3.0, 3.0)
+    assert all(v != v for v in bench.bootstrap_ci([]))
+
+
+def test_split_tables_and_the_bar_on_made_up_results():
+    """The per-kind tables, the interval table and bar_check read the items' kinds and local flags."""
+    def row(success, psnr, warp):
+        items = {}
+        for i in range(12):
+            kind = ("color", "background")[i % 2]
+            items[f"test{i:02d}_{kind}"] = {"success": success, "others_kept": 1.0, "psnr_bg": psnr + (i % 3),
+                                            "ssim_bg": 0.9, "leak": 0.1, "warp_err": warp * (1 + 0.1 * (i % 3)),
+                                            "rel_change": 1.0, "kind": kind, "local": kind == "color"}
+        return {"seconds": 1.0, "mean": {}, "items": items}
+
+    res = {bench.BASELINE: row(0.9, 20.0, 0.02), "FateZero (style)": row(1.0, 30.0, 0.01),
+           "InFusion": row(0.5, 30.0, 0.01), "Video-P2P (fast)": row(1.0, 20.5, 0.01)}
+    bar = bench.bar_check(res)
+    assert bar["FateZero (style)"] == {"pass": True, "why": []}
+    assert not bar["InFusion"]["pass"] and "edit ok 50%" in bar["InFusion"]["why"][0]
+    assert not bar["Video-P2P (fast)"]["pass"] and "PSNR bg (local)" in bar["Video-P2P (fast)"]["why"][0]
+    kt = bench.kind_table(res).splitlines()
+    assert kt[0] == "| method | color (6) | background (6) |" and kt[3] == "| FateZero (style) | 100% | 100% |"
+    ci = bench.ci_table(res)
+    assert "| FateZero (style) (12) | 100% [100, 100] |" in ci
+    text = bench.split_report(res, "title")
+    assert "- InFusion: FAIL: edit ok 50% < 90%" in text and "- FateZero (style): PASS" in text
+
+
+def test_object_and_background_edits_blend_and_fuse_every_changed_phrase():
+    """Rule: the blend masks (FateZero, Video-P2P, Blended latent) cover every phrase the edit changes, and
+    InFusion makes one concept of each changed phrase, compared phrase by phrase."""
+    from zsve.toy.methods_bld import edit_words
+    from zsve.toy.methods_fatezero import source_words
+    from zsve.toy.methods_infusion import concepts_of
+
+    s = next(x for x in sc.split_set("dev", 2) if x.name == "dev11_object_background")
+    assert (s.source_prompt, s.edit_prompt) == ("a blue circle on black", "a red triangle on blue dots")
+    spec = bench.BenchSpec(s, None)
+    # comma-separated phrases: the Latent Blend node finds a phrase of several words as one run of tokens
+    assert source_words(spec) == "blue circle, black" and edit_words(spec) == "red triangle, blue dots"
+    assert concepts_of(s.source_prompt, s.edit_prompt) == "blue circle->red triangle, black->blue dots"
+    assert concepts_of("a red circle on a gradient", "a red circle on gray") == "gradient->gray"
+    assert concepts_of("a red circle and a green square on gray", "a red circle and a blue square on gray") == \
+        "green->blue"

@@ -1,7 +1,13 @@
 """The toy benchmark: every registered method edits every clip of the fixed benchmark set
 (toy/scenes.py `benchmark_set`), and one table of metrics (toy/metrics.py) is printed.
 
-    cd <pack root> && python -m toy.benchmark [--methods a,b] [--steps 20] [--cfg 5] [--frames 8] [--json out.json]
+    cd <pack root> && python -m toy.benchmark [--split public|dev|test] [--methods a,b] [--items a,b] [--steps 20]
+                                              [--cfg 5] [--frames 8] [--json out.json] [--merge a.json b.json]
+
+Splits (toy/scenes.py `split_set`): "public" is the six fixed items the rows were first set up on; "dev" and
+"test" are generated from the whole toy vocabulary by a seeded generator (`scenes.SPLITS`). Settings are chosen
+on dev only; test is the held-out report, printed with 95% bootstrap intervals over items, per edit kind, and
+the bar of issue 20 (`bar_check`). `--list` prints a split's items.
 
 A method is a function
 
@@ -151,15 +157,20 @@ COLUMNS = [
 
 
 def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg: float = 5.0, frames: int = 8,
-        items: list[str] | None = None, verbose: bool = True, on_row: Callable | None = None) -> dict:
-    """Run the methods on the benchmark set. Returns {method: {"items": {name: scores}, "mean": scores}}.
-    `on_row(results)` is called after each row (the CLI saves --json there, so a long run keeps its rows)."""
-    import numpy as np
+        items: list[str] | None = None, verbose: bool = True, on_row: Callable | None = None,
+        split: str = "public", partial: bool = False, frames_dir: Path | None = None) -> dict:
+    """Run the methods on the items of a split (toy/scenes.py `split_set`: "public", "dev", "test").
+    Returns {method: {"items": {name: scores}, "mean": scores}}; each item's scores carry its "kind" and whether it
+    is a "local" edit. `on_row(results)` is called after each row (the CLI saves --json there, so a long run keeps
+    its rows; with `partial` also after each item)."""
     import torch
 
     from . import metrics, scenes
 
-    specs = [s for s in scenes.benchmark_set(frames) if items is None or s.name in items]
+    specs = [s for s in scenes.split_set(split, frames) if items is None or s.name in items]
+    if items is not None and len(specs) != len(set(items)):
+        known = {s.name for s in scenes.split_set(split, frames)}
+        raise SystemExit(f"unknown item(s) of split {split!r}: {sorted(set(items) - known)}")
     names = methods or list(METHODS)
     results = {}
     for mname in names:
@@ -174,19 +185,46 @@ def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg
                 edited = fn(model, clip, vae, src, es.source_prompt, es.edit_prompt, bs)
             edited = edited.detach().cpu().float().numpy()
             per[es.name] = metrics.toy_scores(edited, clip_, es)
-            per[es.name]["_frames"] = edited
+            per[es.name].update(kind=item_kind(es), local=es.local, _frames=edited)
+            if frames_dir is not None:  # uint8 frames, to score again without running the row again
+                import numpy as np
+
+                Path(frames_dir).mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(Path(frames_dir) / f"{_slug(mname)}__{es.name}.npz",
+                                    frames=(np.clip(edited, 0, 1) * 255).round().astype(np.uint8))
             if verbose:
                 sc = per[es.name]
                 print(f"  {mname} | {es.name}: " + ", ".join(f"{k} {sc[k]:.3g}" for k, _, _ in COLUMNS), flush=True)
-        mean = {}
-        for k, _, _ in COLUMNS:
-            vals = [per[n][k] for n in per if not (isinstance(per[n][k], float) and math.isnan(per[n][k]))]
-            finite = [v for v in vals if math.isfinite(v)]
-            mean[k] = float(np.mean(finite)) if finite else (float("inf") if vals else float("nan"))
-        results[mname] = {"items": per, "mean": mean, "seconds": time.time() - t0}
+            if on_row is not None and partial:  # a long run keeps every finished item
+                on_row({**results, mname: {"items": per, "mean": mean_scores(per), "seconds": time.time() - t0}})
+        results[mname] = {"items": per, "mean": mean_scores(per), "seconds": time.time() - t0}
         if on_row is not None:
             on_row(results)
     return results
+
+
+def _slug(m: str) -> str:
+    return m.replace(" ", "_").replace(",", "").replace("+", "plus").replace("(", "").replace(")", "")
+
+
+def item_kind(es) -> str:
+    """The edit kind of an item for the per-kind tables: the generated kinds (scenes.EDIT_KINDS); the public
+    set's background items are told apart by whether the background's pattern stays."""
+    if es.kind == "background" and es.background.kind == es.edit_background.kind:
+        return "background_recolor"
+    return es.kind
+
+
+def mean_scores(per: dict) -> dict:
+    """Mean of each column over the items (nan items left out; inf kept as inf)."""
+    import numpy as np
+
+    mean = {}
+    for k, _, _ in COLUMNS:
+        vals = [per[n][k] for n in per if not (isinstance(per[n][k], float) and math.isnan(per[n][k]))]
+        finite = [v for v in vals if math.isfinite(v)]
+        mean[k] = float(np.mean(finite)) if finite else (float("inf") if vals else float("nan"))
+    return mean
 
 
 def to_json(res: dict) -> dict:
@@ -223,12 +261,13 @@ def table(results: dict) -> str:
 
 
 def local_items(results: dict) -> list[str]:
-    """The benchmark items that are local edits (one object changes, the rest must stay)."""
+    """The benchmark items that are local edits (one object changes, the rest must stay): from the items' own
+    "local" flag, else (results of older runs) the public set's kinds."""
     from . import scenes
 
-    kinds = {s.name: s.kind for s in scenes.benchmark_set()}
+    kinds = {s.name: s.local for s in scenes.benchmark_set()}
     names = next(iter(results.values()))["items"] if results else {}
-    return [n for n in names if kinds.get(n) != "background"]
+    return [n for n, sc in names.items() if sc.get("local", kinds.get(n, True))]
 
 
 def best_local(results: dict, methods_only: bool = True) -> str | None:
@@ -282,12 +321,261 @@ def report(res: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+# --- the dev / test splits: intervals over items, per-kind tables, the bar ---------------------------------
+
+BASELINE = "inversion + edit prompt, no control"
+# The editing rows the issue-20 bar applies to (>= 90% edit success, and better than BASELINE on local-edit
+# background PSNR and on warp error with separated 95% intervals).
+BAR_ROWS = ["FateZero (style)", "FateZero (local blended)", "FateZero (local + latent blend)",
+            "Blended latent (attention mask)", "Video-P2P (fast)", "Video-P2P (null-text)", "InFusion"]
+BAR_SUCCESS = 0.9
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def bootstrap_ci(values, n: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95):
+    """(mean, low, high): the mean of the finite values and its percentile bootstrap interval (resampling the
+    items with replacement, numpy Generator seeded by `seed`). nan for no values."""
+    import numpy as np
+
+    v = np.asarray([x for x in values if _finite(x)], np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n, len(v)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
+# (key, header, format, which items): the split tables' columns
+SPLIT_COLUMNS = [
+    ("success", "edit ok", "{:.0%}", "all"),
+    ("others_kept", "kept", "{:.0%}", "all"),
+    ("psnr_bg", "PSNR bg (local)", "{:.1f}", "local"),
+    ("psnr_bg", "PSNR bg (global)", "{:.1f}", "global"),
+    ("ssim_bg", "SSIM bg (local)", "{:.3f}", "local"),
+    ("leak", "leak (local)", "{:.1%}", "local"),
+    ("warp_err", "warp err", "{:.4f}", "all"),
+    ("rel_change", "rel chg", "{:.2f}", "all"),
+]
+
+
+def _values(r: dict, key: str, which: str) -> list[float]:
+    items = r["items"]
+    loc = set(local_items({"_": r}))
+    names = [n for n in items if which == "all" or (which == "local") == (n in loc)]
+    return [items[n][key] for n in names if key in items[n]]
+
+
+def summary(res: dict) -> dict:
+    """{row: {header: (mean, low, high)}} for the split tables."""
+    return {m: {h: bootstrap_ci(_values(r, k, w)) for k, h, _, w in SPLIT_COLUMNS} for m, r in res.items()}
+
+
+def _ci_cell(ci, fmt: str) -> str:
+    m, lo, hi = ci
+    if m != m:
+        return "-"
+    f = (lambda x: fmt.format(x).rstrip("%")) if fmt.endswith("%}") else fmt.format
+    return f"{fmt.format(m)} [{f(lo)}, {f(hi)}]"
+
+
+def ci_table(res: dict) -> str:
+    """A row per method (its item count in brackets): the mean over the items and its 95% bootstrap interval
+    [low, high] per column."""
+    summ = summary(res)
+    lines = ["| method | " + " | ".join(h for _, h, _, _ in SPLIT_COLUMNS) + " | s |",
+             "|---|" + "---|" * (len(SPLIT_COLUMNS) + 1)]
+    for m, r in res.items():
+        cells = [_ci_cell(summ[m][h], fmt) for _, h, fmt, _ in SPLIT_COLUMNS]
+        lines.append(f"| {label(m)} ({len(r['items'])}) | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def kinds_of(res: dict) -> list[str]:
+    from . import scenes
+
+    seen = []
+    for r in res.values():
+        for sc in r["items"].values():
+            k = sc.get("kind")
+            if k and k not in seen:
+                seen.append(k)
+    order = list(scenes.EDIT_KINDS)
+    return sorted(seen, key=lambda k: order.index(k) if k in order else len(order))
+
+
+def kind_table(res: dict, key: str = "success", fmt: str = "{:.0%}") -> str:
+    """Per edit kind (columns, with the item count): the mean of one metric for every row (nan items left out)."""
+    import numpy as np
+
+    kinds = kinds_of(res)
+    if not kinds:
+        return ""
+    first = next(iter(res.values()))["items"]
+    count = {k: sum(1 for sc in first.values() if sc.get("kind") == k) for k in kinds}
+    lines = ["| method | " + " | ".join(f"{k} ({count[k]})" for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for m, r in res.items():
+        cells = []
+        for k in kinds:
+            v = [sc[key] for sc in r["items"].values() if sc.get("kind") == k and key in sc and _finite(sc[key])]
+            cells.append(_cell(float(np.mean(v)), fmt) if v else "-")
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_check(res: dict, rows: list[str] | None = None, baseline: str = BASELINE) -> dict:
+    """Issue 20's bar per editing row present in `res`: {row: {"pass": bool, "why": [failed conditions]}}.
+    A row passes with mean edit success >= BAR_SUCCESS, its local-edit background PSNR interval above the
+    baseline's and its warp-error interval below the baseline's (95% bootstrap intervals, no overlap), the baseline
+    taken on the row's items."""
+    if baseline not in res:
+        return {}
+    summ = summary(res)
+    out = {}
+    for m in rows or BAR_ROWS:
+        if m not in res:
+            continue
+        s, why = summ[m], []
+        # the baseline on the same items (a row run on part of the split is compared on that part)
+        same = {n: sc for n, sc in res[baseline]["items"].items() if n in res[m]["items"]}
+        b = summary({baseline: {**res[baseline], "items": same}})[baseline]
+        if not s["edit ok"][0] >= BAR_SUCCESS:
+            why.append(f"edit ok {s['edit ok'][0]:.0%} < {BAR_SUCCESS:.0%}")
+        if not s["PSNR bg (local)"][1] > b["PSNR bg (local)"][2]:
+            why.append(f"PSNR bg (local) interval [{s['PSNR bg (local)'][1]:.1f}, {s['PSNR bg (local)'][2]:.1f}] not "
+                       f"above the baseline's [{b['PSNR bg (local)'][1]:.1f}, {b['PSNR bg (local)'][2]:.1f}]")
+        if not s["warp err"][2] < b["warp err"][1]:
+            why.append(f"warp err interval [{s['warp err'][1]:.4f}, {s['warp err'][2]:.4f}] not below the "
+                       f"baseline's [{b['warp err'][1]:.4f}, {b['warp err'][2]:.4f}]")
+        out[m] = {"pass": not why, "why": why}
+    return out
+
+
+def split_of(res: dict) -> str | None:
+    """The generated split the results' items belong to (by their names), or None."""
+    from . import scenes
+
+    names = next(iter(res.values()))["items"] if res else {}
+    for split in scenes.SPLITS:
+        if names and all(n.startswith(split) for n in names):
+            known = {s.name for s in scenes.split_set(split, 2)}
+            return split if set(names) <= known else None
+    return None
+
+
+def split_report(res: dict, title: str) -> str:
+    lines = [title, "", "means over the items with 95% bootstrap intervals (items resampled, "
+             f"{BOOTSTRAP_SAMPLES} draws, seed {BOOTSTRAP_SEED}):", ci_table(res), ""]
+    for key, name, fmt in (("success", "edit ok", "{:.0%}"), ("psnr_bg", "PSNR bg (dB)", "{:.1f}"),
+                           ("warp_err", "warp err", "{:.4f}"), ("others_kept", "kept", "{:.0%}")):
+        lines += [f"{name} per edit kind (items):", kind_table(res, key, fmt), ""]
+    if BASELINE in res and split_of(res):
+        lines += [f"the model's own share: {BASELINE!r} per requested class (share of frames right, items):",
+                  class_table(res, BASELINE, split_of(res))]
+    bar = bar_check(res)
+    if bar:
+        lines.append(f"the bar (edit ok >= {BAR_SUCCESS:.0%}; PSNR bg (local) and warp err intervals separated from "
+                     f"{BASELINE!r}, better):")
+        lines += [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in bar.items()]
+    lines += [f"*(ref)* {m}: {REFERENCE_ROWS[m]}" for m in res if m in REFERENCE_ROWS]
+    return "\n".join(lines)
+
+
+def edit_classes(es) -> dict:
+    """{"colour"|"shape"|"background": (class, score key)}: what an item asks the model to draw new, and which of
+    its scores says whether it did (the object's colour / shape, the new background)."""
+    out = {}
+    if es.target is not None:
+        src = es.motions[es.target]
+        if es.expect_color != src.color:
+            out["colour"] = (es.expect_color, "success_color")
+        if es.expect_shape != src.shape:
+            out["shape"] = (es.expect_shape, "success_shape")
+        if es.edit_background != es.background:
+            out["background"] = (es.edit_background.caption(), "success_background")
+    else:
+        out["background"] = (es.edit_background.caption(), "success")
+    return out
+
+
+def class_success(res: dict, row: str, split: str) -> dict:
+    """{axis: {class: (mean share of frames right, items)}} of one row: per colour, shape and background the
+    items' frames that show the requested class (an item counts for every class it asks for)."""
+    import numpy as np
+
+    from . import scenes
+
+    specs = {s.name: s for s in scenes.split_set(split)}
+    acc: dict = {"colour": {}, "shape": {}, "background": {}}
+    for name, sc in res[row]["items"].items():
+        for axis, (cls, key) in edit_classes(specs[name]).items():
+            if key in sc:
+                acc[axis].setdefault(cls, []).append(sc[key])
+    return {axis: {c: (float(np.mean(v)), len(v)) for c, v in sorted(d.items())} for axis, d in acc.items()}
+
+
+def class_table(res: dict, row: str, split: str) -> str:
+    lines = []
+    for axis, d in class_success(res, row, split).items():
+        lines += [f"| {axis} | " + " | ".join(d) + " |", "|---|" + "---|" * len(d),
+                  f"| {row} | " + " | ".join(f"{m:.0%} ({n})" for m, n in d.values()) + " |", ""]
+    return "\n".join(lines)
+
+
+def list_split(split: str, frames: int = 8) -> str:
+    """A markdown table of a split's items (what RESULTS.md lists)."""
+    from . import scenes
+
+    lines = ["| item | motion | source prompt | edit prompt |", "|---|---|---|---|"]
+    for s in scenes.split_set(split, frames):
+        lines.append(f"| {s.name} | {s.motion} | {s.source_prompt} | {s.edit_prompt} |")
+    return "\n".join(lines)
+
+
+def rescore(frames_dir: Path, split: str, frames: int, methods: list[str] | None = None) -> dict:
+    """Results from the clips a `--frames-dir` run saved, scored with the current metrics (seconds: 0)."""
+    import numpy as np
+
+    from . import metrics, scenes
+
+    specs = scenes.split_set(split, frames)
+    names = methods or list(METHODS)
+    res = {}
+    for m in names:
+        per = {}
+        for es in specs:
+            f = Path(frames_dir) / f"{_slug(m)}__{es.name}.npz"
+            if not f.exists():
+                continue
+            edited = np.load(f)["frames"].astype(np.float32) / 255.0
+            per[es.name] = metrics.toy_scores(edited, es.clip(), es)
+            per[es.name].update(kind=item_kind(es), local=es.local)
+        if per:
+            res[m] = {"items": per, "mean": mean_scores(per), "seconds": 0.0}
+    return res
+
+
+def _has_kinds(r: dict) -> bool:
+    return bool(r.get("items")) and all("kind" in sc for sc in r["items"].values())
+
+
 def merge_json(paths: list[Path]) -> dict:
-    """The union of several --json outputs (a later file's row replaces an earlier one of the same label), rows in
-    the order they are registered (rows no longer registered last), whatever the order of the runs."""
+    """The union of several --json outputs (a later file's row replaces an earlier one of the same label; rows of
+    the dev/test splits, whose items carry their kind, are joined item by item instead), rows in the order they are
+    registered (rows no longer registered last), whatever the order of the runs."""
     res: dict = {}
     for f in paths:
-        res.update(json.loads(Path(f).read_text()))
+        for m, r in json.loads(Path(f).read_text()).items():
+            if m in res and _has_kinds(res[m]) and _has_kinds(r):  # split runs: item ranges of one row join
+                items = {**res[m]["items"], **r["items"]}
+                res[m] = {"items": items, "mean": mean_scores(items), "seconds": res[m]["seconds"] + r["seconds"]}
+            else:
+                res[m] = r
     rank = {m: i for i, m in enumerate(METHODS)}
     return dict(sorted(res.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
@@ -304,6 +592,10 @@ def main():
     p.add_argument("--weights", type=Path, default=None)
     p.add_argument("--methods", default=None,
                    help="comma-separated row labels (labels containing a comma are matched whole; default: all)")
+    p.add_argument("--split", default="public", choices=["public", "dev", "test"],
+                   help="public: the six fixed items; dev: generated items for choosing settings; test: generated "
+                        "held-out items (toy/scenes.py SPLITS), reported with bootstrap intervals and per edit kind")
+    p.add_argument("--list", action="store_true", help="print the split's items and exit")
     p.add_argument("--items", default=None, help="comma-separated benchmark item names (default: all)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
@@ -311,16 +603,31 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--save-frames", type=Path, default=None, help="write source|edit strips as PNGs here")
+    p.add_argument("--frames-dir", type=Path, default=None,
+                   help="write every edited clip here (uint8 .npz per row and item); --rescore reads them back")
+    p.add_argument("--rescore", type=Path, default=None,
+                   help="score the clips of an earlier --frames-dir run again with the current metrics (nothing is "
+                        "run; rows from --methods, default all rows found) and write --json")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="print the tables of earlier --json outputs (e.g. rows run in separate processes) and "
                         "write their union to --json; nothing is run")
     a = p.parse_args()
     _register_rows()
+    if a.list:
+        print(list_split(a.split, a.frames))
+        return
+    rep = report if a.split == "public" else split_report
     if a.merge:
         res = merge_json(a.merge)
-        print(report(res, f"toy benchmark: merged from {', '.join(str(f) for f in a.merge)}"))
+        print(rep(res, f"toy benchmark ({a.split} split): merged from {', '.join(str(f) for f in a.merge)}"))
         if a.json:
             a.json.write_text(json.dumps(res, indent=1))
+        return
+    if a.rescore:
+        res = rescore(a.rescore, a.split, a.frames, parse_methods(a.methods) if a.methods else None)
+        print(rep(res, f"toy benchmark ({a.split} split): rescored from {a.rescore}"))
+        if a.json:
+            a.json.write_text(json.dumps(to_json(res), indent=1))
         return
     boot.boot(threads=a.threads)
     from . import model as tm
@@ -333,22 +640,23 @@ def main():
         if a.json:
             a.json.write_text(json.dumps(to_json(res), indent=1))
 
-    res = run(model, clip, vae, methods, a.steps, a.cfg, a.frames, items, on_row=save)
+    res = run(model, clip, vae, methods, a.steps, a.cfg, a.frames, items, on_row=save, split=a.split,
+              partial=a.split != "public", frames_dir=a.frames_dir)
     print()
-    print(report(res, f"toy benchmark: {a.frames} frames, {a.steps} steps, cfg {a.cfg}, "
-                      f"model steps {info['train'].get('steps')}"))
+    print(rep(res, f"toy benchmark ({a.split} split, {len(next(iter(res.values()))['items'])} items): {a.frames} "
+                   f"frames, {a.steps} steps, cfg {a.cfg}, model steps {info['train'].get('steps')}"))
     if a.save_frames:
-        _save_strips(res, a.save_frames, a.frames)
+        _save_strips(res, a.save_frames, a.frames, a.split)
 
 
-def _save_strips(res: dict, out: Path, frames: int):
+def _save_strips(res: dict, out: Path, frames: int, split: str = "public"):
     import numpy as np
     from PIL import Image
 
     from . import scenes
 
     out.mkdir(parents=True, exist_ok=True)
-    specs = {s.name: s for s in scenes.benchmark_set(frames)}
+    specs = {s.name: s for s in scenes.split_set(split, frames)}
     for m, r in res.items():
         for name, sc in r["items"].items():
             src = specs[name].clip().frames

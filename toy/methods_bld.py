@@ -28,12 +28,23 @@ from .benchmark import (
 TEMPORAL_MODE = "middle"
 
 
+def background_words(bg) -> str:
+    """The words naming a background in a caption, without the article ("a gradient" -> "gradient": "a" is in
+    every toy caption, and its mask would cover the objects too)."""
+    words = bg.caption().split()
+    return " ".join(w for w in words if w != "a")
+
+
 def edit_words(spec: BenchSpec) -> str:
-    """The edited words of the edit prompt: the new object phrase, or the new background."""
+    """The edited words of the edit prompt: the new object phrase, the new background, or both when the edit
+    changes both, comma-separated (rule: the mask covers every phrase the edit changes)."""
     e = spec.edit
     if e.target is None:
-        return e.edit_background.caption()
-    return f"{e.expect_color} {e.expect_shape}"
+        return background_words(e.edit_background)
+    words = f"{e.expect_color} {e.expect_shape}"
+    if e.edit_background != e.background:
+        words += ", " + background_words(e.edit_background)
+    return words
 
 
 def ground_truth_mask(spec: BenchSpec) -> torch.Tensor:

@@ -30,11 +30,43 @@ TOY_LAYERS = dict(feature_blocks="1", attention_blocks="1-3", feature_end=0.5, k
 
 
 def concepts_of(source_prompt: str, edit_prompt: str) -> str:
-    """'a red circle on gray' vs 'a blue circle on gray' -> 'red->blue' (same word count, else '')."""
-    s, e = source_prompt.split(), edit_prompt.split()
-    if len(s) != len(e):
-        return ""
-    return ", ".join(f"{a}->{b}" for a, b in zip(s, e) if a != b)
+    """The runs of words in which the prompts differ, one concept each ('a red circle on gray' vs 'a blue square
+    on green dots' -> 'red circle->blue square, gray->green dots'): the captions are compared phrase by phrase
+    (split at "and" / "on"), words aligned by difflib inside a phrase; the article "a" is left out of a run (it
+    is in every caption). Words only inserted or only deleted make no concept."""
+    import difflib
+    import re
+
+    def phrases(text):  # "a red circle and a green square on gray" -> object phrases, then the background
+        return [p.split() for p in re.split(r" (?:and|on) ", text)]
+
+    sp, ep = phrases(source_prompt), phrases(edit_prompt)
+    pairs = list(zip(sp, ep)) if len(sp) == len(ep) else [(source_prompt.split(), edit_prompt.split())]
+    out = []
+    for s, e in pairs:
+        for op, i0, i1, j0, j1 in difflib.SequenceMatcher(a=s, b=e, autojunk=False).get_opcodes():
+            if op != "replace":
+                continue
+            a = [w for w in s[i0:i1] if w != "a"]
+            b = [w for w in e[j0:j1] if w != "a"]
+            if a and b:
+                out.append(f"{' '.join(a)}->{' '.join(b)}")
+    return ", ".join(out)
+
+
+def set_reading(edit_model, **reading):
+    """Measurement only: switch the InFusion controller on `edit_model` (InFusion Inject's output) to another
+    reading of the feature injection (attention/infusion.py FEATURE_MODES / FEATURE_REGIONS)."""
+    from dataclasses import replace
+
+    pack = _pack()
+    to = edit_model.model_options.get("transformer_options", {})
+    ctrl = [p for p in to.get(pack.nodes._attn_patch.PROCESSORS_KEY, [])
+            if isinstance(p, pack.attention.infusion.InFusionController)]
+    assert len(ctrl) == 1, "no InFusion controller on the model"
+    plan = ctrl[0].plan
+    if plan.concepts or reading.get("feature_region", "all") == "all":
+        ctrl[0].plan = replace(plan, **reading)
 
 
 def infusion_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: BenchSpec, **overrides):
@@ -52,6 +84,9 @@ def infusion_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     pair = prompt_pair(clip, source_prompt, edit_prompt, spec.negative_prompt)
     edit_model, masks = nodes_inf.InFusionInject.execute(m, inv, pair, concepts,
                                                          **layers, **inject).result
+    reading = {k: overrides[k] for k in ("feature_mode", "feature_region") if k in overrides}
+    if reading:  # a reading of the feature injection other than the node's (docs/infusion.md measures them)
+        set_reading(edit_model, **reading)
     pos, neg = encode_text(clip, edit_prompt), encode_text(clip, spec.negative_prompt)
     out = decode(vae, sample_from(edit_model, z_T, pos, neg, spec))
     if overrides.get("return_masks"):

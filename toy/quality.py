@@ -55,7 +55,8 @@ def measure(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, cfg: 
                 fg = metrics.dilate(fg, 8) if fg.any() else fg
                 g += metrics.detect_background(img, fg) == bg
         rows.append({"prompt": prompt, "color": c / len(imgs), "shape": s / len(imgs), "both": b / len(imgs),
-                     "background": g / len(imgs)})
+                     "background": g / len(imgs), "n": len(imgs),
+                     "classes": {"colour": color, "shape": shape, "background": bg.caption()}})
         for k, v in (("color", c), ("shape", s), ("both", b), ("background", g)):
             tot[k] += v
         tot["n"] += len(imgs)
@@ -76,6 +77,28 @@ def measure(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, cfg: 
         "chance": {"color": 1 / 4, "shape": 1 / 3},
         "_np": np.__name__,
     }
+
+
+def per_class(rows: list[dict]) -> dict:
+    """{"colour"|"shape"|"background": {class: (right, samples)}} from `measure`'s rows: how often the prompt's
+    colour (for the colour classes), shape (shape classes) or background (background classes) is drawn right."""
+    out: dict = {"colour": {}, "shape": {}, "background": {}}
+    what = {"colour": "color", "shape": "shape", "background": "background"}
+    for r in rows:
+        for axis, cls in r["classes"].items():
+            ok, n = out[axis].get(cls, (0, 0))
+            out[axis][cls] = (ok + round(r[what[axis]] * r["n"]), n + r["n"])
+    return out
+
+
+def class_table(classes: dict, title: str = "") -> str:
+    """A markdown table per axis: class, share drawn right, samples."""
+    lines = []
+    for axis, d in classes.items():
+        lines += [f"| {axis} | " + " | ".join(d) + " |", "|---|" + "---|" * len(d),
+                  f"| {title or 'drawn right'} | " + " | ".join(f"{ok / n:.0%} ({ok}/{n})" for ok, n in d.values())
+                  + " |", ""]
+    return "\n".join(lines)
 
 
 def shape_word_gap(model, clip, t_indices=(999, 800, 600, 400, 200, 100), n: int = 48, seed: int = 3) -> list[dict]:
@@ -128,6 +151,10 @@ def main():
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--train-prompts", action="store_true", help="measure on (a sample of) training prompts instead")
+    p.add_argument("--all-prompts", action="store_true",
+                   help="measure on every single-object combination (120 prompts: training and held-out)")
+    p.add_argument("--per-class", action="store_true",
+                   help="also print, per colour, shape and background, how often the class is drawn right")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--shape-gap", action="store_true",
@@ -140,8 +167,9 @@ def main():
     from . import scenes
 
     model, clip, vae, info = tm.load(a.weights or tm.WEIGHTS)
-    specs = scenes.train_specs()[::5] if a.train_prompts else scenes.heldout_specs()
-    which = "training" if a.train_prompts else "held-out"
+    specs = (scenes.single_specs() if a.all_prompts else scenes.train_specs()[::5] if a.train_prompts
+             else scenes.heldout_specs())
+    which = "all" if a.all_prompts else "training" if a.train_prompts else "held-out"
     results = []
     for cfg in [float(c) for c in a.cfg.split(",")]:
         t0 = time.time()
@@ -154,6 +182,9 @@ def main():
         print(f"{which} prompts: {res['prompts']}, samples: {res['samples']}, cfg {cfg:g} | colour {res['color_acc']:.1%} "
               f"shape {res['shape_acc']:.1%} both {res['both_acc']:.1%} background {res['background_acc']:.1%} | "
               f"model steps {info['train'].get('steps')} | {res['seconds']} s", flush=True)
+        if a.per_class:
+            res["per_class"] = per_class(res["rows"])
+            print(class_table(res["per_class"], f"drawn right, {which} prompts, cfg {cfg:g}"), flush=True)
     out = results[0] if len(results) == 1 else {"by_cfg": results}
     if a.shape_gap:
         with torch.inference_mode():

@@ -291,7 +291,7 @@ class EditSpec:
     background after the edit."""
 
     name: str
-    kind: str  # "color", "shape", "background", "two_object"
+    kind: str  # "color", "shape", "two_object", "background", "background_recolor", "object_background"
     motions: tuple[Motion, ...]
     background: Background
     edit_background: Background
@@ -300,6 +300,12 @@ class EditSpec:
     expect_color: str | None
     frames: int = 8
     phase: float = 0.0
+    motion: str = "translate"  # "translate", "zoom", "cross" (generated items; the public set translates)
+
+    @property
+    def local(self) -> bool:
+        """A local edit: one object changes, everything else (the other object, the background) must stay."""
+        return self.target is not None and self.edit_background == self.background
 
     def clip(self) -> Clip:
         return render_clip(self.motions, self.background, self.frames, self.phase)
@@ -345,3 +351,162 @@ def benchmark_set(frames: int = 8) -> list[EditSpec]:
         EditSpec("background_recolor", "background", (tri,), green_stripes, blue_stripes, None, None, None, frames),
     ]
     return [replace(s) for s in specs]
+
+
+# --- the generated benchmark (dev / test splits) -------------------------------------------------------
+
+EDIT_KINDS = ("color", "shape", "two_object", "background", "background_recolor", "object_background")
+# name -> (seed, number of items). Rows' settings are chosen on "dev" only; "test" is never used to choose one.
+SPLITS = {"dev": (2020, 24), "test": (4040, 42)}
+MOTIONS_SINGLE = ("translate", "zoom")
+MOTIONS_TWO = ("translate", "cross")
+
+
+def _single_motion(rng: np.random.Generator, shape: str, color: str, motion: str) -> Motion:
+    if motion == "zoom":  # the centre drifts a little, the half size grows or shrinks by 35-60%
+        r_small, r_big = float(rng.uniform(20, 25)), float(rng.uniform(33, 40))
+        r0, r1 = (r_small, r_big) if rng.uniform() < 0.5 else (r_big, r_small)
+        c0 = (float(rng.uniform(r_big + 2, SIZE - r_big - 2)), float(rng.uniform(r_big + 2, SIZE - r_big - 2)))
+        c1 = (float(np.clip(c0[0] + rng.uniform(-6, 6), r_big + 2, SIZE - r_big - 2)),
+              float(np.clip(c0[1] + rng.uniform(-6, 6), r_big + 2, SIZE - r_big - 2)))
+        return Motion(shape, color, c0, c1, r0, r1)
+    r0 = float(rng.uniform(*OBJECT_R))  # translate: up to 40 px per axis, size change up to 25%
+    r1 = float(np.clip(r0 * rng.uniform(0.8, 1.25), 24.0, 40.0))
+    rm = max(r0, r1)
+    lo, hi = rm + 2, SIZE - rm - 2
+    c0 = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)))
+    c1 = (float(np.clip(c0[0] + rng.uniform(-40, 40), lo, hi)), float(np.clip(c0[1] + rng.uniform(-40, 40), lo, hi)))
+    return Motion(shape, color, c0, c1, r0, r1)
+
+
+def _two_motions(rng: np.random.Generator, objs: list[tuple[str, str]], motion: str) -> tuple[Motion, Motion]:
+    """Two objects; the first named starts on the left (as in training captions). "translate": each stays on its
+    own half; "cross": they swap sides, one in the upper and one in the lower band (they pass without overlapping)."""
+    if motion == "cross":
+        ra, rb = float(rng.uniform(22, 25)), float(rng.uniform(22, 25))
+        upper = rng.uniform() < 0.5
+        ya = float(rng.uniform(ra + 2, ra + 8)) if upper else float(rng.uniform(SIZE - ra - 8, SIZE - ra - 2))
+        yb = float(rng.uniform(SIZE - rb - 8, SIZE - rb - 2)) if upper else float(rng.uniform(rb + 2, rb + 8))
+        xa0, xb0 = float(rng.uniform(ra + 2, 40)), float(rng.uniform(SIZE - 40, SIZE - rb - 2))
+        xa1, xb1 = float(rng.uniform(SIZE - 40, SIZE - ra - 2)), float(rng.uniform(rb + 2, 40))
+        return (Motion(objs[0][0], objs[0][1], (xa0, ya), (xa1, ya + float(rng.uniform(-4, 4))), ra, ra),
+                Motion(objs[1][0], objs[1][1], (xb0, yb), (xb1, yb + float(rng.uniform(-4, 4))), rb, rb))
+    out = []
+    for k, (shape, color) in enumerate(objs):
+        r0 = float(rng.uniform(*TWO_OBJECT_R))
+        r1 = float(np.clip(r0 * rng.uniform(0.85, 1.15), 20.0, 29.0))
+        rm = max(r0, r1)
+        xlo, xhi = (rm + 2, SIZE / 2 - 2) if k == 0 else (SIZE / 2 + 2, SIZE - rm - 2)
+        xlo, xhi = min(xlo, xhi), max(xlo, xhi)
+        ylo, yhi = rm + 2, SIZE - rm - 2
+        c0 = (float(rng.uniform(xlo, xhi)), float(rng.uniform(ylo, yhi)))
+        c1 = (float(np.clip(c0[0] + rng.uniform(-12, 12), xlo, xhi)),
+              float(np.clip(c0[1] + rng.uniform(-40, 40), ylo, yhi)))
+        out.append(Motion(shape, color, c0, c1, r0, r1))
+    return out[0], out[1]
+
+
+def _apart(motions, frames: int) -> bool:
+    """True when the objects' bounding squares never touch over the clip (2 px margin)."""
+    for f in range(frames):
+        u = f / max(1, frames - 1)
+        a, b = (m.at(u) for m in motions)
+        if abs(a.cx - b.cx) <= a.r + b.r + 2 and abs(a.cy - b.cy) <= a.r + b.r + 2:
+            return False
+    return True
+
+
+def _draw_item(rng: np.random.Generator, cyc: dict, name: str, kind: str, k: int, frames: int) -> EditSpec:
+    """One generated item of `kind` (its k-th in the split)."""
+    colour_pairs, shape_pairs, shapes, colours, bgs = (cyc[x] for x in ("colour_pairs", "shape_pairs", "shapes",
+                                                                       "colours", "bgs"))
+    phase = float(rng.uniform(0, STRIPE_PERIOD))
+    motion = (MOTIONS_TWO if kind == "two_object" else MOTIONS_SINGLE)[k % 2]
+    if kind in ("color", "shape", "object_background"):
+        if kind == "shape":
+            s0, s1 = shape_pairs.draw()
+            c0 = c1 = colours.draw()
+        else:
+            c0, c1 = colour_pairs.draw()
+            s0 = shapes.draw()
+            s1 = s0 if kind == "color" else shape_pairs.draw(lambda p: p[0] == s0)[1]
+        bg = bgs.draw(lambda b: allowed(c0, b) and allowed(c1, b))
+        ebg = bg
+        if kind == "object_background":
+            ebg = bgs.draw(lambda b: b != bg and b.kind != bg.kind and allowed(c1, b))
+        mo = (_single_motion(rng, s0, c0, motion),)
+        return EditSpec(name, kind, mo, bg, ebg, 0, s1, c1, frames, phase, motion)
+    if kind == "two_object":
+        ca, cb = colour_pairs.draw()
+        sa, sb = shapes.draw(), shapes.draw()
+        bg = bgs.draw(lambda b: allowed(ca, b) and allowed(cb, b))
+        target = int(rng.integers(2))
+        src_s, src_c = (sa, ca) if target == 0 else (sb, cb)
+        other_c = cb if target == 0 else ca
+        what = ("color", "shape", "both")[k % 3]
+        new_c = src_c if what == "shape" else colours.draw(lambda c: c not in (src_c, other_c) and allowed(c, bg))
+        new_s = src_s if what == "color" else shape_pairs.draw(lambda p: p[0] == src_s)[1]
+        for _ in range(100):  # the objects never overlap (each frame's visible masks are the whole objects)
+            mo = _two_motions(rng, [(sa, ca), (sb, cb)], motion)
+            if _apart(mo, frames):
+                break
+        return EditSpec(name, kind, mo, bg, bg, target, new_s, new_c, frames, phase, motion)
+    # background / background_recolor: the objects stay
+    s0, c0 = shapes.draw(), colours.draw()
+    if kind == "background":
+        bg = bgs.draw(lambda b: allowed(c0, b))
+        ebg = bgs.draw(lambda b: b.kind != bg.kind and allowed(c0, b))
+    else:
+        bg = bgs.draw(lambda b: b.kind != "gradient" and allowed(c0, b))
+        ebg = bgs.draw(lambda b: b.kind == bg.kind and b != bg and allowed(c0, b))
+    mo = (_single_motion(rng, s0, c0, motion),)
+    return EditSpec(name, kind, mo, bg, ebg, None, None, None, frames, phase, motion)
+
+
+class _Cycle:
+    """Draws from a list in shuffled rounds, so that a split of n items covers every value once n allows."""
+
+    def __init__(self, rng: np.random.Generator, values):
+        self.rng, self.values, self.queue = rng, list(values), []
+
+    def draw(self, ok=lambda v: True):
+        for _ in range(4 * len(self.values) + 4):
+            if not self.queue:
+                self.queue = [self.values[i] for i in self.rng.permutation(len(self.values))]
+            for j, v in enumerate(self.queue):
+                if ok(v):
+                    return self.queue.pop(j)
+            self.queue = []
+        raise ValueError("no allowed value")
+
+
+def generate_items(seed: int, n: int, prefix: str, frames: int = 8) -> list[EditSpec]:
+    """n benchmark items drawn from the whole toy vocabulary, fixed by `seed`: the edit kinds in turn
+    (EDIT_KINDS), source/target colours, shapes and backgrounds drawn in shuffled rounds (so every colour pair,
+    shape pair and background comes up), motions in turn (translate / zoom for one object, translate / cross
+    for two). Item i is named f"{prefix}{i:02d}_{kind}"."""
+    rng = np.random.default_rng(seed)
+    colour_pairs = _Cycle(rng, [(a, b) for a in COLOR_NAMES for b in COLOR_NAMES if a != b])
+    shape_pairs = _Cycle(rng, [(a, b) for a in SHAPES for b in SHAPES if a != b])
+    shapes, colours = _Cycle(rng, SHAPES), _Cycle(rng, COLOR_NAMES)
+    bgs = _Cycle(rng, all_backgrounds())
+    cyc = dict(colour_pairs=colour_pairs, shape_pairs=shape_pairs, shapes=shapes, colours=colours, bgs=bgs)
+    kind_count: dict = {}
+    out = []
+    for i in range(n):
+        kind = EDIT_KINDS[i % len(EDIT_KINDS)]
+        k = kind_count.get(kind, 0)
+        kind_count[kind] = k + 1
+        out.append(_draw_item(rng, cyc, f"{prefix}{i:02d}_{kind}", kind, k, frames))
+    return out
+
+
+def split_set(split: str, frames: int = 8) -> list[EditSpec]:
+    """The benchmark items of a split: "public" (the six fixed items of `benchmark_set`, looked at while the rows
+    were first set up), "dev" (generated, settings may be chosen on it) or "test" (generated, held out)."""
+    if split == "public":
+        return benchmark_set(frames)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits: public, {', '.join(SPLITS)}")
+    seed, n = SPLITS[split]
+    return generate_items(seed, n, split, frames)
