@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     from zsve_workflows import load_ui, ui_to_api
 
     folder_paths = importlib.import_module("folder_paths")
+    comfy_utils = importlib.import_module("comfy.utils")
     InputImpl = importlib.import_module("comfy_api.latest").InputImpl
 
     wf_path = ROOT / "workflows" / f"{args.workflow}.json"
@@ -91,6 +92,14 @@ def main(argv=None) -> int:
         spec = specs[args.clip]
         clip = spec.clip()
         write_video(torch.from_numpy(clip.frames), work_in / "input.mp4")
+        # the user-mask workflow's mask.png (white = edit, one for all frames): the edited object's region over
+        # the clip (every object for a global edit), grown by 4 px
+        from PIL import Image
+        from scipy.ndimage import binary_dilation
+
+        objs = clip.masks[:, [spec.target]] if spec.target is not None else clip.masks
+        region = binary_dilation(objs.any(axis=(0, 1)), iterations=4)
+        Image.fromarray((region * 255).astype(np.uint8)).convert("RGB").save(work_in / "mask.png")
         video_name = "input.mp4"
         masks = clip.masks
     source_prompt = args.source_prompt or (spec.source_prompt if spec else None)
@@ -98,6 +107,11 @@ def main(argv=None) -> int:
     words = args.words
     if words is None and spec is not None:
         words = " ".join(w for w in (spec.expect_color, spec.expect_shape) if w) or None
+    # the toy clip's edited object as the source prompt names it (blend words, InFusion concepts, Video-P2P)
+    source_words = None
+    if spec is not None and spec.target is not None:
+        m = spec.motions[spec.target]
+        source_words = f"{m.color} {m.shape}"
     if source_prompt is None:
         print("--source-prompt is required with --video", file=sys.stderr)
         return 2
@@ -133,9 +147,41 @@ def main(argv=None) -> int:
             inputs["steps"] = args.steps
         if ct == "LatentBlendWithInversion" and words:
             inputs["words"] = words
+        if ct == "LoraLoader" and inputs.get("lora_name") not in folder_paths.get_filename_list("loras"):
+            # the workflow names an example LoRA file: without it, an empty LoRA (no keys: the model unchanged)
+            (out / "loras").mkdir(exist_ok=True)
+            comfy_utils.save_torch_file({}, str(out / "loras" / "zsve_no_lora.safetensors"))
+            folder_paths.add_model_folder_path("loras", str(out / "loras"))
+            print(f"[zsve demo] {inputs.get('lora_name')} is not in models/loras: the LoRA node runs with an empty "
+                  "LoRA (the model unchanged)")
+            inputs["lora_name"] = "zsve_no_lora.safetensors"
+        # the workflows' word widgets name the words of their own example prompts: on a toy clip, its words
+        if source_words and words:
+            if ct == "AttentionBlend" and inputs.get("blend_words"):
+                inputs["blend_words"] = source_words
+            if ct == "VideoP2PGuider":
+                inputs.update(blend_words=source_words, blend_words_edit=words)
+            if ct == "InFusionInject":
+                inputs["concepts"] = f"{source_words}->{words}"
+        if spec is not None and ct in ("AttentionBlend", "VideoP2PGuider") and inputs.get("reweight"):
+            word = str(inputs["reweight"]).split(":")[0].strip()
+            if word not in (edit_prompt or "").split():
+                inputs["reweight"] = ""  # the example's style word is not in the toy clip's edit prompt
     print(f"[zsve demo] workflow {wf_path.name}: {len(prompt)} nodes; source: {source_prompt!r}"
           + (f"; edit: {edit_prompt!r}" if edit_prompt and args.workflow != "invert_reconstruct_video" else ""))
-    result = run_prompt(prompt)
+    from zsve_harness import GraphError
+
+    try:
+        result = run_prompt(prompt)
+    except GraphError as e:  # e.g. a model file the workflow names is missing: say it per node
+        data = e.details
+        node_errors = data[3] if isinstance(data, tuple) and len(data) > 3 and isinstance(data[3], dict) else {}
+        lines = [f"{v.get('class_type')}: {err.get('details') or err.get('message')}"
+                 for v in node_errors.values() for err in v.get("errors", [])]
+        print("[zsve demo] the workflow did not run: " + ("; ".join(lines) if lines else str(e))
+              + (" (the workflow's Read me note says which files to put in ComfyUI/models)" if lines else ""),
+              file=sys.stderr)
+        return 1
 
     # --- outputs -------------------------------------------------------------------------------------
     videos = sorted((p for p in out.rglob("*.mp4") if work_in not in p.parents), key=lambda p: p.stat().st_mtime)
