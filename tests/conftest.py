@@ -17,7 +17,8 @@ from zsve_harness import make_tiny_clip, make_tiny_model, make_tiny_vae, run_pro
 # schema builds, every shipped workflow runs headless (test_workflows.py), the context windows (the handler, the
 # inversion, Video-P2P's windowed guider, one workflow with FateZero's store and latent blending under windows),
 # the attention dispatcher with and without processors, tests/test_compat.py (the ComfyUI APIs the pack
-# builds on), Edit Prompts' tokenization (test_prompts.py) and the edit contract's wrapper on every method.
+# builds on), Edit Prompts' tokenization (test_prompts.py), the edit contract's wrapper on every method and
+# the SDXL essentials (test_sdxl.py).
 COMPAT_MODULES = {"test_compat.py", "test_pack.py", "test_workflows.py", "test_attn_patch.py", "test_prompts.py"}
 COMPAT_TESTS = {  # module::test (every parametrization) or module::test[param]
     "test_composition.py::test_inversion_and_reconstruction_under_core_context_windows",
@@ -28,6 +29,12 @@ COMPAT_TESTS = {  # module::test (every parametrization) or module::test[param]
     "test_contract.py::test_noise_added_on_top_of_z_T_is_refused[add_noise enable-fatezero]",
     "test_contract.py::test_fewer_steps_than_the_inversion_are_refused[10-5-videop2p]",
     "test_contract.py::test_a_latent_that_is_not_the_inversions_z_T_is_warned_in_the_ui_text",
+    # SDXL (issue 19): the architecture read from the UNet config, EDM refused, each Video-P2P branch's own
+    # conditioning (text and pooled/size vector), FateZero's fusion exact at the inversion's inputs
+    "test_sdxl.py::test_layout_and_defaults_follow_the_unet",
+    "test_sdxl.py::test_edm_models_are_refused_before_any_unet_call",
+    "test_sdxl.py::test_videop2p_each_branch_is_plain_sampling_with_its_own_prompt",
+    "test_sdxl.py::test_fatezero_store_records_fatezeros_levels_and_fusion_is_exact",
 }
 
 
