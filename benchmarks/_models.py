@@ -1,5 +1,7 @@
 """Models for the benchmarks, built through ComfyUI's own classes with random weights (no checkpoint download).
 
+`SD15_UNET` is the full-size SD1.5 UNet config (benchmarks/overhead.py, benchmarks/gpu_check.py).
+
 `make_sdxl_model` builds an SDXL-architecture MODEL: SDXL's exact layout (comfy.supported_models.SDXL: three
 levels, no attention at full resolution, 2 / 10 transformer blocks at the coarser levels, 2 ResBlocks per level,
 9 decoder blocks, 64-channel heads, linear transformer projections, the pooled-text + size vector `y`) at a chosen
@@ -16,6 +18,16 @@ from __future__ import annotations
 
 import torch
 
+# comfy/model_detection.py: the unet config ComfyUI detects for an SD1.5 checkpoint (context_dim 768,
+# model_channels 320): the full-size SD1.5 UNet of the benchmarks
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
 SDXL_FULL = {"model_channels": 320, "context_dim": 2048, "pooled_dim": 1280}
 SDXL_SMALL = {"model_channels": 64, "context_dim": 256, "pooled_dim": 256}
 

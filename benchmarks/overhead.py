@@ -36,19 +36,12 @@ import time
 from functools import partial
 from pathlib import Path
 
+from _models import SD15_UNET  # benchmarks/_models.py: this script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ["plain_sampling", "plain_inversion", "inversion_temporal", "inversion_store", "fatezero_style",
         "fatezero_local", "blended_latent", "infusion", "videop2p_fast"]
 SRC, EDIT, NEG = "a cat walking on the grass", "a dog walking on the grass", ""
-# comfy/model_detection.py: the unet config ComfyUI detects for an SD1.5 checkpoint
-SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
 CLIP_768 = {"hidden_size": 768, "intermediate_size": 768, "num_attention_heads": 4, "num_hidden_layers": 1,
             "projection_dim": 768}
 # --arch sdxl: SDXL's exact layout at a fifth of its width (benchmarks/_models.py SDXL_SMALL: 70 transformer
