@@ -325,6 +325,7 @@ def workflow(card: str, title: str, nodes: list[dict], note: str, **stage_titles
 
 
 FZ_INVERT = "2  Inversion, attention recorded (Attention Store)"
+FZ_EDIT = "3  Edit with the recorded attention fused (Attention Blend)"
 WORKFLOWS = {
     "invert_reconstruct_video": workflow(
         "Invert + reconstruct",
@@ -381,7 +382,7 @@ WORKFLOWS = {
             "self-attention replaced everywhere, so the structure stays and the style changes.",
             "", PROMPTS_FIRST + "\n- *Attention Blend*: `reweight` = the style words x10 (`watercolor:10`); "
             "the windows (cross 0.8, self 0.0-0.8)", FZ_SETTINGS), invert=FZ_INVERT,
-        edit="3  Edit with the recorded attention fused (Attention Blend)"),
+        edit=FZ_EDIT),
     "fatezero_attribute_edit": workflow(
         "FateZero: local attribute edit",
         "FateZero local attribute edit (word swap, blended self-attention)", FATEZERO_LOCAL, _note(
@@ -389,7 +390,7 @@ WORKFLOWS = {
             "the mask of the source words, so only that object changes.",
             "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = the source words of the object "
             "(`red circle`); `mode` replace (word swap) or refine", FZ_SETTINGS), invert=FZ_INVERT,
-        edit="3  Edit with the recorded attention fused (Attention Blend)"),
+        edit=FZ_EDIT),
     "fatezero_latent_blend_edit": workflow(
         "FateZero: local + latent blend",
         "FateZero local edit with latent blending (blended self-attention, latents outside the source/edit word "
@@ -410,7 +411,7 @@ WORKFLOWS = {
             PROMPTS_FIRST + "\n- *Canny*: the thresholds (check the hints preview)\n- *Attention Blend*: "
             "`blend_words`", FZ_SETTINGS),
         inputs="1  Inputs: video, model + LoRA, prompts, ControlNet hints", invert=FZ_INVERT,
-        edit="3  Edit with the recorded attention fused (Attention Blend)"),
+        edit=FZ_EDIT),
 }
 
 
@@ -442,7 +443,7 @@ WORKFLOWS["sdxl_fatezero_style_edit"] = workflow(
         "", PROMPTS_FIRST + "\n- *Attention Blend*: `reweight` = the style words x10 (`watercolor:10`); "
         "the windows (cross 0.8, self 0.0-0.8)\n- *Attention Store*: `memory_budget_gb` (refused above it)",
         FZ_SETTINGS, checkpoint=SDXL_LINE), invert=FZ_INVERT,
-    edit="3  Edit with the recorded attention fused (Attention Blend)")
+    edit=FZ_EDIT)
 
 
 def main():
