@@ -80,6 +80,9 @@ class StoreConfig:
     cross_attention: bool = True
     budget_bytes: int = 0  # 0: no budget
     dtype: torch.dtype = torch.float16
+    # True: nothing is recorded at the inversion; the edit recomputes the source attention of each fused step
+    # from the inversion's trajectory (nodes/_source_pass.py) into a one-step store (RecomputedAttention)
+    recompute: bool = False
 
 
 def full_res_hint(config: StoreConfig, latent_hw: Sequence[int]) -> str | None:
@@ -364,6 +367,41 @@ class AttentionRecorder:
         return self.store
 
 
+@dataclass(eq=False)
+class RecomputedAttention:
+    """What an inversion with `StoreConfig.recompute` keeps in `Inversion.records["attention"]`: no attention,
+    only the settings. The edit (Attention Blend) runs the source pass of each fused step again, at the
+    inversion's own inputs (the trajectory latent and timestep, the source prompt), records that step into a
+    fresh AttentionStore with `config` and fuses from it (nodes/_source_pass.py). Store: 0 bytes; cost: one
+    UNet pass over the frames' conditional rows per fused step."""
+
+    config: StoreConfig
+    recompute: bool = True
+    nbytes: int = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def summary(self) -> str:
+        return "source attention recomputed at the edit (nothing stored; one extra UNet pass per fused step)"
+
+
+class _NoRecorder:
+    """The recorder of a recompute-mode store: records nothing, yields RecomputedAttention."""
+
+    def __init__(self, config: StoreConfig):
+        self.config = config
+
+    def active(self, call) -> bool:
+        return False
+
+    def __call__(self, call, probs):
+        return None
+
+    def finalize(self) -> RecomputedAttention:
+        return RecomputedAttention(self.config)
+
+
 class AttentionStoreSpec:
     """A record spec (nodes/_comfy.py run_inversion): a fresh recorder per inversion run."""
 
@@ -373,8 +411,8 @@ class AttentionStoreSpec:
     def __deepcopy__(self, memo):
         return self
 
-    def new_recorder(self) -> AttentionRecorder:
-        return AttentionRecorder(self.config)
+    def new_recorder(self) -> AttentionRecorder | _NoRecorder:
+        return _NoRecorder(self.config) if self.config.recompute else AttentionRecorder(self.config)
 
 
 # --- size of a configuration ------------------------------------------------------------------------

@@ -207,7 +207,10 @@ def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: floa
         info={"steps_requested": int(steps), "scheduler": "ddim_uniform",
               # the source prompt's text embedding (Edit Prompts' pair is checked against it)
               "positive_embedding": positive[0][0].detach().float().cpu() if len(positive) == 1 else None,
-              "positive_pooled": _pooled(positive)},
+              "positive_pooled": _pooled(positive),
+              # the CONDITIONING itself (a reference): Attention Blend's recompute mode evaluates the inversion's
+              # steps again with it (nodes/_source_pass.py)
+              "positive": positive},
     )
     out = {k: v for k, v in latent.items() if k != "noise_mask"}
     out["samples"] = z_T.to(comfy.model_management.intermediate_device())

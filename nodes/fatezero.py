@@ -14,11 +14,13 @@ from ..attention.store import AttentionStoreSpec, StoreConfig, full_res_hint
 from ..attention.temporal import MODES, TemporalKV
 from ._attn_patch import add_processor, add_record_spec
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model, unet_config
+from ._source_pass import SourcePass, check_recompute
 from .contract import check_choice, install_contract
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
 FZ_CATEGORY = CATEGORY + "/FateZero"
 RECORD_NAME = "attention"
+SOURCE_ATTENTION = ("store", "recompute at edit")
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +60,13 @@ class AttentionStore(io.ComfyNode):
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
                                tooltip="Refuse to record more than this many GiB of attention (checked after the "
                                "first step, before the RAM fills up). 0 = no limit."),
+                io.Combo.Input("source_attention", options=list(SOURCE_ATTENTION), default=SOURCE_ATTENTION[0],
+                               optional=True, tooltip="store: record the inversion's attention (the size shown in the inversion's "
+                               "text; the edit only reads it). recompute at edit: record nothing; Attention Blend "
+                               "evaluates each fused step of the inversion again, at the inversion's own latent, "
+                               "timestep and source prompt, and fuses from that step (same result, no store, one "
+                               "more UNet pass over the frames per fused step: about 1.4x the edit's time with "
+                               "FateZero's 0.8 windows). For long clips or little RAM."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model, patched to record attention during Video DDIM Invert. Use it "
@@ -66,17 +75,23 @@ class AttentionStore(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, record_window, skip_full_res, memory_budget_gb) -> io.NodeOutput:
+    def execute(cls, model, record_window, skip_full_res, memory_budget_gb,
+                source_attention=SOURCE_ATTENTION[0]) -> io.NodeOutput:
         check_diffusion_model(model, "AttentionStore")
+        check_choice("AttentionStore", "source_attention", source_attention, SOURCE_ATTENTION)
         cfg = StoreConfig(record_window=float(record_window),
                           min_factor=arch.store_min_factor(unet_config(model), bool(skip_full_res)),
-                          budget_bytes=int(float(memory_budget_gb) * 2**30))
+                          budget_bytes=int(float(memory_budget_gb) * 2**30),
+                          recompute=source_attention == SOURCE_ATTENTION[1])
         m = model.clone()
         add_record_spec(m, RECORD_NAME, AttentionStoreSpec(cfg))
         layers = arch.layout(unet_config(model))[0]
         kept = [lay for lay in layers if lay.factor >= cfg.min_factor]
         text = (f"records {len(kept)} of the model's {len(layers)} attention layers: those at 1/{cfg.min_factor} of "
                 "the latent size and coarser" if cfg.min_factor > 1 else f"records all {len(layers)} attention layers")
+        if cfg.recompute:
+            text = ("recompute at edit: the inversion records nothing; Attention Blend " + text.replace("records", "recomputes", 1)
+                    + " at each fused step")
         return io.NodeOutput(m, ui={"text": [text]})
 
 
@@ -203,6 +218,7 @@ class AttentionBlend(io.ComfyNode):
                 f"AttentionBlend: self_replace_end ({self_replace_end:g}) is before self_replace_start "
                 f"({self_replace_start:g})."
             )
+        recompute = bool(getattr(store, "recompute", False))
         try:
             check_inversion_prompt(pair, inversion, "AttentionBlend")
             plan = make_plan(
@@ -210,20 +226,34 @@ class AttentionBlend(io.ComfyNode):
                 cross_window=float(cross_replace), word_windows=cross_replace_words,
                 self_window=(float(self_replace_start), float(self_replace_end)), reweight=reweight,
                 blend_words=blend_words, blend_threshold=float(blend_threshold), only_cond=bool(only_cond),
-                record_window=store.config.record_window,
+                record_window=None if recompute else store.config.record_window,
             )
         except FusionConfigError as e:
             raise ZSVEInputError(f"AttentionBlend: {e}") from None
         for note in plan.notes:
             log.warning("AttentionBlend: %s", note)
         m = model.clone()
-        add_processor(m, FateZeroController(store, plan))
+        h, w = inversion.latent_shape[-2:]
+        if recompute:
+            check_recompute(inversion, "AttentionBlend")
+            controller = FateZeroController(None, plan)
+            SourcePass(inversion, store.config, controller).install(m)
+            fused = sum(controller.fuses_at(i) for i in range(plan.num_steps))
+            text = [f"source attention recomputed at the edit: {fused} of {plan.num_steps} steps fuse, each with one "
+                    f"more UNet pass over the {inversion.frames} frame(s) (nothing stored)"]
+            if plan.blend_indices:
+                text.append("mask output: all ones (recompute mode computes the blend mask during sampling; set "
+                            "Attention Store's source_attention to 'store' for the preview)")
+            mask = torch.ones(inversion.frames, h, w)
+        else:
+            controller = FateZeroController(store, plan)
+            mask = preview_mask(store, plan, (h, w))
+            text = [store.summary()]
+        add_processor(m, controller)
         install_contract(m, "AttentionBlend", inversion, pair.edit.embedding, pair.edit.text, pair.edit.pooled)
-        h, w = store.latent_hw
-        mask = preview_mask(store, plan, (h, w))
         mask = torch.nn.functional.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]
-        hint = full_res_hint(store.config, store.latent_hw)
-        text = [store.summary()] + plan.notes + ([f"Attention Store: {hint}"] if hint else [])
+        hint = full_res_hint(store.config, (h, w))
+        text = text + plan.notes + ([f"Attention Store: {hint}"] if hint else [])
         return io.NodeOutput(m, mask, ui={"text": text})
 
 
