@@ -293,8 +293,9 @@ class AttentionRecorder:
         b = self.config.budget_bytes
         return StoreBudgetError(
             f"the attention store needs {format_bytes(need)}, more than its memory budget of {format_bytes(b)}. "
-            "Lower AttentionStore's record_window (only the steps of the replace windows are needed), use fewer "
-            "frames or a smaller resolution, keep skip_full_res on, or raise memory_budget_gb."
+            "Set AttentionStore's source_attention to 'recompute at edit' (nothing stored, the edit recomputes "
+            "each fused step), lower its record_window (only the steps of the replace windows are needed), use "
+            "fewer frames or a smaller resolution, keep skip_full_res on, or raise memory_budget_gb."
         )
 
     def __call__(self, call, probs):
