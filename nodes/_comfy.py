@@ -210,7 +210,10 @@ def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: floa
               "positive_pooled": _pooled(positive),
               # the CONDITIONING itself (a reference): Attention Blend's recompute mode evaluates the inversion's
               # steps again with it (nodes/_source_pass.py)
-              "positive": positive},
+              "positive": positive,
+              # which weights the inversion ran with (ModelPatcher.patches_uuid changes when weight patches such as a
+              # LoRA are added; clones keep it): the recompute mode tells when the edit model's differ
+              "weights": (id(model.model), getattr(model, "patches_uuid", None))},
     )
     out = {k: v for k, v in latent.items() if k != "noise_mask"}
     out["samples"] = z_T.to(comfy.model_management.intermediate_device())

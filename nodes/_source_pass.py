@@ -42,6 +42,18 @@ PREDICT_NOISE = comfy.patcher_extension.WrappersMP.PREDICT_NOISE
 log = logging.getLogger(__name__)
 
 
+def weights_note(inversion: Inversion, model) -> str | None:
+    """A note when the edit model's weights may differ from the inversion model's (a LoRA added on one side):
+    the source pass then computes the source attention with the edit model's weights."""
+    ran = inversion.info.get("weights")
+    if ran is None or ran == (id(model.model), getattr(model, "patches_uuid", None)):
+        return None
+    return ("the edit model's weights are not the inversion model's (a LoRA or another weight patch on one of them "
+            "only): recompute mode computes the source attention with the edit model's weights, the stored mode "
+            "keeps the inversion model's. Apply the same LoRAs before the graph splits to get the stored mode's "
+            "result, or set Attention Store's source_attention to 'store'.")
+
+
 def check_recompute(inversion: Inversion, node: str) -> list:
     """The inversion's source CONDITIONING, after refusing what the source pass cannot reproduce."""
     pos = inversion.info.get("positive")

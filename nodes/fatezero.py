@@ -14,8 +14,8 @@ from ..attention.store import AttentionStoreSpec, StoreConfig, full_res_hint
 from ..attention.temporal import MODES, TemporalKV
 from ._attn_patch import add_processor, add_record_spec
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model, unet_config
-from ._source_pass import SourcePass, check_recompute
-from .contract import check_choice, install_contract
+from ._source_pass import SourcePass, check_recompute, weights_note
+from .contract import check_choice, install_contract, ui_warning
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
 FZ_CATEGORY = CATEGORY + "/FateZero"
@@ -241,6 +241,10 @@ class AttentionBlend(io.ComfyNode):
             fused = sum(controller.fuses_at(i) for i in range(plan.num_steps))
             text = [f"source attention recomputed at the edit: {fused} of {plan.num_steps} steps fuse, each with one "
                     f"more UNet pass over the {inversion.frames} frame(s) (nothing stored)"]
+            note = weights_note(inversion, model)
+            if note:
+                ui_warning("AttentionBlend", note)
+                text.append(note)
             if plan.blend_indices:
                 text.append("mask output: all ones (recompute mode computes the blend mask during sampling; set "
                             "Attention Store's source_attention to 'store' for the preview)")

@@ -110,3 +110,17 @@ def test_recompute_refuses_an_inversion_without_its_conditioning(temporal_model,
     with pytest.raises(glue.ZSVEInputError, match="kept no source conditioning"):
         AttentionBlend.execute(temporal_model, inv, prompt_pair(tiny_clip, SRC, EDIT), "refine", 0.8, "", 0.0, 0.6,
                                "", "", 0.3, True)
+
+
+def test_recompute_tells_when_the_edit_models_weights_are_not_the_inversions(temporal_model, tiny_clip):
+    positive = encode_text(tiny_clip, SRC)
+    _, inv = glue.run_inversion(_store_model(temporal_model, "recompute at edit"), _latent(frames=2), positive, None,
+                                2, 1.0, disable_pbar=True)
+    args = ("refine", 0.8, "", 0.0, 0.6, "", "", 0.3, True)
+    same = AttentionBlend.execute(temporal_model, inv, prompt_pair(tiny_clip, SRC, EDIT), *args)
+    assert not any("weights are not" in t for t in same.ui["text"])
+    lora = temporal_model.clone()  # a weight patch on the edit side only, as a LoRA loader makes
+    key, weight = next((k, w) for k, w in lora.model.state_dict().items() if k.endswith("attn2.to_k.weight"))
+    lora.add_patches({key: (torch.zeros_like(weight),)}, 1.0)
+    other = AttentionBlend.execute(lora, inv, prompt_pair(tiny_clip, SRC, EDIT), *args)
+    assert any("weights are not the inversion model's" in t for t in other.ui["text"])
