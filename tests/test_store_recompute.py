@@ -124,3 +124,20 @@ def test_recompute_tells_when_the_edit_models_weights_are_not_the_inversions(tem
     lora.add_patches({key: (torch.zeros_like(weight),)}, 1.0)
     other = AttentionBlend.execute(lora, inv, prompt_pair(tiny_clip, SRC, EDIT), *args)
     assert any("weights are not the inversion model's" in t for t in other.ui["text"])
+
+
+def test_graph_with_the_recompute_widget_gives_the_stored_modes_edit(tiny_model, tiny_clip):
+    """Through ComfyUI's executor (KSamplerAdvanced on Attention Blend's model), as a workflow runs it."""
+    from test_fatezero import _graph
+
+    from zsve_harness import CAPTURED, OBJECTS, run_prompt
+
+    OBJECTS.update({"model": tiny_model, "clip": tiny_clip, "lat": _latent(frames=2, seed=3)})
+    edits = {}
+    for mode in ("store", "recompute at edit"):
+        g = _graph(edit="a red square on blue stripes", blend_words="circle", blend_threshold=0.95)
+        g["store"]["inputs"]["source_attention"] = mode
+        run_prompt(g)
+        edits[mode] = CAPTURED["edit"]["samples"].clone()
+    assert CAPTURED["inv"].records["attention"].nbytes == 0
+    assert torch.equal(edits["store"], edits["recompute at edit"])
