@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from zsve_browser import PACK_NAME, Browser, BrowserUnavailable, Server, check_available, workflow_needs
-from zsve_layout import overlaps
+from zsve_layout import NOTE_SCREEN_PX, curves_behind, overlaps, spline
 
 import zsve_boot
 from zsve_workflows import FRONTEND_ONLY, _ordered_inputs, is_widget, load_ui, ui_to_api
@@ -124,3 +124,20 @@ def test_workflow_in_the_frontend(frontend, path):
             assert not overlaps(a, b), f"{path.name}: {a['title']} overlaps {b['title']} in the frontend"
     assert math.isclose(r["view"]["scale"], ui["extra"]["ds"]["scale"]), r["view"]
     assert r["groups"] == len(ui["groups"])
+    # no link runs behind a node, as the frontend draws them: its slot positions, its spline, the nodes' boxes
+    # with their title bars and media previews as loaded
+    curves = [(lid, src, dst, spline(a, b)) for lid, src, dst, a, b in r["curves"]]
+    boxes = {nid: ((x, y, x + w, y + h), title) for nid, (x, y, w, h), title in r["boxes"]}
+    assert len(curves) == len(ui["links"]) and len(boxes) == len(ui["nodes"])
+    behind = curves_behind(curves, boxes, every=True)
+    assert not behind, f"{path.name}: links behind nodes in the frontend: {behind}"
+    # the Read me note is readable at the starting view: its text at least NOTE_SCREEN_PX high on screen
+    # (web/js/read_me_note.js sets the font size the file asks for), all of it in its box, its top-left on the canvas
+    assert len(r["notes"]) == 1, r["notes"]
+    note = r["notes"][0]
+    on_screen = note["font_px"] * note["screen_scale"]
+    assert math.isclose(note["screen_scale"], ui["extra"]["ds"]["scale"], rel_tol=0.02), note
+    assert on_screen >= NOTE_SCREEN_PX - 0.5, f"{path.name}: the note's text is {on_screen:.1f} px on screen: {note}"
+    assert note["scroll_h"] <= note["client_h"] + 2, f"{path.name}: the note's text does not fit its box: {note}"
+    x, y, _w, _h = note["rect"]
+    assert 0 <= x < note["canvas"][0] / 2 and 0 <= y < note["canvas"][1] / 2, f"{path.name}: note at {note['rect']}"

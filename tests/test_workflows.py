@@ -9,7 +9,7 @@ from pathlib import Path
 import nodes
 import pytest
 import torch
-from zsve_layout import hidden_links, min_width, overlaps, rect
+from zsve_layout import NOTE_SCREEN_PX, hidden_links, min_width, overlaps, rect
 
 from zsve_harness import (
     CAPTURED,
@@ -96,11 +96,12 @@ def test_workflow_reads_at_first_sight(path):
     for i, a in enumerate(ui["nodes"]):
         for b in ui["nodes"][i + 1:]:
             assert not overlaps(a, b), f"{path.name}: {a.get('title', a['type'])} overlaps {b.get('title', b['type'])}"
-    # links: few run behind a node, none behind more than three (the single strip had links behind up to ten);
-    # the generator minimises this (tests/zsve_layout.py), the numbers are in the message
+    # links: none runs behind a node, title bar included (the single strip had links behind up to ten nodes);
+    # tests/test_browser.py checks the same with the frontend's own slot positions and node boxes
     behind = hidden_links(ui, every=True)
-    per_link = {lid: [t for i, t in behind if i == lid] for lid, _t in behind}
-    assert len(behind) <= 8 and all(len(v) <= 3 for v in per_link.values()), f"{path.name}: {per_link}"
+    assert not behind, f"{path.name}: links behind nodes: {behind}"
+    # the note's text is given a font size readable at the starting zoom (web/js/read_me_note.js applies it)
+    assert notes[0]["properties"]["zsve_text_px"] * ds["scale"] >= NOTE_SCREEN_PX
     for n in graph_nodes:
         shown, ins = [], []
         values = iter(n["widgets_values"])
@@ -129,6 +130,13 @@ def test_layout_check_finds_what_it_looks_for():
     ui = {"nodes": [a, behind, c], "links": [[1, 1, 0, 3, 0, "MODEL"]]}
     assert hidden_links(ui) == [(1, "in the way")]
     behind["pos"] = [500, 400]
+    assert hidden_links(ui) == []
+    # a link from low left to high right is an S (it leaves its output horizontally): a node on the curve hides it,
+    # a node on the straight line between its ends near the output does not (the Bezier is tested, not the chord)
+    c["pos"] = [1000, -600]
+    behind["pos"], behind["size"] = [560, -330], [60, 60]
+    assert hidden_links(ui) == [(1, "in the way")]
+    behind["pos"], behind["size"] = [260, -50], [40, 10]
     assert hidden_links(ui) == []
     assert min_width("a very long title of a node that will not fit", [], []) > 300
 

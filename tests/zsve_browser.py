@@ -196,10 +196,28 @@ async ([name, text]) => {
   const links = [];
   const lk = g.links instanceof Map ? Array.from(g.links.values()) : Object.values(g.links || {});
   for (const l of lk) if (l) links.push([l.id, l.origin_id, l.origin_slot, l.target_id, l.target_slot, l.type]);
+  // the links as drawn: from the frontend's own slot positions, between the nodes' bounding boxes (title included)
+  const curves = lk.filter(l => l).map(l => [l.id, l.origin_id, l.target_id,
+    Array.from(g.getNodeById(l.origin_id).getOutputPos(l.origin_slot)),
+    Array.from(g.getNodeById(l.target_id).getInputPos(l.target_slot))]);
+  const boxes = g._nodes.map(n => [n.id, Array.from(n.boundingRect), n.title]);
+  // the Markdown notes' text as shown: the computed font size of their paragraphs times the element's on-screen
+  // scale (the DOM widget is scaled with the canvas), whether all of the text fits its box, where it is on screen
+  app.canvas.setDirty(true, true);
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  const canvasRect = app.canvas.canvas.getBoundingClientRect();
+  const notes = Array.from(document.querySelectorAll('.comfy-markdown .tiptap')).map(el => {
+    const r = el.getBoundingClientRect();
+    const onScreen = el.offsetWidth ? r.width / el.offsetWidth : 0;
+    const fonts = Array.from(el.querySelectorAll('p, li')).map(p => parseFloat(getComputedStyle(p).fontSize));
+    return {font_px: Math.min(...fonts), screen_scale: onScreen, scroll_h: el.scrollHeight, client_h: el.clientHeight,
+            rect: [r.x - canvasRect.x, r.y - canvasRect.y, r.width, r.height],
+            canvas: [canvasRect.width, canvasRect.height], text: el.innerText.slice(0, 60)};
+  });
   const dialogs = Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText.slice(0, 500));
   const p = await app.graphToPrompt();
   const ds = app.canvas.ds;
-  return {nodes, links, groups: g._groups.length, dialogs, prompt: p.output,
+  return {nodes, links, curves, boxes, notes, groups: g._groups.length, dialogs, prompt: p.output,
           view: {scale: ds.scale, offset: Array.from(ds.offset)}};
 }
 """
