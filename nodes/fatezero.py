@@ -4,7 +4,9 @@ TemporalSelfAttentionPatch (spatial-temporal self-attention). The algorithms are
 from __future__ import annotations
 
 import logging
+import os
 
+import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -19,6 +21,8 @@ from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
 FZ_CATEGORY = CATEGORY + "/FateZero"
 RECORD_NAME = "attention"
+OVER_BUDGET = ("refuse", "spill to disk")
+SPILL_FOLDER = "zsve_attention_store"  # under ComfyUI's temp directory (emptied by ComfyUI at start and exit)
 log = logging.getLogger(__name__)
 
 
@@ -56,8 +60,16 @@ class AttentionStore(io.ComfyNode):
                                  "for frames of half the model's native size or smaller, where FateZero's rule (query "
                                  "maps of at most 32x32) takes every level."),
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
-                               tooltip="Refuse to record more than this many GiB of attention (checked after the "
-                               "first step, before the RAM fills up). 0 = no limit."),
+                               tooltip="The most GiB of attention to keep in RAM (checked after the first step, "
+                               "before the RAM fills up); over_budget says what happens above it. 0 = no limit (the "
+                               "store stays in RAM)."),
+                io.Combo.Input("over_budget", options=list(OVER_BUDGET), default=OVER_BUDGET[0], optional=True,
+                               tooltip="What a recording over memory_budget_gb does. refuse: stop with a message "
+                               "(nothing recorded). spill to disk: write the store to safetensors files in ComfyUI's "
+                               "temp directory, one file per step (the first step's too), keeping only the step "
+                               "being recorded in RAM; the edit reads one step at a time back from disk (same result "
+                               "bit for bit, some disk reads per step). The files are deleted when the inversion is "
+                               "dropped from ComfyUI's cache; refused if the disk has no room for the store."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model, patched to record attention during Video DDIM Invert. Use it "
@@ -66,17 +78,26 @@ class AttentionStore(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, record_window, skip_full_res, memory_budget_gb) -> io.NodeOutput:
+    def execute(cls, model, record_window, skip_full_res, memory_budget_gb, over_budget=OVER_BUDGET[0]) -> io.NodeOutput:
         check_diffusion_model(model, "AttentionStore")
+        check_choice("AttentionStore", "over_budget", over_budget, OVER_BUDGET)
+        budget = int(float(memory_budget_gb) * 2**30)
+        spill = budget > 0 and over_budget == OVER_BUDGET[1]
         cfg = StoreConfig(record_window=float(record_window),
                           min_factor=arch.store_min_factor(unet_config(model), bool(skip_full_res)),
-                          budget_bytes=int(float(memory_budget_gb) * 2**30))
+                          budget_bytes=budget, spill=spill,
+                          spill_dir=os.path.join(folder_paths.get_temp_directory(), SPILL_FOLDER) if spill else "")
         m = model.clone()
         add_record_spec(m, RECORD_NAME, AttentionStoreSpec(cfg))
         layers = arch.layout(unet_config(model))[0]
         kept = [lay for lay in layers if lay.factor >= cfg.min_factor]
         text = (f"records {len(kept)} of the model's {len(layers)} attention layers: those at 1/{cfg.min_factor} of "
                 "the latent size and coarser" if cfg.min_factor > 1 else f"records all {len(layers)} attention layers")
+        if spill:
+            text += (f"; over {float(memory_budget_gb):g} GiB the store spills to disk under {cfg.spill_dir} (the "
+                     "inversion's text says where it went)")
+        elif budget:
+            text += f"; refuses to record more than {float(memory_budget_gb):g} GiB"
         return io.NodeOutput(m, ui={"text": [text]})
 
 
