@@ -41,6 +41,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -167,6 +168,8 @@ class SpilledEntries(MutableMapping):
         self._cache: dict = {}
         self._written = 0
         self.loads = 0  # tensors read from disk (the one-step cache's misses)
+        self.read_seconds = 0.0  # wall time spent reading tensors from the files / writing them (benchmarks)
+        self.write_seconds = 0.0
 
     # -- mapping ------------------------------------------------------------------------------------------
     def __contains__(self, key) -> bool:
@@ -181,10 +184,12 @@ class SpilledEntries(MutableMapping):
             self._cache, self._cache_path = {}, path
         missing = [t for t, _ in fields.values() if t not in self._cache]
         if missing:
+            t0 = time.perf_counter()
             with safe_open(path, framework="pt", device="cpu") as f:
                 for t in missing:
                     self._cache[t] = f.get_tensor(t)
             self.loads += len(missing)
+            self.read_seconds += time.perf_counter() - t0
         return {name: self._cache[t] for name, (t, _) in fields.items()}
 
     def __setitem__(self, key, data: dict) -> None:
@@ -238,6 +243,7 @@ class SpilledEntries(MutableMapping):
         """Write the pending step to one safetensors file; only its index stays in RAM."""
         if not self.pending:
             return
+        t0 = time.perf_counter()
         tensors, index = {}, {}
         for key, data in self.pending.items():
             fields = {}
@@ -253,6 +259,7 @@ class SpilledEntries(MutableMapping):
         for key, fields in index.items():
             self._index[key] = (path, fields)
         self.pending = {}
+        self.write_seconds += time.perf_counter() - t0
 
     def _drop_on_disk(self, key) -> None:
         hit = self._index.pop(key, None)

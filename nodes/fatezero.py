@@ -42,7 +42,9 @@ class AttentionStore(io.ComfyNode):
                 "and self-attention as projected queries/keys (the exact per-head maps are recomputed at edit "
                 "time from a fraction of the memory), only for the levels FateZero's rule records (all but the model's "
                 "finest attention level: SD1.5's 32x32 and below at 512 px, SDXL's 32x32 level at 1024 px) and "
-                "only for the steps of the replace windows. The inversion's text shows the store's size."
+                "only for the steps of the replace windows. The inversion's text shows the store's size and where it lives: "
+                "in RAM, or, over memory_budget_gb with over_budget 'spill to disk', in safetensors files (one per "
+                "step) in ComfyUI's temp directory, read back one step at a time by the edit."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (SD1.x/2.x or SDXL family) that Video DDIM Invert will use. "
