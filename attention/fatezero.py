@@ -234,20 +234,57 @@ def _split_rows(attend, keep: torch.Tensor, q, k, qs, ks, v) -> torch.Tensor:
     return out
 
 
+# transformer_options key under which the edit's source pass (nodes/_source_pass.py, recompute mode) hands the
+# controller the source attention of the step being evaluated (an AttentionStore holding that one step)
+LIVE_STORE_KEY = "zsve_fatezero_source_step"
+
+
 class FateZeroController:
     """Processor (attention/processor.py protocol) for the edit sampling. Immutable after construction;
-    its mask cache depends only on the store and the plan, so sharing it between runs is safe."""
+    its caches depend only on the store and the plan, so sharing it between runs is safe.
 
-    def __init__(self, store: AttentionStore, plan: FusionPlan):
+    `store`: the inversion's AttentionStore, or None in recompute mode (`StoreConfig.recompute`): then every
+    call reads the store of its own step from `call.extra[LIVE_STORE_KEY]`, which the source pass fills by
+    evaluating the inversion's step again (one step at a time; nothing kept across steps)."""
+
+    def __init__(self, store: AttentionStore | None, plan: FusionPlan):
         self.store = store
         self.plan = plan
-        self._self_layers = set(store.layer_names("self"))
-        self._cross_layers = set(store.layer_names("cross"))
-        self._mask_layers = mask_layers(store, plan.mask_factor) if plan.blend_indices else []
-        self._masks: dict = {}
+        self._layers: dict = {}  # id(store) -> (self layers, cross layers, mask layers, mask cache)
+        if store is not None:
+            self._layer_sets(store)
 
     def __deepcopy__(self, memo):
         return self
+
+    def _store(self, call) -> AttentionStore:
+        if self.store is not None:
+            return self.store
+        st = call.extra.get(LIVE_STORE_KEY) if call.extra else None
+        if st is None:
+            raise StoreLookupError(
+                f"AttentionBlend: edit step at timestep {call.timestep} needs the source attention, but no source "
+                "pass ran for it (recompute mode evaluates the inversion's step inside the sampler's model call). "
+                "Sample the edit with KSamplerAdvanced / SamplerCustomAdvanced on this model."
+            )
+        return st
+
+    def _layer_sets(self, st: AttentionStore):
+        got = self._layers.get(id(st))
+        if got is None or got[0] is not st:
+            got = (st, set(st.layer_names("self")), set(st.layer_names("cross")),
+                   mask_layers(st, self.plan.mask_factor) if self.plan.blend_indices else [], {})
+            if self.store is None:
+                self._layers.clear()  # recompute mode: one step's store at a time
+            self._layers[id(st)] = got
+        return got
+
+    def fuses_at(self, i: int) -> bool:
+        """Whether edit step i (0 = noisiest) reads the source attention (cross window or self window)."""
+        p = self.plan
+        cross = p.cross_mode != "off" and bool(p.cross_alphas[i].any())
+        a, b = p.self_steps
+        return cross or a <= i < b
 
     def _step(self, call) -> int:
         i = self.plan.timestep_to_step.get(call.timestep)
@@ -262,7 +299,7 @@ class FateZeroController:
         return i
 
     def _frames(self, call) -> list[int] | None:
-        st = self.store
+        st = self._store(call)
         if call.frame_index is not None:
             if max(call.frame_index) >= st.frames:
                 raise ValueError(f"AttentionBlend: frame {max(call.frame_index)} requested, the inversion has "
@@ -277,17 +314,21 @@ class FateZeroController:
 
     def active(self, call) -> bool:
         i = self._step(call)
-        self._frames(call)
         if self.plan.only_cond and 0 not in call.cond_or_uncond:
             return False
+        if self.store is None and not self.fuses_at(i):
+            return False
+        st = self._store(call)
+        self._frames(call)
+        _, self_layers, cross_layers, _, _ = self._layer_sets(st)
         if call.kind == "cross":
-            if self.plan.cross_mode == "off" or call.layer not in self._cross_layers:
+            if self.plan.cross_mode == "off" or call.layer not in cross_layers:
                 return False
             on = bool(self.plan.cross_alphas[i].any())
         else:
             a, b = self.plan.self_steps
-            on = a <= i < b and call.layer in self._self_layers
-        if on and not self.store.has_step(call.timestep):
+            on = a <= i < b and call.layer in self_layers
+        if on and not st.has_step(call.timestep):
             raise StoreLookupError(
                 f"AttentionBlend: edit step {i} (timestep {call.timestep}) is inside a replace window but the store "
                 "has no attention for it. Raise AttentionStore's record_window to cover the windows and re-run the "
@@ -317,7 +358,7 @@ class FateZeroController:
         fused = [j for j, c in enumerate(call.cond_or_uncond) if c == 0 or not self.plan.only_cond]
         if not fused:
             return None
-        qs, ks = self.store.self_qk(t, call.layer, frames, device=q.device, window=frames)
+        qs, ks = self._store(call).self_qk(t, call.layer, frames, device=q.device, window=frames)
         if ks.shape[1] != k.shape[1] or qs.shape[1:] != q.shape[1:]:
             raise ValueError(
                 f"AttentionBlend: self-attention of layer {call.layer} has {k.shape[1]} keys at the edit but "
@@ -329,7 +370,7 @@ class FateZeroController:
         qs, ks = qs.to(q.dtype).repeat(n, 1, 1), ks.to(k.dtype).repeat(n, 1, 1)
         mask = None
         if self.plan.blend_indices:
-            mask = self._mask(t, call.hw)
+            mask = self._mask(call, t, call.hw)
             if frames is not None:
                 mask = mask[torch.as_tensor(frames)]
             mask = mask.to(q.device).repeat(n, 1)  # [n*F, Nq]
@@ -346,13 +387,15 @@ class FateZeroController:
         out[idx] = base.to(out.dtype)
         return out
 
-    def _mask(self, timestep: int, hw) -> torch.Tensor:
+    def _mask(self, call, timestep: int, hw) -> torch.Tensor:
+        st = self._store(call)
+        _, _, _, layers, cache = self._layer_sets(st)
         key = (timestep, tuple(hw))
-        m = self._masks.get(key)
+        m = cache.get(key)
         if m is None:
-            m = blend_mask(self.store, self.plan, timestep, hw, self._mask_layers)
+            m = blend_mask(st, self.plan, timestep, hw, layers)
             m = m.reshape(m.shape[0], -1)
-            self._masks[key] = m
+            cache[key] = m
         return m
 
     def __call__(self, call, probs: torch.Tensor) -> torch.Tensor | None:
@@ -366,7 +409,7 @@ class FateZeroController:
             return None
         out = probs.clone()
         if call.kind == "cross":
-            base = self.store.cross_probs(t, call.layer, frames, device=probs.device, window=frames).to(probs.dtype)
+            base = self._store(call).cross_probs(t, call.layer, frames, device=probs.device, window=frames).to(probs.dtype)
             if call.head_range is not None:
                 base = base[:, call.head_range[0]:call.head_range[1]]
             if base.shape[-1] != probs.shape[-1]:
@@ -379,7 +422,7 @@ class FateZeroController:
                 out[s] = p2p.cross_control(base, probs[s], a, plan.cross_mode, plan.mapper, plan.refine_alphas,
                                            plan.equalizer)
         else:
-            base = self.store.self_probs(t, call.layer, frames, device=probs.device, window=frames,
+            base = self._store(call).self_probs(t, call.layer, frames, device=probs.device, window=frames,
                                          dtype=probs.dtype, head_range=call.head_range)
             if base.shape != probs[chunks[0][1]].shape:
                 raise ValueError(
@@ -389,7 +432,7 @@ class FateZeroController:
                 )
             mask = None
             if plan.blend_indices:
-                mask = self._mask(t, call.hw)
+                mask = self._mask(call, t, call.hw)
                 if frames is not None:
                     mask = mask[torch.as_tensor(frames)]
             for _, s in chunks:

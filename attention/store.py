@@ -100,6 +100,9 @@ class StoreConfig:
     cross_attention: bool = True
     budget_bytes: int = 0  # 0: no budget
     dtype: torch.dtype = torch.float16
+    # True: nothing is recorded at the inversion; the edit recomputes the source attention of each fused step
+    # from the inversion's trajectory (nodes/_source_pass.py) into a one-step store (RecomputedAttention)
+    recompute: bool = False
     spill: bool = False  # over the budget: spill to disk (True) or refuse (False); no budget: RAM
     spill_dir: str = ""  # the folder under which a spilled store makes its own directory ("": tempfile's)
 
@@ -531,9 +534,10 @@ class AttentionRecorder:
         b = self.config.budget_bytes
         return StoreBudgetError(
             f"the attention store needs {format_bytes(need)}, more than its memory budget of {format_bytes(b)}. "
-            "Lower AttentionStore's record_window (only the steps of the replace windows are needed), use fewer "
-            "frames or a smaller resolution, keep skip_full_res on, raise memory_budget_gb, or set over_budget to "
-            "'spill to disk'."
+            "Set AttentionStore's source_attention to 'recompute at edit' (nothing stored, the edit recomputes "
+            "each fused step) or its over_budget to 'spill to disk' (the store in files on disk), lower its "
+            "record_window (only the steps of the replace windows are needed), use fewer frames or a smaller "
+            "resolution, keep skip_full_res on, or raise memory_budget_gb."
         )
 
     def _spill_root(self) -> str:
@@ -630,6 +634,41 @@ class AttentionRecorder:
         return self.store
 
 
+@dataclass(eq=False)
+class RecomputedAttention:
+    """What an inversion with `StoreConfig.recompute` keeps in `Inversion.records["attention"]`: no attention,
+    only the settings. The edit (Attention Blend) runs the source pass of each fused step again, at the
+    inversion's own inputs (the trajectory latent and timestep, the source prompt), records that step into a
+    fresh AttentionStore with `config` and fuses from it (nodes/_source_pass.py). Store: 0 bytes; cost: one
+    UNet pass over the frames' conditional rows per fused step."""
+
+    config: StoreConfig
+    recompute: bool = True
+    nbytes: int = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def summary(self) -> str:
+        return "source attention recomputed at the edit (nothing stored; one extra UNet pass per fused step)"
+
+
+class _NoRecorder:
+    """The recorder of a recompute-mode store: records nothing, yields RecomputedAttention."""
+
+    def __init__(self, config: StoreConfig):
+        self.config = config
+
+    def active(self, call) -> bool:
+        return False
+
+    def __call__(self, call, probs):
+        return None
+
+    def finalize(self) -> RecomputedAttention:
+        return RecomputedAttention(self.config)
+
+
 class AttentionStoreSpec:
     """A record spec (nodes/_comfy.py run_inversion): a fresh recorder per inversion run."""
 
@@ -639,8 +678,8 @@ class AttentionStoreSpec:
     def __deepcopy__(self, memo):
         return self
 
-    def new_recorder(self) -> AttentionRecorder:
-        return AttentionRecorder(self.config)
+    def new_recorder(self) -> AttentionRecorder | _NoRecorder:
+        return _NoRecorder(self.config) if self.config.recompute else AttentionRecorder(self.config)
 
 
 # --- size of a configuration ------------------------------------------------------------------------

@@ -39,8 +39,9 @@ from pathlib import Path
 from _models import SD15_UNET  # benchmarks/_models.py: this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ["plain_sampling", "plain_inversion", "inversion_temporal", "inversion_store", "fatezero_style",
-        "fatezero_local", "blended_latent", "infusion", "videop2p_fast"]
+ROWS = ["plain_sampling", "plain_inversion", "inversion_temporal", "inversion_store", "inversion_recompute",
+        "fatezero_style", "fatezero_local", "fatezero_style_recompute", "fatezero_local_recompute", "blended_latent",
+        "infusion", "videop2p_fast"]
 SRC, EDIT, NEG = "a cat walking on the grass", "a dog walking on the grass", ""
 CLIP_768 = {"hidden_size": 768, "intermediate_size": 768, "num_attention_heads": 4, "num_hidden_layers": 1,
             "projection_dim": 768}
@@ -199,17 +200,23 @@ def child(row: str, frames: int, size: int, steps: int, arch: str = "sd15") -> d
             timed(lambda: invert(model))
         elif row == "inversion_temporal":
             timed(lambda: invert(temporal(model)))
-        elif row == "inversion_store":
-            m = AttentionStore.execute(temporal(model), **_defaults(AttentionStore)).args[0]
+        elif row in ("inversion_store", "inversion_recompute"):
+            args = dict(_defaults(AttentionStore))
+            if row == "inversion_recompute":
+                args["source_attention"] = "recompute at edit"
+            m = AttentionStore.execute(temporal(model), **args).args[0]
             _, inv = timed(lambda: invert(m))
             store_bytes = inv.records["attention"].nbytes
-        elif row in ("fatezero_style", "fatezero_local"):
+        elif row.startswith(("fatezero_style", "fatezero_local")):
             base = temporal(model)
-            m = AttentionStore.execute(base, **_defaults(AttentionStore)).args[0]
+            args = dict(_defaults(AttentionStore))
+            if row.endswith("_recompute"):  # the source pass's UNet evaluations are counted in the edit stage
+                args["source_attention"] = "recompute at edit"
+            m = AttentionStore.execute(base, **args).args[0]
             z, inv = invert(m)
             store_bytes = inv.records["attention"].nbytes
             args = _defaults(AttentionBlend)
-            if row == "fatezero_local":
+            if row.startswith("fatezero_local"):
                 args["blend_words"] = "cat"
             e = AttentionBlend.execute(base, inv, pair, **args).args[0]
             timed(lambda: sample(e, z["samples"], edit, neg, False))
@@ -390,12 +397,14 @@ def main():
     ref_rss = sum(x["peak_rss_mib"] for x in plain) / len(plain)
     spread = ", ".join(f"{x['s_per_row']:.3f}" for x in plain)
     print(f"plain sampling rows: {spread} s per row-evaluation (spread = noise of the machine)")
-    print("| row | round | UNet evals (rows) | s per row-eval | overhead ratio | peak RSS MiB | RSS ratio | store MiB | "
-          "attention calls: optimized / output-level / explicit (rows) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    ref_stage = sum(x["unet_s"] for x in plain) / len(plain)
+    print("| row | round | UNet evals (rows) | s per row-eval | overhead ratio | stage UNet s (vs plain sampling) | "
+          "peak RSS MiB | RSS ratio | store MiB | attention calls: optimized / output-level / explicit (rows) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for x in results:
         print(f"| {x['row']} | {x['round']} | {x['evals']} ({x['rows']}) | {x['s_per_row']:.3f} | "
-              f"{x['s_per_row'] / ref_s:.2f}x | {x['peak_rss_mib']:.0f} | {x['peak_rss_mib'] / ref_rss:.2f}x | "
+              f"{x['s_per_row'] / ref_s:.2f}x | {x['unet_s']:.1f} ({x['unet_s'] / ref_stage:.2f}x) | "
+              f"{x['peak_rss_mib']:.0f} | {x['peak_rss_mib'] / ref_rss:.2f}x | "
               f"{x['store_bytes'] / 2**20:.1f} | {x['plain_calls']} / {x['output_calls']} / {x['explicit_calls']} "
               f"({x['explicit_rows']}) |")
     if a.layers:

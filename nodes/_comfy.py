@@ -207,7 +207,13 @@ def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: floa
         info={"steps_requested": int(steps), "scheduler": "ddim_uniform",
               # the source prompt's text embedding (Edit Prompts' pair is checked against it)
               "positive_embedding": positive[0][0].detach().float().cpu() if len(positive) == 1 else None,
-              "positive_pooled": _pooled(positive)},
+              "positive_pooled": _pooled(positive),
+              # the CONDITIONING itself (a reference): Attention Blend's recompute mode evaluates the inversion's
+              # steps again with it (nodes/_source_pass.py)
+              "positive": positive,
+              # which weights the inversion ran with (ModelPatcher.patches_uuid changes when weight patches such as a
+              # LoRA are added; clones keep it): the recompute mode tells when the edit model's differ
+              "weights": (id(model.model), getattr(model, "patches_uuid", None))},
     )
     out = {k: v for k, v in latent.items() if k != "noise_mask"}
     out["samples"] = z_T.to(comfy.model_management.intermediate_device())

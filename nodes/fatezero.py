@@ -16,11 +16,13 @@ from ..attention.store import AttentionStoreSpec, StoreConfig, full_res_hint
 from ..attention.temporal import MODES, TemporalKV
 from ._attn_patch import add_processor, add_record_spec
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model, unet_config
-from .contract import check_choice, install_contract
+from ._source_pass import SourcePass, check_recompute, weights_note
+from .contract import check_choice, install_contract, ui_warning
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
 
 FZ_CATEGORY = CATEGORY + "/FateZero"
 RECORD_NAME = "attention"
+SOURCE_ATTENTION = ("store", "recompute at edit")
 OVER_BUDGET = ("refuse", "spill to disk")
 SPILL_FOLDER = "zsve_attention_store"  # under ComfyUI's temp directory (emptied by ComfyUI at start and exit)
 log = logging.getLogger(__name__)
@@ -65,13 +67,21 @@ class AttentionStore(io.ComfyNode):
                                tooltip="The most GiB of attention to keep in RAM (checked after the first step, "
                                "before the RAM fills up); over_budget says what happens above it. 0 = no limit (the "
                                "store stays in RAM)."),
+                io.Combo.Input("source_attention", options=list(SOURCE_ATTENTION), default=SOURCE_ATTENTION[0],
+                               optional=True, tooltip="store: record the inversion's attention (the size shown in the inversion's "
+                               "text; the edit only reads it). recompute at edit: record nothing; Attention Blend "
+                               "evaluates each fused step of the inversion again, at the inversion's own latent, "
+                               "timestep and source prompt, and fuses from that step (same result, no store, one "
+                               "more UNet pass over the frames per fused step: about 1.4x the edit's time with "
+                               "FateZero's 0.8 windows). For long clips or little RAM."),
                 io.Combo.Input("over_budget", options=list(OVER_BUDGET), default=OVER_BUDGET[0], optional=True,
                                tooltip="What a recording over memory_budget_gb does. refuse: stop with a message "
                                "(nothing recorded). spill to disk: write the store to safetensors files in ComfyUI's "
                                "temp directory, one file per step (the first step's too), keeping only the step "
                                "being recorded in RAM; the edit reads one step at a time back from disk (same result "
                                "bit for bit, some disk reads per step). The files are deleted when the inversion is "
-                               "dropped from ComfyUI's cache; refused if the disk has no room for the store."),
+                               "dropped from ComfyUI's cache; refused if the disk has no room for the store. "
+                               "With source_attention 'store' only (recompute stores nothing)."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model, patched to record attention during Video DDIM Invert. Use it "
@@ -80,14 +90,17 @@ class AttentionStore(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, record_window, skip_full_res, memory_budget_gb, over_budget=OVER_BUDGET[0]) -> io.NodeOutput:
+    def execute(cls, model, record_window, skip_full_res, memory_budget_gb, source_attention=SOURCE_ATTENTION[0],
+                over_budget=OVER_BUDGET[0]) -> io.NodeOutput:
         check_diffusion_model(model, "AttentionStore")
+        check_choice("AttentionStore", "source_attention", source_attention, SOURCE_ATTENTION)
         check_choice("AttentionStore", "over_budget", over_budget, OVER_BUDGET)
+        recompute = source_attention == SOURCE_ATTENTION[1]
         budget = int(float(memory_budget_gb) * 2**30)
-        spill = budget > 0 and over_budget == OVER_BUDGET[1]
+        spill = budget > 0 and over_budget == OVER_BUDGET[1] and not recompute
         cfg = StoreConfig(record_window=float(record_window),
                           min_factor=arch.store_min_factor(unet_config(model), bool(skip_full_res)),
-                          budget_bytes=budget, spill=spill,
+                          budget_bytes=budget, recompute=recompute, spill=spill,
                           spill_dir=os.path.join(folder_paths.get_temp_directory(), SPILL_FOLDER) if spill else "")
         m = model.clone()
         add_record_spec(m, RECORD_NAME, AttentionStoreSpec(cfg))
@@ -95,7 +108,10 @@ class AttentionStore(io.ComfyNode):
         kept = [lay for lay in layers if lay.factor >= cfg.min_factor]
         text = (f"records {len(kept)} of the model's {len(layers)} attention layers: those at 1/{cfg.min_factor} of "
                 "the latent size and coarser" if cfg.min_factor > 1 else f"records all {len(layers)} attention layers")
-        if spill:
+        if cfg.recompute:
+            text = ("recompute at edit: the inversion records nothing; Attention Blend " + text.replace("records", "recomputes", 1)
+                    + " at each fused step")
+        elif spill:
             text += (f"; over {float(memory_budget_gb):g} GiB the store spills to disk under {cfg.spill_dir} (the "
                      "inversion's text says where it went)")
         elif budget:
@@ -226,6 +242,7 @@ class AttentionBlend(io.ComfyNode):
                 f"AttentionBlend: self_replace_end ({self_replace_end:g}) is before self_replace_start "
                 f"({self_replace_start:g})."
             )
+        recompute = bool(getattr(store, "recompute", False))
         try:
             check_inversion_prompt(pair, inversion, "AttentionBlend")
             plan = make_plan(
@@ -233,20 +250,38 @@ class AttentionBlend(io.ComfyNode):
                 cross_window=float(cross_replace), word_windows=cross_replace_words,
                 self_window=(float(self_replace_start), float(self_replace_end)), reweight=reweight,
                 blend_words=blend_words, blend_threshold=float(blend_threshold), only_cond=bool(only_cond),
-                record_window=store.config.record_window,
+                record_window=None if recompute else store.config.record_window,
             )
         except FusionConfigError as e:
             raise ZSVEInputError(f"AttentionBlend: {e}") from None
         for note in plan.notes:
             log.warning("AttentionBlend: %s", note)
         m = model.clone()
-        add_processor(m, FateZeroController(store, plan))
+        h, w = inversion.latent_shape[-2:]
+        if recompute:
+            check_recompute(inversion, "AttentionBlend")
+            controller = FateZeroController(None, plan)
+            SourcePass(inversion, store.config, controller).install(m)
+            fused = sum(controller.fuses_at(i) for i in range(plan.num_steps))
+            text = [f"source attention recomputed at the edit: {fused} of {plan.num_steps} steps fuse, each with one "
+                    f"more UNet pass over the {inversion.frames} frame(s) (nothing stored)"]
+            note = weights_note(inversion, model)
+            if note:
+                ui_warning("AttentionBlend", note)
+                text.append(note)
+            if plan.blend_indices:
+                text.append("mask output: all ones (recompute mode computes the blend mask during sampling; set "
+                            "Attention Store's source_attention to 'store' for the preview)")
+            mask = torch.ones(inversion.frames, h, w)
+        else:
+            controller = FateZeroController(store, plan)
+            mask = preview_mask(store, plan, (h, w))
+            text = [store.summary()]
+        add_processor(m, controller)
         install_contract(m, "AttentionBlend", inversion, pair.edit.embedding, pair.edit.text, pair.edit.pooled)
-        h, w = store.latent_hw
-        mask = preview_mask(store, plan, (h, w))
         mask = torch.nn.functional.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]
-        hint = full_res_hint(store.config, store.latent_hw)
-        text = [store.summary()] + plan.notes + ([f"Attention Store: {hint}"] if hint else [])
+        hint = full_res_hint(store.config, (h, w))
+        text = text + plan.notes + ([f"Attention Store: {hint}"] if hint else [])
         return io.NodeOutput(m, mask, ui={"text": text})
 
 

@@ -18,8 +18,10 @@ from zsve_harness import make_tiny_clip, make_tiny_model, make_tiny_vae, run_pro
 # inversion, Video-P2P's windowed guider, one workflow with FateZero's store and latent blending under windows),
 # the attention dispatcher with and without processors, tests/test_compat.py (the ComfyUI APIs the pack
 # builds on), Edit Prompts' tokenization (test_prompts.py), the edit contract's wrapper on every method and
-# the SDXL essentials (test_sdxl.py).
-COMPAT_MODULES = {"test_compat.py", "test_pack.py", "test_workflows.py", "test_attn_patch.py", "test_prompts.py"}
+# the SDXL essentials (test_sdxl.py), FateZero's recompute mode (its source pass goes through the guider's
+# conditionings and calc_cond_batch: test_store_recompute.py).
+COMPAT_MODULES = {"test_compat.py", "test_pack.py", "test_workflows.py", "test_attn_patch.py", "test_prompts.py",
+                  "test_store_recompute.py"}
 COMPAT_TESTS = {  # module::test (every parametrization) or module::test[param]
     "test_composition.py::test_inversion_and_reconstruction_under_core_context_windows",
     "test_composition.py::test_key_frames_join_every_window_and_are_fused_only_from_their_own",

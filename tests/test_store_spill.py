@@ -98,7 +98,7 @@ def test_a_full_disk_is_refused_with_a_message(tiny_model, monkeypatch):
     with pytest.raises(S.StoreDiskError, match="cannot spill to disk") as e:
         _invert(tiny_model, budget_gb=TINY, over_budget="spill to disk")
     msg = str(e.value)
-    assert "1000 B" not in msg and "0.0 MiB free" in msg and root in msg
+    assert "0.0 MiB free" in msg and root in msg
     assert "memory_budget_gb" in msg and "over_budget" in msg and "record_window" in msg
     gc.collect()
     assert (set(os.listdir(root)) if os.path.isdir(root) else set()) <= before
@@ -224,11 +224,13 @@ def test_the_edit_with_a_spilled_store_is_bitwise_the_ram_edit(windows):
 def test_the_node_refuses_an_unknown_choice_and_says_where_it_spills(tiny_model):
     with pytest.raises(Exception, match="over_budget"):
         _store_model(tiny_model, budget_gb=1.0, over_budget="swap")
-    out = AttentionStore.execute(tiny_model, 1.0, False, 2.0, "spill to disk")
+    out = AttentionStore.execute(tiny_model, 1.0, False, 2.0, over_budget="spill to disk")
     assert "spills to disk" in " ".join(out.ui["text"]) and SPILL_FOLDER in " ".join(out.ui["text"])
-    out = AttentionStore.execute(tiny_model, 1.0, False, 0.0, "spill to disk")  # no budget: RAM
+    out = AttentionStore.execute(tiny_model, 1.0, False, 0.0, over_budget="spill to disk")  # no budget: RAM
     assert "spill" not in " ".join(out.ui["text"])
-    with pytest.raises(GraphError, match="cannot spill|memory budget"):
-        OBJECTS["lat"] = _latent()
-        g = _graph(TINY, "refuse", False)
-        run_prompt(g)
+    out = AttentionStore.execute(tiny_model, 1.0, False, 2.0, source_attention="recompute at edit",
+                                 over_budget="spill to disk")  # nothing stored: nothing to spill
+    assert "spill" not in " ".join(out.ui["text"])
+    OBJECTS["lat"] = _latent()
+    with pytest.raises(GraphError, match="memory budget"):
+        run_prompt(_graph(TINY, "refuse", False))
