@@ -38,13 +38,14 @@ This module does not import ComfyUI.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 import weakref
 from collections.abc import Iterator, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from safetensors import safe_open
@@ -103,6 +104,11 @@ class StoreConfig:
     # True: nothing is recorded at the inversion; the edit recomputes the source attention of each fused step
     # from the inversion's trajectory (nodes/_source_pass.py) into a one-step store (RecomputedAttention)
     recompute: bool = False
+    # only layers at these factors (None: all at >= min_factor); cross-attention kept as its head mean
+    # [F, 1, Nq, T] float32 (what cross_mean gives from per-head fp16 maps, bitwise) -- the recompute mode's
+    # record for Attention Blend's mask output
+    factors: tuple | None = None
+    head_mean: bool = False
     spill: bool = False  # over the budget: spill to disk (True) or refuse (False); no budget: RAM
     spill_dir: str = ""  # the folder under which a spilled store makes its own directory ("": tempfile's)
 
@@ -523,7 +529,8 @@ class AttentionRecorder:
             return False
         if 0 not in call.cond_or_uncond:
             return False
-        if layer_factor(_latent_hw(call), call.hw) < cfg.min_factor:
+        factor = layer_factor(_latent_hw(call), call.hw)
+        if factor < cfg.min_factor or (cfg.factors is not None and factor not in cfg.factors):
             return False
         i = self._edit_step(call)
         if i is not None and i >= kept_steps(call.total_steps, cfg.record_window):
@@ -534,8 +541,8 @@ class AttentionRecorder:
         b = self.config.budget_bytes
         return StoreBudgetError(
             f"the attention store needs {format_bytes(need)}, more than its memory budget of {format_bytes(b)}. "
-            "Set AttentionStore's source_attention to 'recompute at edit' (nothing stored, the edit recomputes "
-            "each fused step) or its over_budget to 'spill to disk' (the store in files on disk), lower its "
+            "Set AttentionStore's source_attention to 'recompute at edit' (only the mask level is kept, the edit "
+            "recomputes each fused step) or its over_budget to 'spill to disk' (the store in files on disk), lower its "
             "record_window (only the steps of the replace windows are needed), use fewer frames or a smaller "
             "resolution, keep skip_full_res on, or raise memory_budget_gb."
         )
@@ -606,7 +613,8 @@ class AttentionRecorder:
             data = {"q": q, "k": k}
             channels = q.shape[-1]
         else:
-            data = {"p": probs.index_select(0, idx).detach().to("cpu", cfg.dtype)}
+            p = probs.index_select(0, idx).detach().to("cpu", cfg.dtype)
+            data = {"p": p.float().mean(1, keepdim=True) if cfg.head_mean else p}
             channels = call.q.shape[-1] if call.q is not None else 0
         if info is None:
             st.layers[call.layer] = LayerInfo(hw=tuple(call.hw), heads=call.heads, channels=int(channels),
@@ -634,39 +642,59 @@ class AttentionRecorder:
         return self.store
 
 
+def mask_factor(factors: Sequence[int], wanted: int = 4) -> int:
+    """The recorded factor closest to `wanted` (ties: the coarser): the level of FateZero's blend masks
+    (attention/fatezero.py mask_layers, 16x16 at 512 px: factor 4)."""
+    return min(factors, key=lambda f: (abs(math.log(f / wanted)), -f))
+
+
 @dataclass(eq=False)
 class RecomputedAttention:
-    """What an inversion with `StoreConfig.recompute` keeps in `Inversion.records["attention"]`: no attention,
-    only the settings. The edit (Attention Blend) runs the source pass of each fused step again, at the
-    inversion's own inputs (the trajectory latent and timestep, the source prompt), records that step into a
-    fresh AttentionStore with `config` and fuses from it (nodes/_source_pass.py). Store: 0 bytes; cost: one
-    UNet pass over the frames' conditional rows per fused step."""
+    """What an inversion with `StoreConfig.recompute` keeps in `Inversion.records["attention"]`: the settings and
+    `masks`, the head-mean cross-attention of the blend-mask level only (an AttentionStore, `head_mean`; 394 KiB per
+    frame per step for SD1.5 at 512 px, for Attention Blend's mask output). The edit (Attention Blend) runs the
+    source pass of each fused step again, at the inversion's own inputs (the trajectory latent and timestep, the
+    source prompt), records that step into a fresh AttentionStore with `config` and fuses from it
+    (nodes/_source_pass.py). Cost: one UNet pass over the frames' conditional rows per fused step."""
 
     config: StoreConfig
+    masks: AttentionStore | None = None
     recompute: bool = True
-    nbytes: int = 0
 
     def __deepcopy__(self, memo):
         return self
 
+    @property
+    def nbytes(self) -> int:
+        return self.masks.nbytes if self.masks is not None else 0
+
+    @property
+    def ram_nbytes(self) -> int:
+        return self.masks.ram_nbytes if self.masks is not None else 0
+
     def summary(self) -> str:
-        return "source attention recomputed at the edit (nothing stored; one extra UNet pass per fused step)"
+        kept = (f"{self.nbytes / 2**20:.2f} MiB ({format_bytes(self.masks.bytes_per_frame_step)} per frame per step), "
+                f"{self.masks.where()}") if self.masks is not None else "0 B"
+        return ("attention recomputed at the edit (one extra UNet pass per fused step); kept: the blend-mask level's "
+                f"head-mean cross-attention, {kept}")
 
 
-class _NoRecorder:
-    """The recorder of a recompute-mode store: records nothing, yields RecomputedAttention."""
+class _MaskRecorder:
+    """The recorder of a recompute-mode store: head-mean cross-attention of the mask level, nothing else."""
 
     def __init__(self, config: StoreConfig):
         self.config = config
+        self.inner = AttentionRecorder(replace(config, self_attention=False, cross_attention=True, head_mean=True,
+                                               dtype=torch.float16, recompute=False))
 
-    def active(self, call) -> bool:
-        return False
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
     def __call__(self, call, probs):
-        return None
+        return self.inner(call, probs)
 
     def finalize(self) -> RecomputedAttention:
-        return RecomputedAttention(self.config)
+        return RecomputedAttention(self.config, masks=self.inner.finalize())
 
 
 class AttentionStoreSpec:
@@ -678,8 +706,8 @@ class AttentionStoreSpec:
     def __deepcopy__(self, memo):
         return self
 
-    def new_recorder(self) -> AttentionRecorder | _NoRecorder:
-        return _NoRecorder(self.config) if self.config.recompute else AttentionRecorder(self.config)
+    def new_recorder(self) -> AttentionRecorder | _MaskRecorder:
+        return _MaskRecorder(self.config) if self.config.recompute else AttentionRecorder(self.config)
 
 
 # --- size of a configuration ------------------------------------------------------------------------

@@ -76,7 +76,7 @@ class SourcePass:
 
     def __init__(self, inversion: Inversion, config: StoreConfig, controller: FateZeroController):
         self.inversion = inversion
-        self.config = replace(config, record_window=1.0, budget_bytes=0, recompute=False)
+        self.config = replace(config, record_window=1.0, budget_bytes=0, recompute=False, factors=None, head_mean=False)
         self.controller = controller
         self.positive = inversion.info.get("positive")
         self.step_of_timestep = {int(t): k for k, t in enumerate(inversion.timesteps) if k >= 1}

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from ..attention import arch
 from ..attention.fatezero import FateZeroController, FusionConfigError, make_plan, preview_mask
-from ..attention.store import AttentionStoreSpec, StoreConfig, full_res_hint
+from ..attention.store import AttentionStoreSpec, StoreConfig, full_res_hint, mask_factor
 from ..attention.temporal import MODES, TemporalKV
 from ._attn_patch import add_processor, add_record_spec
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model, unet_config
@@ -69,11 +69,12 @@ class AttentionStore(io.ComfyNode):
                                "store stays in RAM)."),
                 io.Combo.Input("source_attention", options=list(SOURCE_ATTENTION), default=SOURCE_ATTENTION[0],
                                optional=True, tooltip="store: record the inversion's attention (the size shown in the inversion's "
-                               "text; the edit only reads it). recompute at edit: record nothing; Attention Blend "
-                               "evaluates each fused step of the inversion again, at the inversion's own latent, "
-                               "timestep and source prompt, and fuses from that step (same result, no store, one "
-                               "more UNet pass over the frames per fused step: about 1.4x the edit's time with "
-                               "FateZero's 0.8 windows). For long clips or little RAM."),
+                               "text; the edit only reads it). recompute at edit: record only the blend-mask level's "
+                               "head-mean cross-attention (1/20 to 1/50 of the store); Attention Blend evaluates each "
+                               "fused step of the inversion again, at the inversion's own latent, timestep and "
+                               "source prompt, and fuses from that step (same result, one more UNet pass over the "
+                               "frames per fused step: about 1.4x the edit's time with FateZero's 0.8 windows). For "
+                               "long clips or little RAM."),
                 io.Combo.Input("over_budget", options=list(OVER_BUDGET), default=OVER_BUDGET[0], optional=True,
                                tooltip="What a recording over memory_budget_gb does. refuse: stop with a message "
                                "(nothing recorded). spill to disk: write the store to safetensors files in ComfyUI's "
@@ -81,7 +82,7 @@ class AttentionStore(io.ComfyNode):
                                "being recorded in RAM; the edit reads one step at a time back from disk (same result "
                                "bit for bit, some disk reads per step). The files are deleted when the inversion is "
                                "dropped from ComfyUI's cache; refused if the disk has no room for the store. "
-                               "With source_attention 'store' only (recompute stores nothing)."),
+                               "With source_attention 'recompute at edit' this applies to the small mask record."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model, patched to record attention during Video DDIM Invert. Use it "
@@ -94,24 +95,26 @@ class AttentionStore(io.ComfyNode):
                 over_budget=OVER_BUDGET[0]) -> io.NodeOutput:
         check_diffusion_model(model, "AttentionStore")
         check_choice("AttentionStore", "source_attention", source_attention, SOURCE_ATTENTION)
-        check_choice("AttentionStore", "over_budget", over_budget, OVER_BUDGET)
+        min_factor = arch.store_min_factor(unet_config(model), bool(skip_full_res))
+        layers = arch.layout(unet_config(model))[0]
+        kept = [lay for lay in layers if lay.factor >= min_factor]
         recompute = source_attention == SOURCE_ATTENTION[1]
+        check_choice("AttentionStore", "over_budget", over_budget, OVER_BUDGET)
         budget = int(float(memory_budget_gb) * 2**30)
-        spill = budget > 0 and over_budget == OVER_BUDGET[1] and not recompute
-        cfg = StoreConfig(record_window=float(record_window),
-                          min_factor=arch.store_min_factor(unet_config(model), bool(skip_full_res)),
-                          budget_bytes=budget, recompute=recompute, spill=spill,
+        spill = budget > 0 and over_budget == OVER_BUDGET[1]
+        # recompute mode keeps only the blend-mask level's head-mean cross-attention (Attention Blend's mask output)
+        factors = (mask_factor(sorted({lay.factor for lay in kept})),) if recompute and kept else None
+        cfg = StoreConfig(record_window=float(record_window), min_factor=min_factor,
+                          budget_bytes=budget, recompute=recompute, factors=factors, spill=spill,
                           spill_dir=os.path.join(folder_paths.get_temp_directory(), SPILL_FOLDER) if spill else "")
         m = model.clone()
         add_record_spec(m, RECORD_NAME, AttentionStoreSpec(cfg))
-        layers = arch.layout(unet_config(model))[0]
-        kept = [lay for lay in layers if lay.factor >= cfg.min_factor]
         text = (f"records {len(kept)} of the model's {len(layers)} attention layers: those at 1/{cfg.min_factor} of "
                 "the latent size and coarser" if cfg.min_factor > 1 else f"records all {len(layers)} attention layers")
         if cfg.recompute:
-            text = ("recompute at edit: the inversion records nothing; Attention Blend " + text.replace("records", "recomputes", 1)
-                    + " at each fused step")
-        elif spill:
+            text = ("recompute at edit: the inversion records only the blend-mask level's head-mean cross-attention; "
+                    "Attention Blend " + text.replace("records", "recomputes", 1) + " at each fused step")
+        if spill:
             text += (f"; over {float(memory_budget_gb):g} GiB the store spills to disk under {cfg.spill_dir} (the "
                      "inversion's text says where it went)")
         elif budget:
@@ -264,15 +267,21 @@ class AttentionBlend(io.ComfyNode):
             SourcePass(inversion, store.config, controller).install(m)
             fused = sum(controller.fuses_at(i) for i in range(plan.num_steps))
             text = [f"source attention recomputed at the edit: {fused} of {plan.num_steps} steps fuse, each with one "
-                    f"more UNet pass over the {inversion.frames} frame(s) (nothing stored)"]
+                    f"more UNet pass over the {inversion.frames} frame(s)"]
             note = weights_note(inversion, model)
             if note:
                 ui_warning("AttentionBlend", note)
                 text.append(note)
-            if plan.blend_indices:
-                text.append("mask output: all ones (recompute mode computes the blend mask during sampling; set "
-                            "Attention Store's source_attention to 'store' for the preview)")
-            mask = torch.ones(inversion.frames, h, w)
+            if store.masks is not None:
+                mask = preview_mask(store.masks, plan, (h, w))
+            elif plan.blend_indices:
+                raise ZSVEInputError(
+                    "AttentionBlend: this inversion kept no cross-attention for the blend mask (Attention Store "
+                    "recorded no layer); turn Attention Store's skip_full_res off or clear blend_words."
+                )
+            else:
+                mask = torch.ones(inversion.frames, h, w)
+            text.append(store.summary())
         else:
             controller = FateZeroController(store, plan)
             mask = preview_mask(store, plan, (h, w))
