@@ -256,7 +256,7 @@ def test_controller_windows_and_blend_mask():
     # mask of "circle" (token 2 attends to pixel (0, 0)): 3x3 max-pool -> the top-left 2x2 block
     expect_mask = torch.zeros(4, 4)
     expect_mask[:2, :2] = 1
-    m = ctrl._mask(500, (4, 4))
+    m = ctrl._mask(call, 500, (4, 4))
     assert torch.equal(m, expect_mask.reshape(1, 16).expand(2, 16))
     mm = expect_mask.reshape(1, 1, 16, 1)
     assert torch.allclose(out, mm * probs + (1 - mm) * inv)

@@ -147,3 +147,31 @@ def test_graph_with_the_recompute_widget_gives_the_stored_modes_edit(tiny_model,
         edits[mode] = CAPTURED["edit"]["samples"].clone()
     assert CAPTURED["inv"].records["attention"].recompute
     assert torch.equal(edits["store"], edits["recompute at edit"])
+
+
+def test_recompute_with_a_controlnet_on_the_inversions_conditioning(temporal_model, tiny_clip, tiny_model):
+    """A ControlNet on the source conditioning acts at the inversion: the source pass gets it again (ComfyUI's
+    guider loads and prepares it like any conditioning's), so the edit equals the stored mode's."""
+    import nodes
+
+    from zsve_harness import make_tiny_controlnet
+
+    frames = 2
+    g = torch.Generator().manual_seed(5)
+    cn = make_tiny_controlnet(tiny_model)
+    hint = torch.rand(frames, 128, 128, 3, generator=g)
+    apply = nodes.ControlNetApplyAdvanced().apply_controlnet
+    positive, negative = encode_text(tiny_clip, SRC), encode_text(tiny_clip, "")
+    src_cn, _ = apply(positive, negative, cn, hint, 1.0, 0.0, 1.0)
+    edit_cn, neg_cn = apply(encode_text(tiny_clip, EDIT), negative, cn, hint, 1.0, 0.0, 1.0)
+    latent = _latent(frames=frames)
+    plain, _ = glue.run_inversion(_store_model(temporal_model, "store"), latent, positive, None, STEPS, 1.0,
+                                  disable_pbar=True)
+    _, inv_s = glue.run_inversion(_store_model(temporal_model, "store"), latent, src_cn, None, STEPS, 1.0,
+                                  disable_pbar=True)
+    _, inv_r = glue.run_inversion(_store_model(temporal_model, "recompute at edit"), latent, src_cn, None, STEPS,
+                                  1.0, disable_pbar=True)
+    assert (plain["samples"] - inv_s.z_T).abs().max() > 1e-3  # the ControlNet acts at the inversion
+    ref, _ = _edit(temporal_model, inv_s, tiny_clip, edit_cn, neg_cn)
+    got, _ = _edit(temporal_model, inv_r, tiny_clip, edit_cn, neg_cn)
+    assert torch.equal(got, ref), float((got - ref).abs().max())
