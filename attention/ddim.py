@@ -130,8 +130,8 @@ class Inversion:
     @property
     def nbytes(self) -> int:
         n = sum(t.numel() * t.element_size() for t in self.latents) + self.sigmas.numel() * self.sigmas.element_size()
-        for r in self.records.values():
-            n += int(getattr(r, "nbytes", 0))
+        for r in self.records.values():  # what the records hold in RAM (a spilled attention store: its index)
+            n += int(getattr(r, "ram_nbytes", getattr(r, "nbytes", 0)))
         return n
 
     def index_of_sigma(self, sigma: float, rtol: float = 1e-4, atol: float = 1e-6) -> int | None:

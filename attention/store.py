@@ -18,7 +18,16 @@ Which layers: those whose query map is at least `min_factor` times smaller than 
 i.e. 32x32 and below at 512x512; the 64x64 level is never stored). Which steps: only the edit steps
 i < `kept_steps(N, record_window)` (step 0 = noisiest), enough for replace windows ending at
 `record_window`. A memory budget is checked before every entry and projected after the first step, so
-an over-budget configuration fails at the first step with a message, not after filling the RAM.
+an over-budget configuration fails at the first step with a message, not after filling the RAM, or, with
+`StoreConfig.spill` (Attention Store's over_budget "spill to disk"), moves the store to disk from then on:
+
+**Spill to disk.** A spilled store keeps only its index (keys, tensor names, sizes) and the entries of the
+step being recorded in RAM; every finished step (all layers of one timestep, every context window) is
+written as one safetensors file in a directory the store owns (`spill_dir`), deleted when the store is
+garbage-collected (weakref.finalize, also at interpreter exit). Reads load lazily from the step's file
+(safetensors.safe_open, memory-mapped) and keep at most one step's tensors cached: the edit reads one
+timestep at a time, in order, so each stored tensor is read from disk once per edit. Spilled or not, every
+read returns the same fp16 tensors, so the edit's result is bitwise the same (tests/test_store_spill.py).
 
 `estimate_store_bytes` computes the size of a configuration from the same per-entry accounting
 (`entry_nbytes`) the store uses; a test checks it against a real recording.
@@ -30,10 +39,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .attn import attention_probs
 from .temporal import key_frames, shares_keys
@@ -51,6 +67,10 @@ def format_bytes(n: float) -> str:
 
 class StoreBudgetError(RuntimeError):
     """The attention store would exceed its memory budget."""
+
+
+class StoreDiskError(StoreBudgetError):
+    """A store over its memory budget would spill to disk, but the disk has no room for it."""
 
 
 class StoreLookupError(KeyError):
@@ -89,6 +109,12 @@ class StoreConfig:
     # record for Attention Blend's mask output
     factors: tuple | None = None
     head_mean: bool = False
+    spill: bool = False  # over the budget: spill to disk (True) or refuse (False); no budget: RAM
+    spill_dir: str = ""  # the folder under which a spilled store makes its own directory ("": tempfile's)
+
+
+# a spilled store refuses unless the disk keeps this fraction of the store free beyond it
+SPILL_DISK_HEADROOM = 0.05
 
 
 def full_res_hint(config: StoreConfig, latent_hw: Sequence[int]) -> str | None:
@@ -123,6 +149,143 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _tensor_name(key: tuple, name: str) -> str:
+    """The safetensors name of one tensor of an entry (unique within a step's file)."""
+    window = ",".join(str(int(i)) for i in key[3]) if len(key) > 3 else "-"
+    return f"{key[1]}|{key[2]}|{window}|{name}"
+
+
+class SpilledEntries(MutableMapping):
+    """The entries of a spilled store: a mapping (timestep, layer, kind[, window]) -> {name: tensor} like the
+    RAM store's dict, backed by one safetensors file per recorded step in `directory`.
+
+    Writing: entries of the current timestep stay in RAM (`pending`) until an entry of another timestep
+    arrives or `flush()` is called; then the step is written whole (safetensors files are written at once) and
+    only its index stays in RAM. Writing an entry again (or a window's merged cross map of the current step)
+    replaces the old one; a file with no live entry left is deleted.
+    Reading: `self[key]` returns the pending tensors, or loads the entry's tensors from its step's file
+    (safe_open, memory-mapped) into a cache of at most one file (one step); reading another step drops it.
+    The returned tensors are fresh CPU tensors; writing into them does not change the store (use `[key] =`)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._index: dict = {}  # key -> (path, {name: (tensor name, bytes)})
+        self._files: dict = {}  # path -> [live entries, size on disk in bytes]
+        self.pending: dict = {}
+        self._pending_t: int | None = None
+        self._cache_path: str | None = None
+        self._cache: dict = {}
+        self._written = 0
+        self.loads = 0  # tensors read from disk (the one-step cache's misses)
+        self.read_seconds = 0.0  # wall time spent reading tensors from the files / writing them (benchmarks)
+        self.write_seconds = 0.0
+
+    # -- mapping ------------------------------------------------------------------------------------------
+    def __contains__(self, key) -> bool:
+        return key in self.pending or key in self._index
+
+    def __getitem__(self, key) -> dict:
+        e = self.pending.get(key)
+        if e is not None:
+            return e
+        path, fields = self._index[key]
+        if path != self._cache_path:
+            self._cache, self._cache_path = {}, path
+        missing = [t for t, _ in fields.values() if t not in self._cache]
+        if missing:
+            t0 = time.perf_counter()
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for t in missing:
+                    self._cache[t] = f.get_tensor(t)
+            self.loads += len(missing)
+            self.read_seconds += time.perf_counter() - t0
+        return {name: self._cache[t] for name, (t, _) in fields.items()}
+
+    def __setitem__(self, key, data: dict) -> None:
+        if not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise TypeError("a spilled attention store holds tensors only")
+        if self.pending and self._pending_t != int(key[0]):
+            self.flush()
+        self._pending_t = int(key[0])
+        self._drop_on_disk(key)
+        self.pending[key] = data
+
+    def __delitem__(self, key) -> None:
+        if key in self.pending:
+            del self.pending[key]
+        elif key in self._index:
+            self._drop_on_disk(key)
+        else:
+            raise KeyError(key)
+
+    def __iter__(self) -> Iterator:
+        yield from list(self._index)
+        yield from list(self.pending)
+
+    def __len__(self) -> int:
+        return len(self._index) + len(self.pending)
+
+    # -- disk ---------------------------------------------------------------------------------------------
+    def nbytes_of(self, key) -> int:
+        """Bytes of an entry's tensors (0 if absent), without reading it from disk."""
+        e = self.pending.get(key)
+        if e is not None:
+            return sum(_nbytes(v) for v in e.values())
+        hit = self._index.get(key)
+        return sum(b for _, b in hit[1].values()) if hit else 0
+
+    @property
+    def pending_nbytes(self) -> int:
+        """Bytes of the entries held in RAM (the step being recorded)."""
+        return sum(_nbytes(v) for e in self.pending.values() for v in e.values())
+
+    @property
+    def disk_nbytes(self) -> int:
+        """Size of the step files on disk (tensors + safetensors headers)."""
+        return sum(size for _, size in self._files.values())
+
+    @property
+    def files(self) -> int:
+        return len(self._files)
+
+    def flush(self) -> None:
+        """Write the pending step to one safetensors file; only its index stays in RAM."""
+        if not self.pending:
+            return
+        t0 = time.perf_counter()
+        tensors, index = {}, {}
+        for key, data in self.pending.items():
+            fields = {}
+            for name, v in data.items():
+                t = _tensor_name(key, name)
+                tensors[t] = v.detach().to("cpu").contiguous()
+                fields[name] = (t, _nbytes(v))
+            index[key] = fields
+        path = os.path.join(self.directory, f"step{self._written:05d}_t{self._pending_t}.safetensors")
+        save_file(tensors, path)
+        self._written += 1
+        self._files[path] = [len(index), os.path.getsize(path)]
+        for key, fields in index.items():
+            self._index[key] = (path, fields)
+        self.pending = {}
+        self.write_seconds += time.perf_counter() - t0
+
+    def _drop_on_disk(self, key) -> None:
+        hit = self._index.pop(key, None)
+        if hit is None:
+            return
+        path = hit[0]
+        self._files[path][0] -= 1
+        if self._files[path][0] <= 0:
+            del self._files[path]
+            if self._cache_path == path:
+                self._cache, self._cache_path = {}, None
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+
 @dataclass
 class LayerInfo:
     hw: tuple[int, int]
@@ -133,7 +296,10 @@ class LayerInfo:
 
 @dataclass(eq=False)
 class AttentionStore:
-    """Read-only after recording. Lives in `Inversion.records["attention"]`; shared, never copied."""
+    """Read-only after recording. Lives in `Inversion.records["attention"]`; shared, never copied.
+
+    `entries` is a dict in RAM, or, once `spill()` was called, a SpilledEntries mapping backed by safetensors
+    files in `spill_dir` (deleted with the store); the read methods are the same for both."""
 
     config: StoreConfig
     frames: int
@@ -142,13 +308,60 @@ class AttentionStore:
     entries: dict = field(default_factory=dict)  # (timestep, layer, kind) -> dict of tensors
     layers: dict = field(default_factory=dict)  # layer name -> LayerInfo
     _nbytes: int = 0
+    spill_dir: str | None = None  # the directory of a spilled store's files (None: in RAM)
 
     def __deepcopy__(self, memo):
         return self
 
     @property
     def nbytes(self) -> int:
+        """Bytes of all stored tensors, in RAM or on disk (the store's size)."""
         return self._nbytes
+
+    @property
+    def spilled(self) -> bool:
+        return isinstance(self.entries, SpilledEntries)
+
+    @property
+    def ram_nbytes(self) -> int:
+        """Bytes of stored tensors held in RAM (a spilled store: only the step being recorded)."""
+        return self.entries.pending_nbytes if self.spilled else self._nbytes
+
+    @property
+    def disk_nbytes(self) -> int:
+        """Bytes of a spilled store's files on disk (0 in RAM)."""
+        return self.entries.disk_nbytes if self.spilled else 0
+
+    def spill(self, root: str | None = None) -> str:
+        """Move the store to disk: a new directory under `root` (default: tempfile's folder) owned by this store
+        (deleted when it is garbage-collected); the finished steps are written at once, the last (current) step
+        when the next one starts or at `flush()`. Returns the directory. Errors: OSError if it cannot be made."""
+        if self.spilled:
+            return self.spill_dir
+        root = root or tempfile.gettempdir()
+        os.makedirs(root, exist_ok=True)
+        directory = tempfile.mkdtemp(prefix="zsve_store_", dir=root)
+        weakref.finalize(self, shutil.rmtree, directory, True)
+        spilled = SpilledEntries(directory)
+        first: dict = {}  # timesteps in recording order; the last one (being recorded) stays in RAM
+        for key in self.entries:
+            first.setdefault(key[0], len(first))
+        for key, data in sorted(self.entries.items(), key=lambda kv: first[kv[0][0]]):  # one file a step
+            spilled[key] = data
+        self.entries = spilled
+        self.spill_dir = directory
+        return directory
+
+    def flush(self) -> None:
+        """A spilled store: write the step being recorded to disk (end of the recording). RAM: nothing."""
+        if self.spilled:
+            self.entries.flush()
+
+    def entry_nbytes(self, key: tuple) -> int:
+        """Bytes of one entry (0 if absent), without reading a spilled entry from disk."""
+        if self.spilled:
+            return self.entries.nbytes_of(key)
+        return sum(_nbytes(v) for v in self.entries.get(key, {}).values() if isinstance(v, torch.Tensor))
 
     @property
     def timesteps(self) -> list[int]:
@@ -164,11 +377,31 @@ class AttentionStore:
         """`window`: the absolute frame indices of a context window; self-attention recorded under context
         windows is kept per window (its keys depend on the window's frames) and read back by the same window."""
         key = (int(timestep), layer, kind) if window is None else (int(timestep), layer, kind, tuple(window))
-        old = self.entries.get(key)
-        if old is not None:
-            self._nbytes -= sum(_nbytes(v) for v in old.values() if isinstance(v, torch.Tensor))
+        self._nbytes -= self.entry_nbytes(key)
         self.entries[key] = data
         self._nbytes += sum(_nbytes(v) for v in data.values() if isinstance(v, torch.Tensor))
+
+    def merge_window_cross(self, timestep: int, layer: str, window: Sequence[int], p: torch.Tensor) -> None:
+        """Write a context window's cross-attention maps p [len(window), heads, Nq, T] into the layer's full-frame
+        entry of this timestep (the blend masks read it), growing it to the frames seen so far. In RAM the
+        existing tensor is written in place; in a spilled store the step's entry is in RAM until the step
+        ends, and a merge into an entry already on disk writes a new copy."""
+        key = (int(timestep), layer, "cross")
+        idx = torch.as_tensor(list(window))
+        n = max(self.frames, max(window) + 1)
+        old = self.entries.get(key, {}).get("p")
+        if old is not None and old.shape[0] >= n:
+            in_ram = not self.spilled or key in self.entries.pending
+            if in_ram:
+                old[idx] = p  # in place: the merged entry's size is unchanged
+                return
+            full = old.clone()
+        else:
+            full = torch.zeros((n,) + tuple(p.shape[1:]), dtype=p.dtype)
+            if old is not None:
+                full[: old.shape[0]] = old
+        full[idx] = p
+        self.add(timestep, layer, "cross", {"p": full})
 
     def _entry(self, timestep: int, layer: str, kind: str) -> dict:
         e = self.entries.get((int(timestep), layer, kind))
@@ -233,11 +466,19 @@ class AttentionStore:
         """Stored bytes per frame per recorded step (what a longer clip or more steps add)."""
         return self.nbytes // max(1, self.frames * len(self.timesteps))
 
+    def where(self) -> str:
+        """Where the store lives, for the UI text: RAM, or the spill directory with its size on disk."""
+        if not self.spilled:
+            return "in RAM (CPU)"
+        e = self.entries
+        return (f"spilled to disk: {format_bytes(e.disk_nbytes)} in {e.files} file(s) in {self.spill_dir} (deleted "
+                f"with the inversion), {format_bytes(self.ram_nbytes)} in RAM")
+
     def summary(self) -> str:
         n_steps = len(self.timesteps)
         return (f"attention store: {self.frames} frame(s), {n_steps} step(s), {len(self.layer_names('self'))} self / "
-                f"{len(self.layer_names('cross'))} cross layer(s), {self.nbytes / 2**20:.2f} MiB (fp16, CPU), "
-                f"{format_bytes(self.bytes_per_frame_step)} per frame per step")
+                f"{len(self.layer_names('cross'))} cross layer(s), {self.nbytes / 2**20:.2f} MiB (fp16), "
+                f"{format_bytes(self.bytes_per_frame_step)} per frame per step, {self.where()}")
 
 
 def _latent_hw(call) -> tuple[int, int]:
@@ -300,10 +541,39 @@ class AttentionRecorder:
         b = self.config.budget_bytes
         return StoreBudgetError(
             f"the attention store needs {format_bytes(need)}, more than its memory budget of {format_bytes(b)}. "
-            "Set AttentionStore's source_attention to 'recompute at edit' (only the mask level is kept, the edit recomputes "
-            "each fused step), lower its record_window (only the steps of the replace windows are needed), use "
-            "fewer frames or a smaller resolution, keep skip_full_res on, or raise memory_budget_gb."
+            "Set AttentionStore's source_attention to 'recompute at edit' (only the mask level is kept, the edit "
+            "recomputes each fused step) or its over_budget to 'spill to disk' (the store in files on disk), lower its "
+            "record_window (only the steps of the replace windows are needed), use fewer frames or a smaller "
+            "resolution, keep skip_full_res on, or raise memory_budget_gb."
         )
+
+    def _spill_root(self) -> str:
+        return self.config.spill_dir or tempfile.gettempdir()
+
+    def _over_budget(self, need: int) -> None:
+        """The store (projected: `need` bytes in all) exceeds the budget: refuse, or (config.spill) check that the
+        disk has room for it and spill the store from now on. Errors: StoreBudgetError, StoreDiskError."""
+        if not self.config.spill:
+            raise self._budget_error(need)
+        root = self._spill_root()
+        os.makedirs(root, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        st = self.store
+        on_disk = st.disk_nbytes if st.spilled else 0
+        want = int((need - on_disk) * (1 + SPILL_DISK_HEADROOM))
+        if free < want:
+            raise StoreDiskError(
+                f"the attention store needs {format_bytes(need)}, more than its memory budget of "
+                f"{format_bytes(self.config.budget_bytes)}, and cannot spill to disk: {root} has "
+                f"{format_bytes(free)} free, {format_bytes(want)} needed (the store + {SPILL_DISK_HEADROOM:.0%}). "
+                "Free disk space there (ComfyUI's temp directory, --temp-directory), lower AttentionStore's "
+                "record_window, use fewer frames or a smaller resolution, or raise AttentionStore's memory_budget_gb "
+                "and set over_budget to 'refuse'."
+            )
+        if not st.spilled:
+            d = st.spill(root)
+            log.info("Attention Store: the store (%s projected) exceeds memory_budget_gb (%s): spilling to %s",
+                     format_bytes(need), format_bytes(self.config.budget_bytes), d)
 
     def __call__(self, call, probs):
         cfg = self.config
@@ -327,7 +597,7 @@ class AttentionRecorder:
                 if self._steps_seen == 1 and cfg.budget_bytes and call.total_steps:
                     projected = self._first_step_bytes * kept_steps(call.total_steps, cfg.record_window)
                     if projected > cfg.budget_bytes:
-                        raise self._budget_error(projected)
+                        self._over_budget(projected)  # refuses, or spills (the first step is written too)
             self._step_t = call.timestep
         rows = call.rows(0)
         src = call.q if call.kind == "self" else probs
@@ -352,27 +622,23 @@ class AttentionRecorder:
         if window is not None and call.kind == "cross":
             # cross-attention under context windows: kept per window (read back by the same window, exact) and
             # merged into one full-frame tensor for the blend masks (each window writing its frames)
-            old = st.entries.get((int(call.timestep), call.layer, "cross"), {}).get("p")
-            n = max(st.frames, max(window) + 1)
-            if old is not None and old.shape[0] >= n:
-                old[torch.as_tensor(window)] = data["p"]  # in place: the merged entry's size is unchanged
-            else:
-                full = torch.zeros((n,) + tuple(data["p"].shape[1:]), dtype=data["p"].dtype)
-                if old is not None:
-                    full[: old.shape[0]] = old
-                full[torch.as_tensor(window)] = data["p"]
-                st.add(call.timestep, call.layer, "cross", {"p": full})
+            st.merge_window_cross(call.timestep, call.layer, window, data["p"])
         new = sum(_nbytes(v) for v in data.values())
         key = (int(call.timestep), call.layer, call.kind) + ((window,) if window is not None else ())
-        new -= sum(_nbytes(v) for v in st.entries.get(key, {}).values() if isinstance(v, torch.Tensor))
-        if cfg.budget_bytes and st.nbytes + new > cfg.budget_bytes:
-            raise self._budget_error(st.nbytes + new)
+        new -= st.entry_nbytes(key)
+        if cfg.budget_bytes and not st.spilled and st.nbytes + new > cfg.budget_bytes:
+            need = st.nbytes + new
+            if self._steps_seen == 0 and call.total_steps:  # within the first step: at least this much a step
+                need = max(need, (self._first_step_bytes + new) * kept_steps(call.total_steps, cfg.record_window))
+            self._over_budget(need)
         st.add(call.timestep, call.layer, call.kind, data, window=window)
         if self._steps_seen == 0:
             self._first_step_bytes += new
         return None
 
     def finalize(self) -> AttentionStore | None:
+        if self.store is not None:
+            self.store.flush()  # a spilled store: the last step to disk
         return self.store
 
 
@@ -402,9 +668,13 @@ class RecomputedAttention:
     def nbytes(self) -> int:
         return self.masks.nbytes if self.masks is not None else 0
 
+    @property
+    def ram_nbytes(self) -> int:
+        return self.masks.ram_nbytes if self.masks is not None else 0
+
     def summary(self) -> str:
-        kept = f"{self.nbytes / 2**20:.2f} MiB ({format_bytes(self.masks.bytes_per_frame_step)} per frame per step)" \
-            if self.masks is not None else "0 B"
+        kept = (f"{self.nbytes / 2**20:.2f} MiB ({format_bytes(self.masks.bytes_per_frame_step)} per frame per step), "
+                f"{self.masks.where()}") if self.masks is not None else "0 B"
         return ("attention recomputed at the edit (one extra UNet pass per fused step); kept: the blend-mask level's "
                 f"head-mean cross-attention, {kept}")
 

@@ -4,7 +4,9 @@ TemporalSelfAttentionPatch (spatial-temporal self-attention). The algorithms are
 from __future__ import annotations
 
 import logging
+import os
 
+import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -21,6 +23,8 @@ from .prompts import PromptPairType, check_inversion_prompt, check_pair
 FZ_CATEGORY = CATEGORY + "/FateZero"
 RECORD_NAME = "attention"
 SOURCE_ATTENTION = ("store", "recompute at edit")
+OVER_BUDGET = ("refuse", "spill to disk")
+SPILL_FOLDER = "zsve_attention_store"  # under ComfyUI's temp directory (emptied by ComfyUI at start and exit)
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +44,9 @@ class AttentionStore(io.ComfyNode):
                 "and self-attention as projected queries/keys (the exact per-head maps are recomputed at edit "
                 "time from a fraction of the memory), only for the levels FateZero's rule records (all but the model's "
                 "finest attention level: SD1.5's 32x32 and below at 512 px, SDXL's 32x32 level at 1024 px) and "
-                "only for the steps of the replace windows. The inversion's text shows the store's size."
+                "only for the steps of the replace windows. The inversion's text shows the store's size and where it lives: "
+                "in RAM, or, over memory_budget_gb with over_budget 'spill to disk', in safetensors files (one per "
+                "step) in ComfyUI's temp directory, read back one step at a time by the edit."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (SD1.x/2.x or SDXL family) that Video DDIM Invert will use. "
@@ -58,8 +64,9 @@ class AttentionStore(io.ComfyNode):
                                  "for frames of half the model's native size or smaller, where FateZero's rule (query "
                                  "maps of at most 32x32) takes every level."),
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
-                               tooltip="Refuse to record more than this many GiB of attention (checked after the "
-                               "first step, before the RAM fills up). 0 = no limit."),
+                               tooltip="The most GiB of attention to keep in RAM (checked after the first step, "
+                               "before the RAM fills up); over_budget says what happens above it. 0 = no limit (the "
+                               "store stays in RAM)."),
                 io.Combo.Input("source_attention", options=list(SOURCE_ATTENTION), default=SOURCE_ATTENTION[0],
                                optional=True, tooltip="store: record the inversion's attention (the size shown in the inversion's "
                                "text; the edit only reads it). recompute at edit: record only the blend-mask level's "
@@ -68,6 +75,14 @@ class AttentionStore(io.ComfyNode):
                                "source prompt, and fuses from that step (same result, one more UNet pass over the "
                                "frames per fused step: about 1.4x the edit's time with FateZero's 0.8 windows). For "
                                "long clips or little RAM."),
+                io.Combo.Input("over_budget", options=list(OVER_BUDGET), default=OVER_BUDGET[0], optional=True,
+                               tooltip="What a recording over memory_budget_gb does. refuse: stop with a message "
+                               "(nothing recorded). spill to disk: write the store to safetensors files in ComfyUI's "
+                               "temp directory, one file per step (the first step's too), keeping only the step "
+                               "being recorded in RAM; the edit reads one step at a time back from disk (same result "
+                               "bit for bit, some disk reads per step). The files are deleted when the inversion is "
+                               "dropped from ComfyUI's cache; refused if the disk has no room for the store. "
+                               "With source_attention 'recompute at edit' this applies to the small mask record."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model, patched to record attention during Video DDIM Invert. Use it "
@@ -76,18 +91,22 @@ class AttentionStore(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, record_window, skip_full_res, memory_budget_gb,
-                source_attention=SOURCE_ATTENTION[0]) -> io.NodeOutput:
+    def execute(cls, model, record_window, skip_full_res, memory_budget_gb, source_attention=SOURCE_ATTENTION[0],
+                over_budget=OVER_BUDGET[0]) -> io.NodeOutput:
         check_diffusion_model(model, "AttentionStore")
         check_choice("AttentionStore", "source_attention", source_attention, SOURCE_ATTENTION)
         min_factor = arch.store_min_factor(unet_config(model), bool(skip_full_res))
         layers = arch.layout(unet_config(model))[0]
         kept = [lay for lay in layers if lay.factor >= min_factor]
         recompute = source_attention == SOURCE_ATTENTION[1]
+        check_choice("AttentionStore", "over_budget", over_budget, OVER_BUDGET)
+        budget = int(float(memory_budget_gb) * 2**30)
+        spill = budget > 0 and over_budget == OVER_BUDGET[1]
         # recompute mode keeps only the blend-mask level's head-mean cross-attention (Attention Blend's mask output)
         factors = (mask_factor(sorted({lay.factor for lay in kept})),) if recompute and kept else None
         cfg = StoreConfig(record_window=float(record_window), min_factor=min_factor,
-                          budget_bytes=int(float(memory_budget_gb) * 2**30), recompute=recompute, factors=factors)
+                          budget_bytes=budget, recompute=recompute, factors=factors, spill=spill,
+                          spill_dir=os.path.join(folder_paths.get_temp_directory(), SPILL_FOLDER) if spill else "")
         m = model.clone()
         add_record_spec(m, RECORD_NAME, AttentionStoreSpec(cfg))
         text = (f"records {len(kept)} of the model's {len(layers)} attention layers: those at 1/{cfg.min_factor} of "
@@ -95,6 +114,11 @@ class AttentionStore(io.ComfyNode):
         if cfg.recompute:
             text = ("recompute at edit: the inversion records only the blend-mask level's head-mean cross-attention; "
                     "Attention Blend " + text.replace("records", "recomputes", 1) + " at each fused step")
+        if spill:
+            text += (f"; over {float(memory_budget_gb):g} GiB the store spills to disk under {cfg.spill_dir} (the "
+                     "inversion's text says where it went)")
+        elif budget:
+            text += f"; refuses to record more than {float(memory_budget_gb):g} GiB"
         return io.NodeOutput(m, ui={"text": [text]})
 
 
