@@ -78,7 +78,7 @@ def test_fatezero_self_fusion_at_the_output_level_equals_the_explicit_maps(blend
     torch.testing.assert_close(out[:F], optimized_attention(q[:F], k[:F], v[:F], HEADS), rtol=1e-4, atol=1e-4)
     assert (out[F:] - optimized_attention(q[F:], k[F:], v[F:], HEADS)).abs().max() > 1e-2
     if blend:  # a local edit: the mask keeps part of the rows and fuses the rest
-        m = ctrl._mask(T, (8, 8))
+        m = ctrl._mask(None, T, (8, 8))  # the stored mode: the store is the controller's
         assert 0 < float(m.mean()) < 1
 
 
@@ -87,7 +87,7 @@ def test_fatezero_output_level_fusion_with_a_soft_mask_equals_the_explicit_maps(
     src_q, src_k = _qkv(seed=3, rows=F)[:2]
     ctrl = FateZeroController(_store(src_q, src_k), _plan([2]))
     soft = torch.rand(F, 64, generator=torch.Generator().manual_seed(5))
-    monkeypatch.setattr(ctrl, "_mask", lambda t, hw: soft)
+    monkeypatch.setattr(ctrl, "_mask", lambda call, t, hw: soft)
     ref = _reference_fatezero(ctrl, q, k, v)
     disp = ap._Dispatcher("self", ("output", 7, 0), _MS())
     ap.STATS.reset()
