@@ -234,8 +234,8 @@ def _split_rows(attend, keep: torch.Tensor, q, k, qs, ks, v) -> torch.Tensor:
     return out
 
 
-# transformer_options key under which the edit's source pass (nodes/_source_pass.py, recompute mode) hands the
-# controller the source attention of the step being evaluated (an AttentionStore holding that one step)
+# transformer_options key under which the edit's source pass (nodes/_source_pass.py, recompute mode) hands each
+# controller the source attention of the step being evaluated: {controller: AttentionStore holding that one step}
 LIVE_STORE_KEY = "zsve_fatezero_source_step"
 
 
@@ -260,7 +260,7 @@ class FateZeroController:
     def _store(self, call) -> AttentionStore:
         if self.store is not None:
             return self.store
-        st = call.extra.get(LIVE_STORE_KEY) if call.extra else None
+        st = (call.extra.get(LIVE_STORE_KEY) or {}).get(self) if call.extra else None
         if st is None:
             raise StoreLookupError(
                 f"AttentionBlend: edit step at timestep {call.timestep} needs the source attention, but no source "

@@ -5,6 +5,8 @@ The algorithms live in ../attention; this module only translates between them an
 
 from __future__ import annotations
 
+import math
+
 import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
@@ -211,6 +213,13 @@ def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: floa
               # the CONDITIONING itself (a reference): Attention Blend's recompute mode evaluates the inversion's
               # steps again with it (nodes/_source_pass.py)
               "positive": positive,
+              # the unconditional CONDITIONING when the inversion evaluated it in the same batch (guidance != 1, or
+              # ComfyUI's cfg-1 optimisation disabled): the source pass evaluates the same rows
+              "negative": ((negative if negative is not None else positive)
+                           if not math.isclose(float(cfg), 1.0)
+                           or m.model_options.get("disable_cfg1_optimization", False) else None),
+              # the attention processors on the inversion's model (the source pass keeps only these)
+              "processors": tuple(m.model_options.get("transformer_options", {}).get("zsve_processors", ())),
               # which weights the inversion ran with (ModelPatcher.patches_uuid changes when weight patches such as a
               # LoRA are added; clones keep it): the recompute mode tells when the edit model's differ
               "weights": (id(model.model), getattr(model, "patches_uuid", None))},

@@ -264,7 +264,7 @@ class AttentionBlend(io.ComfyNode):
         if recompute:
             check_recompute(inversion, "AttentionBlend")
             controller = FateZeroController(None, plan)
-            SourcePass(inversion, store.config, controller).install(m)
+            SourcePass.install(m, inversion, store.config, controller)
             fused = sum(controller.fuses_at(i) for i in range(plan.num_steps))
             text = [f"source attention recomputed at the edit: {fused} of {plan.num_steps} steps fuse, each with one "
                     f"more UNet pass over the {inversion.frames} frame(s)"]

@@ -47,7 +47,8 @@ def _edit(model, inv, clip, positive, negative, **kw):
 def _source_pass_of(model):
     from comfy.patcher_extension import WrappersMP
 
-    ws = model.get_wrappers(WrappersMP.PREDICT_NOISE, _source_pass.SOURCE_PASS_KEY)
+    ws = [w for key, lst in model.wrappers.get(WrappersMP.PREDICT_NOISE, {}).items()
+          if key.startswith(_source_pass.SOURCE_PASS_KEY) for w in lst]
     return ws[0].__self__ if ws else None
 
 
@@ -175,3 +176,53 @@ def test_recompute_with_a_controlnet_on_the_inversions_conditioning(temporal_mod
     ref, _ = _edit(temporal_model, inv_s, tiny_clip, edit_cn, neg_cn)
     got, _ = _edit(temporal_model, inv_r, tiny_clip, edit_cn, neg_cn)
     assert torch.equal(got, ref), float((got - ref).abs().max())
+
+
+def _edit_model(model, inv, clip, **kw):
+    args = dict(mode="refine", cross_replace=0.8, cross_replace_words="", self_replace_start=0.0,
+                self_replace_end=0.6, reweight="", blend_words="", blend_threshold=0.3, only_cond=True)
+    args.update(kw)
+    return AttentionBlend.execute(model, inv, prompt_pair(clip, SRC, EDIT), **args).result[0]
+
+
+def _sample(m, inv, positive, negative):
+    import comfy.sample
+
+    z = inv.z_T
+    return comfy.sample.sample(m, torch.zeros_like(z), STEPS, 7.5, "ddim", "ddim_uniform", positive, negative, z,
+                               start_step=0, last_step=10000, force_full_denoise=True, disable_noise=True, seed=0,
+                               disable_pbar=True)
+
+
+def test_chained_attention_blends_share_one_source_pass(temporal_model, tiny_clip):
+    """Two Attention Blend nodes on one model (the second on the first's MODEL) fuse as in the stored mode, with
+    one source pass per step for both."""
+    positive, negative = encode_text(tiny_clip, SRC), encode_text(tiny_clip, "")
+    edit_pos = encode_text(tiny_clip, EDIT)
+    latent = _latent(frames=2)
+    outs = {}
+    for mode in ("store", "recompute at edit"):
+        _, inv = glue.run_inversion(_store_model(temporal_model, mode), latent, positive, None, STEPS, 1.0,
+                                    disable_pbar=True)
+        m = _edit_model(_edit_model(temporal_model, inv, tiny_clip), inv, tiny_clip, reweight="square:2",
+                        self_replace_end=0.4)
+        outs[mode] = _sample(m, inv, edit_pos, negative)
+        if mode != "store":
+            sp = _source_pass_of(m)
+            assert len(sp.controllers) == 2 and sp.passes == 4
+    assert torch.equal(outs["store"], outs["recompute at edit"])
+
+
+def test_recompute_after_an_inversion_with_guidance_evaluates_the_same_rows(temporal_model, tiny_clip):
+    """An inversion with guidance != 1 evaluated cond and uncond rows in one batch: the source pass does the same,
+    so the edit equals the stored mode's (with only_cond on and off)."""
+    positive, negative = encode_text(tiny_clip, SRC), encode_text(tiny_clip, "")
+    edit_pos = encode_text(tiny_clip, EDIT)
+    latent = _latent(frames=2)
+    invs = {mode: glue.run_inversion(_store_model(temporal_model, mode), latent, positive, negative, STEPS, 3.0,
+                                     disable_pbar=True)[1] for mode in ("store", "recompute at edit")}
+    assert invs["recompute at edit"].info["negative"] is negative
+    for only_cond in (True, False):
+        outs = {mode: _sample(_edit_model(temporal_model, inv, tiny_clip, only_cond=only_cond), inv, edit_pos,
+                              negative) for mode, inv in invs.items()}
+        assert torch.equal(outs["store"], outs["recompute at edit"]), only_cond
