@@ -541,8 +541,10 @@ class AttentionRecorder:
         b = self.config.budget_bytes
         return StoreBudgetError(
             f"the attention store needs {format_bytes(need)}, more than its memory budget of {format_bytes(b)}. "
-            "Set AttentionStore's source_attention to 'recompute at edit' (only the mask level is kept, the edit "
-            "recomputes each fused step) or its over_budget to 'spill to disk' (the store in files on disk), lower its "
+            + ("" if self.config.head_mean else  # the recompute mode's mask record: that mode is already set
+               "Set AttentionStore's source_attention to 'recompute at edit' (only the mask level is kept, the edit "
+               "recomputes each fused step), or ")
+            + "set its over_budget to 'spill to disk' (the store in files on disk), lower its "
             "record_window (only the steps of the replace windows are needed), use fewer frames or a smaller "
             "resolution, keep skip_full_res on, or raise memory_budget_gb."
         )

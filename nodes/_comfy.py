@@ -155,6 +155,33 @@ def _pooled(conditioning):
     return p.detach().float().cpu() if torch.is_tensor(p) else None
 
 
+def attention_setup(model) -> dict:
+    """What makes a model's attention calls what they are, besides its weights and processors: the pack's
+    Temporal Self-Attention patches (mode, own frame, min_channels) and the frame context windows (Video Context
+    Windows' handler: schedule, length, overlap, stride, loop, key frames; not the fuse method, which only
+    combines window results). The edit must use the inversion's (Attention Blend compares them)."""
+    to = model.model_options.get("transformer_options", {})
+    temporal = tuple((p.mode, bool(p.include_self), int(p.min_channels))
+                     for p in (to.get("patches") or {}).get("attn1_patch", []) if getattr(p, "is_zsve_temporal", False))
+    h = model.model_options.get("context_handler")
+    windows = None
+    if h is not None:
+        sched = getattr(h, "context_schedule", None)
+        windows = (type(h).__name__, getattr(sched, "name", str(sched)), getattr(h, "context_length", None),
+                   getattr(h, "context_overlap", None), getattr(h, "context_stride", None),
+                   getattr(h, "closed_loop", None), tuple(getattr(h, "key_frames", ()) or ()))
+    return {"temporal": temporal, "windows": windows}
+
+
+def describe_setup(setup: dict) -> str:
+    t = ", ".join(f"{m}{' + own frame' if own else ''} (min_channels {c})" for m, own, c in setup["temporal"]) \
+        or "none (per-frame)"
+    w = setup["windows"]
+    ws = "none" if w is None else f"length {w[2]}, overlap {w[3]}, schedule {w[1]}, stride {w[4]}, key frames " \
+        f"{', '.join(w[6]) or 'none'}"
+    return f"Temporal Self-Attention: {t}; Video Context Windows: {ws}"
+
+
 def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: float, node: str = "VideoDDIMInvert",
                   disable_pbar: bool = False) -> tuple[dict, Inversion]:
     """Invert the frames of `latent` with DDIM through ComfyUI's CFGGuider, so that every model patch,
@@ -220,6 +247,7 @@ def run_inversion(model, latent: dict, positive, negative, steps: int, cfg: floa
                            or m.model_options.get("disable_cfg1_optimization", False) else None),
               # the attention processors on the inversion's model (the source pass keeps only these)
               "processors": tuple(m.model_options.get("transformer_options", {}).get("zsve_processors", ())),
+              "attention_setup": attention_setup(m),
               # which weights the inversion ran with (ModelPatcher.patches_uuid changes when weight patches such as a
               # LoRA are added; clones keep it): the recompute mode tells when the edit model's differ
               "weights": (id(model.model), getattr(model, "patches_uuid", None))},

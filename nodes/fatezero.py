@@ -15,7 +15,15 @@ from ..attention.fatezero import FateZeroController, FusionConfigError, make_pla
 from ..attention.store import AttentionStoreSpec, StoreConfig, full_res_hint, mask_factor
 from ..attention.temporal import MODES, TemporalKV
 from ._attn_patch import add_processor, add_record_spec
-from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model, unet_config
+from ._comfy import (
+    CATEGORY,
+    InversionType,
+    ZSVEInputError,
+    attention_setup,
+    check_diffusion_model,
+    describe_setup,
+    unet_config,
+)
 from ._source_pass import SourcePass, check_recompute, weights_note
 from .contract import check_choice, install_contract, ui_warning
 from .prompts import PromptPairType, check_inversion_prompt, check_pair
@@ -246,6 +254,14 @@ class AttentionBlend(io.ComfyNode):
                 f"({self_replace_start:g})."
             )
         recompute = bool(getattr(store, "recompute", False))
+        ran, now = inversion.info.get("attention_setup"), attention_setup(model)
+        if ran is not None and ran != now:
+            raise ZSVEInputError(
+                "AttentionBlend: the edit model's attention is not set up as the inversion model's was (the fused "
+                "attention would not line up). Inversion: " + describe_setup(ran) + ". Edit: " + describe_setup(now)
+                + ". Apply the same Temporal Self-Attention and Video Context Windows nodes to both models (e.g. "
+                "before the model goes to Attention Store and to Attention Blend)."
+            )
         try:
             check_inversion_prompt(pair, inversion, "AttentionBlend")
             plan = make_plan(

@@ -226,3 +226,28 @@ def test_recompute_after_an_inversion_with_guidance_evaluates_the_same_rows(temp
         outs = {mode: _sample(_edit_model(temporal_model, inv, tiny_clip, only_cond=only_cond), inv, edit_pos,
                               negative) for mode, inv in invs.items()}
         assert torch.equal(outs["store"], outs["recompute at edit"]), only_cond
+
+
+@pytest.mark.parametrize("side", ["temporal", "windows"])
+def test_an_edit_model_whose_attention_differs_from_the_inversions_is_refused(temporal_model, tiny_model, tiny_clip,
+                                                                           side):
+    """Temporal Self-Attention or Video Context Windows on one side only: refused by Attention Blend before any
+    UNet call, in both modes (the recompute mode would otherwise evaluate the source with the edit's setup, the
+    stored mode failed mid-sampling or fused misaligned maps)."""
+    from zsve.nodes.context import VideoContextWindows
+
+    positive = encode_text(tiny_clip, SRC)
+    if side == "temporal":
+        inv_model, edit_model = temporal_model, tiny_model
+    else:
+        inv_model = VideoContextWindows.execute(temporal_model, context_length=2, context_overlap=1,
+                                                context_schedule="standard_static", context_stride=1,
+                                                closed_loop=False, fuse_method="pyramid",
+                                                key_frames="none").result[0]
+        edit_model = temporal_model
+    for mode in ("store", "recompute at edit"):
+        _, inv = glue.run_inversion(_store_model(inv_model, mode), _latent(frames=3), positive, None, 2, 1.0,
+                                    disable_pbar=True)
+        with pytest.raises(glue.ZSVEInputError, match="not set up as the inversion model's was"):
+            AttentionBlend.execute(edit_model, inv, prompt_pair(tiny_clip, SRC, EDIT), "refine", 0.8, "", 0.0, 0.6,
+                                   "", "", 0.3, True)
