@@ -383,3 +383,23 @@ def test_latent_blend_keeps_the_source_outside_a_user_mask(xl, xl_clip, conds):
     src = latent["samples"]
     assert torch.allclose(out[lm == 0], src[lm == 0], atol=1e-5)
     assert (out[lm == 1] - src[lm == 1]).abs().mean() > 0.02
+
+
+def test_fatezero_recompute_mode_on_sdxl_equals_the_stored_mode(xl, xl_clip, conds):
+    """Attention Store's 'recompute at edit' on SDXL (where the store is largest): the source pass's conditioning
+    carries SDXL's pooled/size vector; the edit (cfg 7.5) and the mask output equal the stored mode's, and the
+    recompute mode keeps only the mask level's head-mean cross-attention."""
+    outs = {}
+    for mode in ("store", "recompute at edit"):
+        temporal, store_model = _fz_model(xl, source_attention=mode)
+        with torch.inference_mode():
+            z, inv = glue.run_inversion(store_model, _latent(frames=2), conds["src"], None, STEPS, 1.0,
+                                        disable_pbar=True)
+        res = AttentionBlend.execute(temporal, inv, prompt_pair(xl_clip, SRC, EDIT), mode="refine",
+                                     cross_replace=0.8, cross_replace_words="", self_replace_start=0.0,
+                                     self_replace_end=0.6, reweight="", blend_words="circle", blend_threshold=0.95,
+                                     only_cond=True).result
+        outs[mode] = (_sample(res[0], z, conds["edit"], conds["empty"], cfg=7.5), res[1], inv.records["attention"])
+    (a, ma, st), (b, mb, rec) = outs["store"], outs["recompute at edit"]
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    assert rec.recompute and 0 < rec.nbytes < st.nbytes
