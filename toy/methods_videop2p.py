@@ -11,6 +11,10 @@ word swap: two objects 0%, colour swap on gray 50%; with refinement 100% / 88%; 
 local row, docs/fatezero.md). Video-P2P's configs choose per edit too (refinement for "origami", "crochet",
 "Lego"; word swap for "Spider-Man", "railway").
 
+The words the edit adds are reweighted x4 (Video-P2P's configs reweight the new word in every edit, x2 to x5;
+penguin "crochet" and man-motor "Spider-Man" use x4): chosen on the dev split of issue 20, where the fast row went
+from 70% to 78% edit success (x10: 77%, with a higher warp error; toy/RESULTS.md).
+
 - "Video-P2P (fast)": without null text (the source branch uses its conditional prediction), as `--fast`.
 - "Video-P2P (null-text)": with the shared null-text optimisation (10 inner steps, epsilon 1e-5).
 """
@@ -20,7 +24,9 @@ from __future__ import annotations
 import torch
 
 from .benchmark import BenchSpec, _pack, decode, encode_frames, invert, prompt_pair, register
-from .methods_fatezero import source_words
+from .methods_fatezero import added_words, source_words
+
+REWEIGHT = 4  # Video-P2P configs: x2-x5 on the new word
 
 
 def videop2p_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: BenchSpec, null_text: bool):
@@ -34,8 +40,9 @@ def videop2p_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     src, neg = pair.source.conditioning, pair.negative.conditioning
     z_T, inv = invert(m, encode_frames(vae, frames), src, spec)
     nt = vp.run_null_text(m, inv, src, neg, spec.cfg, 10, 1e-5, disable_pbar=True) if null_text else None
+    reweight = ", ".join(f"{w}:{REWEIGHT}" for w in added_words(spec))
     guider = vp.VideoP2PGuiderNode.execute(
-        m, inv, pair, spec.cfg, "refine", 0.2, "", 0.5, "",
+        m, inv, pair, spec.cfg, "refine", 0.2, "", 0.5, reweight,
         source_words(spec), "", 0.2, 0.3, vp.TARGET_UNCOND[0], null_text=nt).result[0]
     ms = m.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, spec.scheduler, spec.steps).cpu()
