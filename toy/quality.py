@@ -141,6 +141,7 @@ def measure_two(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, c
     from . import scenes
 
     tot = {"color": 0, "shape": 0, "both": 0, "objects": 0, "scene": 0, "n": 0}
+    by_shape: dict = {}  # shape -> [drawn right, objects]
     rows = []
     for i, (s1, c1, s2, c2, bg) in enumerate(specs):
         prompt = scenes.caption_of([f"a {c1} {s1}", f"a {c2} {s2}"], bg)
@@ -155,6 +156,9 @@ def measure_two(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, c
                 tot["shape"] += s
                 tot["both"] += c and s
                 tot["objects"] += 1
+                got = by_shape.setdefault(shape, [0, 0])
+                got[0] += s
+                got[1] += 1
                 ok_all &= bool(c and s)
             scene_ok += ok_all
         tot["scene"] += scene_ok
@@ -165,6 +169,7 @@ def measure_two(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, c
     k = max(1, tot["objects"])
     return {"color_acc": tot["color"] / k, "shape_acc": tot["shape"] / k, "both_acc": tot["both"] / k,
             "scene_acc": tot["scene"] / max(1, tot["n"]), "samples": tot["n"], "prompts": len(specs), "rows": rows,
+            "shape_by_class": {k: tuple(v) for k, v in sorted(by_shape.items())},
             "settings": {"steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "seed": seed,
                          "per_prompt": per_prompt}}
 
@@ -272,6 +277,8 @@ def main():
             print(f"two-object prompts: {res['prompts']}, samples: {res['samples']}, cfg {cfg:g} | per object: colour "
                   f"{res['color_acc']:.1%} shape {res['shape_acc']:.1%} both {res['both_acc']:.1%} | both objects "
                   f"right {res['scene_acc']:.1%} | {res['seconds']} s", flush=True)
+            print("shape drawn right per shape: " + ", ".join(f"{k} {ok / n:.0%} ({ok}/{n})"
+                                                             for k, (ok, n) in res["shape_by_class"].items()))
         if a.json:
             a.json.write_text(json.dumps(out[0] if len(out) == 1 else {"by_cfg": out}, indent=1))
         return
