@@ -253,3 +253,10 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
     assert train2["steps"] == 4 and train2["init_from_step"] == 3 and config2 == config
     moved = [k for k, v in tensors.items() if k.startswith("unet.") and not torch.equal(v, tensors2[k])]
     assert moved and all(torch.equal(v, tensors2[k]) for k, v in tensors.items() if k.startswith("clip"))
+    # and that run resumes with the architecture of the checkpoint it started from (its options are not repeated)
+    r = subprocess.run([sys.executable, "-m", "toy.train", "--batch", "2", "--save-every", "1", "--steps", "5",
+                        "--resume", "--out", str(out2)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed at step 4" in r.stdout
+    _, config3, train3 = toy_model.read(out2)
+    assert train3["steps"] == 5 and config3["unet"]["model_channels"] == 64 and config3["unet_storage"] == "fp16"

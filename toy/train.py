@@ -144,6 +144,9 @@ def main():
         config = info["config"]
         if a.unet_fp16:
             config["unet_storage"] = "fp16"
+        # recorded in the resume state, so that a later --resume builds this architecture and storage again
+        a.model_channels = int(config["unet"]["model_channels"])
+        a.unet_fp16 = config.get("unet_storage") == "fp16"
         init_step, init_minutes = int(info["train"].get("steps", 0)), float(info["train"].get("train_minutes", 0.0))
     else:
         model = tm.build_unet(config, init_seed=a.seed)
