@@ -80,21 +80,19 @@ def measure(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, cfg: 
 
 
 def two_object_specs(n: int, seed: int = 77) -> list[tuple]:
-    """n two-object prompts as the training scenes draw them (`scenes.random_scene`): two different colours
-    allowed on the background, any two shapes; [(s1, c1, s2, c2, background)]."""
+    """n two-object prompts drawn by the training scenes' own draw (`scenes.random_scene` with two objects: two
+    colours allowed on the background, any two shapes, the left object named first);
+    [(s1, c1, s2, c2, background)]."""
     import numpy as np
 
     from . import scenes
 
     rng = np.random.default_rng(seed)
     out = []
-    while len(out) < n:
-        bgs = scenes.all_backgrounds()
-        bg = bgs[rng.integers(len(bgs))]
-        c1, c2 = (str(c) for c in rng.choice(scenes.COLOR_NAMES, 2, replace=False))
-        if not (scenes.allowed(c1, bg) and scenes.allowed(c2, bg)):
-            continue
-        out.append((str(rng.choice(scenes.SHAPES)), c1, str(rng.choice(scenes.SHAPES)), c2, bg))
+    for _ in range(n):
+        sc = scenes.random_scene(rng, two_object_p=1.0)
+        (o1, o2), bg = sc.objects, sc.background
+        out.append((o1.shape, o1.color, o2.shape, o2.color, bg))
     return out
 
 
@@ -135,8 +133,7 @@ def measure_two(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, c
     """Plain generation of two-object prompts ("a red circle and a green square on gray", two different colours):
     per named object, the detector reads the region its colour covers (`object_region`): right colour (the
     object is drawn), right shape, both; per sample: both objects right. The model's own share of the benchmark's
-    two-object edits (objects of half size 22-29 px). The same reading of rendered training scenes (through the
-    toy VAE's 8x8 blocks) is right for `oracle_two()` of the objects."""
+    two-object edits (objects of half size 22-29 px). How often the reading itself is right: `oracle_two`."""
     from . import detect as det
     from . import scenes
 
