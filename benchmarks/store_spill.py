@@ -29,44 +29,61 @@ SRC = "a red circle on blue stripes"
 EDIT = "a red square on blue stripes"
 
 
-def child(mode: str, frames: int, size: int, steps: int) -> dict:
+def _setup(frames: int, size: int, budget: float, over: str):
+    """In a benchmark process: ComfyUI booted, one thread, the tiny model with Temporal Self-Attention "middle", its
+    Attention Store (record_window 1.0, skip_full_res off, the given budget), the prompts' conditioning and the
+    frames' latent. Returns a namespace of what the rows use."""
     sys.path.insert(0, str(ROOT / "tests"))
     import importlib
-    import resource
-    import time
+    from types import SimpleNamespace
 
     importlib.import_module("zsve_boot")  # boots ComfyUI before any comfy import
     import torch
 
     torch.set_num_threads(1)
-    from zsve_harness import encode_text, make_tiny_clip, make_tiny_model
+    from zsve_harness import encode_text, make_tiny_clip, make_tiny_model, prompt_pair
 
-    comfy_sample = importlib.import_module("comfy.sample")
-    glue = importlib.import_module("zsve.nodes._comfy")
     fz = importlib.import_module("zsve.nodes.fatezero")
-    prompts = importlib.import_module("zsve_harness")
-
     model, clip = make_tiny_model(0), make_tiny_clip(0)
     model = fz.TemporalSelfAttentionPatch.execute(model, mode="middle", include_own_frame=False,
                                                   min_channels=0).result[0]
-    budget, over = (0.0, "refuse") if mode == "ram" else (1e-9, "spill to disk")
     store_model = fz.AttentionStore.execute(model, record_window=1.0, skip_full_res=False, memory_budget_gb=budget,
                                             over_budget=over).result[0]
-    pos, epos, neg = encode_text(clip, SRC), encode_text(clip, EDIT), encode_text(clip, "")
     g = torch.Generator().manual_seed(0)
     lat = {"samples": torch.randn(1, 4, size, size, generator=g) + 0.3 * torch.randn(frames, 4, size, size, generator=g)}
+    return SimpleNamespace(
+        torch=torch, fz=fz, model=model, clip=clip, store_model=store_model, latent=lat,
+        pos=encode_text(clip, SRC), epos=encode_text(clip, EDIT), neg=encode_text(clip, ""),
+        pair=prompt_pair(clip, SRC, EDIT), glue=importlib.import_module("zsve.nodes._comfy"),
+        comfy_sample=importlib.import_module("comfy.sample"))
+
+
+def _blend(b, inv):
+    """Attention Blend as every row wires it: refine, FateZero's windows 0.8/0.8, blend words "circle"."""
+    return b.fz.AttentionBlend.execute(b.model, inv, b.pair, mode="refine", cross_replace=0.8, cross_replace_words="",
+                                       self_replace_start=0.0, self_replace_end=0.8, reweight="", blend_words="circle",
+                                       blend_threshold=0.3, only_cond=True).result[0]
+
+
+def _edit(b, blend, z, steps: int):
+    return b.comfy_sample.sample(blend, b.torch.zeros_like(z["samples"]), steps, 7.5, "ddim", "ddim_uniform", b.epos,
+                                 b.neg, z["samples"], disable_noise=True, seed=0, disable_pbar=True)
+
+
+def child(mode: str, frames: int, size: int, steps: int) -> dict:
+    import resource
+    import time
+
+    budget, over = (0.0, "refuse") if mode == "ram" else (1e-9, "spill to disk")
+    b = _setup(frames, size, budget, over)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    z, inv = glue.run_inversion(store_model, lat, pos, None, steps, 1.0, disable_pbar=True)
+    z, inv = b.glue.run_inversion(b.store_model, b.latent, b.pos, None, steps, 1.0, disable_pbar=True)
     t_inv = time.perf_counter() - t0
     st = inv.records["attention"]
-    blend = fz.AttentionBlend.execute(model, inv, prompts.prompt_pair(clip, SRC, EDIT), mode="refine",
-                                      cross_replace=0.8, cross_replace_words="", self_replace_start=0.0,
-                                      self_replace_end=0.8, reweight="", blend_words="circle", blend_threshold=0.3,
-                                      only_cond=True).result[0]
+    blend = _blend(b, inv)
     t0 = time.perf_counter()
-    out = comfy_sample.sample(blend, torch.zeros_like(z["samples"]), steps, 7.5, "ddim", "ddim_uniform", epos, neg,
-                              z["samples"], disable_noise=True, seed=0, disable_pbar=True)
+    out = _edit(b, blend, z, steps)
     t_edit = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"mode": mode, "inversion_s": t_inv, "edit_s": t_edit, "peak_over_start_mib": (peak - base) / 1024,
@@ -80,29 +97,11 @@ def child(mode: str, frames: int, size: int, steps: int) -> dict:
 def timing(frames: int, size: int, steps: int, repeat: int) -> dict:
     """One process: a spilled inversion, and the same store loaded into RAM (a RAM AttentionStore with the same
     tensors); the edit with each, alternating `repeat` times (the same process, the same load on the machine)."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import dataclasses
-    import importlib
     import time
 
-    importlib.import_module("zsve_boot")
-    import torch
-
-    torch.set_num_threads(1)
-    from zsve_harness import encode_text, make_tiny_clip, make_tiny_model, prompt_pair
-
-    comfy_sample = importlib.import_module("comfy.sample")
-    glue = importlib.import_module("zsve.nodes._comfy")
-    fz = importlib.import_module("zsve.nodes.fatezero")
-    model, clip = make_tiny_model(0), make_tiny_clip(0)
-    model = fz.TemporalSelfAttentionPatch.execute(model, mode="middle", include_own_frame=False,
-                                                  min_channels=0).result[0]
-    store_model = fz.AttentionStore.execute(model, record_window=1.0, skip_full_res=False, memory_budget_gb=1e-9,
-                                            over_budget="spill to disk").result[0]
-    pos, epos, neg = encode_text(clip, SRC), encode_text(clip, EDIT), encode_text(clip, "")
-    g = torch.Generator().manual_seed(0)
-    lat = {"samples": torch.randn(1, 4, size, size, generator=g) + 0.3 * torch.randn(frames, 4, size, size, generator=g)}
-    z, spilled = glue.run_inversion(store_model, lat, pos, None, steps, 1.0, disable_pbar=True)
+    b = _setup(frames, size, 1e-9, "spill to disk")
+    z, spilled = b.glue.run_inversion(b.store_model, b.latent, b.pos, None, steps, 1.0, disable_pbar=True)
     st = spilled.records["attention"]
     assert st.spilled
     ram = dataclasses.replace(st, entries={k: {n: v.clone() for n, v in e.items()} for k, e in st.entries.items()},
@@ -112,15 +111,11 @@ def timing(frames: int, size: int, steps: int, repeat: int) -> dict:
     outs = {}
     for _ in range(repeat):
         for mode, inv in (("ram", in_ram), ("spill", spilled)):
-            blend = fz.AttentionBlend.execute(model, inv, prompt_pair(clip, SRC, EDIT), mode="refine", cross_replace=0.8,
-                                              cross_replace_words="", self_replace_start=0.0, self_replace_end=0.8,
-                                              reweight="", blend_words="circle", blend_threshold=0.3,
-                                              only_cond=True).result[0]
+            blend = _blend(b, inv)
             t0 = time.perf_counter()
-            outs[mode] = comfy_sample.sample(blend, torch.zeros_like(z["samples"]), steps, 7.5, "ddim", "ddim_uniform",
-                                             epos, neg, z["samples"], disable_noise=True, seed=0, disable_pbar=True)
+            outs[mode] = _edit(b, blend, z, steps)
             times[mode].append(time.perf_counter() - t0)
-    return {"times": times, "equal": bool(torch.equal(outs["ram"], outs["spill"]))}
+    return {"times": times, "equal": bool(b.torch.equal(outs["ram"], outs["spill"]))}
 
 
 def main():
