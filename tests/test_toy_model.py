@@ -215,6 +215,9 @@ def test_two_object_reading_finds_each_named_object_and_the_model_draws_their_co
     with torch.inference_mode():
         res = quality.measure_two(model, clip, vae, specs, per_prompt=2, steps=10, verbose=False)
     assert res["samples"] == 6 and res["color_acc"] >= 0.8, res
+    # what each asked shape was read as, over the objects whose colour was drawn (12 objects in all)
+    assert sum(res["confusion"].values()) == round(res["color_acc"] * 12), res["confusion"]
+    assert all(k.split("->")[0] in ("circle", "square", "triangle") for k in res["confusion"])
 
 
 def test_train_script_runs_resumes_and_records_its_options(tmp_path):

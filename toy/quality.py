@@ -133,12 +133,14 @@ def measure_two(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, c
     """Plain generation of two-object prompts ("a red circle and a green square on gray", two different colours):
     per named object, the detector reads the region its colour covers (`object_region`): right colour (the
     object is drawn), right shape, both; per sample: both objects right. The model's own share of the benchmark's
-    two-object edits (objects of half size 22-29 px). How often the reading itself is right: `oracle_two`."""
+    two-object edits (objects of half size 22-29 px). How often the reading itself is right: `oracle_two`.
+    `confusion`: {"asked->read": objects} over the objects whose colour was drawn (a circle read as a square...)."""
     from . import detect as det
     from . import scenes
 
     tot = {"color": 0, "shape": 0, "both": 0, "objects": 0, "scene": 0, "n": 0}
     by_shape: dict = {}  # shape -> [drawn right, objects]
+    confusion: dict = {}  # (asked shape, shape read) -> objects whose colour was drawn
     rows = []
     for i, (s1, c1, s2, c2, bg) in enumerate(specs):
         prompt = scenes.caption_of([f"a {c1} {s1}", f"a {c2} {s2}"], bg)
@@ -156,6 +158,8 @@ def measure_two(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, c
                 got = by_shape.setdefault(shape, [0, 0])
                 got[0] += s
                 got[1] += 1
+                if c:
+                    confusion[(shape, d.shape)] = confusion.get((shape, d.shape), 0) + 1
                 ok_all &= bool(c and s)
             scene_ok += ok_all
         tot["scene"] += scene_ok
@@ -167,6 +171,7 @@ def measure_two(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, c
     return {"color_acc": tot["color"] / k, "shape_acc": tot["shape"] / k, "both_acc": tot["both"] / k,
             "scene_acc": tot["scene"] / max(1, tot["n"]), "samples": tot["n"], "prompts": len(specs), "rows": rows,
             "shape_by_class": {k: tuple(v) for k, v in sorted(by_shape.items())},
+            "confusion": {f"{a}->{b}": n for (a, b), n in sorted(confusion.items())},
             "settings": {"steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "seed": seed,
                          "per_prompt": per_prompt}}
 
@@ -276,6 +281,8 @@ def main():
                   f"right {res['scene_acc']:.1%} | {res['seconds']} s", flush=True)
             print("shape drawn right per shape: " + ", ".join(f"{k} {ok / n:.0%} ({ok}/{n})"
                                                              for k, (ok, n) in res["shape_by_class"].items()))
+            print("asked -> read (objects whose colour was drawn): " + ", ".join(
+                f"{k} {n}" for k, n in res["confusion"].items()))
         if a.json:
             a.json.write_text(json.dumps(out[0] if len(out) == 1 else {"by_cfg": out}, indent=1))
         return
