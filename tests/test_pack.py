@@ -80,3 +80,19 @@ def test_attention_package_imports_no_comfyui(pack):
                 top = n.split(".")[0]
                 assert top not in {"comfy", "comfy_api", "comfy_extras", "nodes", "execution", "folder_paths",
                                    "latent_preview"}, f"{path.name} imports {n}"
+
+
+def test_tests_see_the_packs_own_module_objects_under_zsve(pack):
+    """tests/zsve_boot.py aliases the pack ComfyUI loaded as `zsve`: a submodule first imported as `zsve.X` (here
+    after the pack imported its real `toy` package, as the Toy Model loader does) is the pack's own module object, so
+    `import zsve.toy.scenes as sc` works whatever ran before (it failed once the loader node had run: a second
+    `zsve.toy` package had been made)."""
+    import importlib
+    import sys
+
+    real = pack.__name__
+    importlib.import_module(real + ".toy.model")  # what the loader node's relative import does
+    import zsve.toy.attn_loss as al
+
+    assert al is sys.modules[real + ".toy.attn_loss"]
+    assert sys.modules["zsve.toy"] is sys.modules[real + ".toy"] is importlib.import_module("zsve").toy

@@ -136,7 +136,33 @@ def _load_pack():
     for name, mod in list(sys.modules.items()):
         if name == sys_name or name.startswith(sys_name + "."):
             sys.modules["zsve" + name[len(sys_name):]] = mod
+    # A submodule the pack had not imported yet (e.g. zsve.toy.scenes) is imported under its real name too and
+    # aliased, so that `zsve.X` and the pack's own relative imports always share one module object. (Without
+    # this, `import zsve.toy.scenes` made a second package `zsve.toy`; once the pack imported its real `toy`,
+    # `import zsve.toy.scenes as sc` looked in the real one and failed, depending on the order of the tests.)
+    sys.meta_path.insert(0, _PackAlias(sys_name))
     return pack, sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
+
+
+class _PackAlias:
+    """Import finder for `zsve.<sub>`: imports `<pack's real name>.<sub>` and hands back that module object."""
+
+    def __init__(self, real: str):
+        self.real = real
+
+    def find_spec(self, name, path=None, target=None):
+        if not name.startswith("zsve."):
+            return None
+        import importlib.util
+
+        real = importlib.import_module(self.real + name[len("zsve"):])
+        return importlib.util.spec_from_loader(name, self, is_package=hasattr(real, "__path__"))
+
+    def create_module(self, spec):
+        return sys.modules[self.real + spec.name[len("zsve"):]]
+
+    def exec_module(self, module):
+        pass  # already executed under its real name
 
 
 PACK, PACK_NODE_IDS = _load_pack()
