@@ -131,15 +131,12 @@ def _load_pack():
         raise RuntimeError("ComfyUI's loader failed to load the pack; see the log above.")
     sys_name = str(link).replace(".", "_x_")
     pack = sys.modules[sys_name]
-    # Alias the loaded package and its submodules as `zsve` so tests can `import zsve.attention.ddim`
-    # and get the very module objects ComfyUI loaded (no second copy).
-    for name, mod in list(sys.modules.items()):
-        if name == sys_name or name.startswith(sys_name + "."):
-            sys.modules["zsve" + name[len(sys_name):]] = mod
-    # A submodule the pack had not imported yet (e.g. zsve.toy.scenes) is imported under its real name too and
-    # aliased, so that `zsve.X` and the pack's own relative imports always share one module object. (Without
-    # this, `import zsve.toy.scenes` made a second package `zsve.toy`; once the pack imported its real `toy`,
-    # `import zsve.toy.scenes as sc` looked in the real one and failed, depending on the order of the tests.)
+    # Alias the loaded package as `zsve` so tests can `import zsve.attention.ddim` and get the very module objects
+    # ComfyUI loaded (no second copy): every `zsve.<sub>` import resolves to `<real name>.<sub>`, imported under its
+    # real name if the pack had not yet. (Copying only the modules loaded so far made `import zsve.toy.scenes`
+    # create a second package `zsve.toy`; once the pack imported its real `toy`, `import zsve.toy.scenes as sc`
+    # looked in the real one and failed, depending on the order of the tests.)
+    sys.modules["zsve"] = pack
     sys.meta_path.insert(0, _PackAlias(sys_name))
     return pack, sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
 
