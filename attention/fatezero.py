@@ -48,6 +48,7 @@ class FusionPlan:
     equalizer: torch.Tensor | None = None  # [77]
     self_steps: tuple[int, int] = (0, 0)
     blend_indices: list[int] | None = None  # source token positions of the blend words
+    blend_phrases: list[list[int]] | None = None  # the same per comma-separated phrase (one mask each, united)
     blend_threshold: float = 0.3
     mask_factor: int = 4
     only_cond: bool = True
@@ -88,6 +89,13 @@ def parse_window(value: str, what: str) -> tuple[float, float]:
 
 def split_words(text: str) -> list[str]:
     return [w for w in re.split(r"[,\s]+", text or "") if w.strip()]
+
+
+def split_phrases(text: str) -> list[list[str]]:
+    """'red hat, green dots' -> [['red', 'hat'], ['green', 'dots']]: the comma-separated phrases of a blend-words
+    input, each split into its words (empty phrases dropped). Each phrase gets its own mask, and the blend mask is
+    their union (attention/masks.py `cross_attention_mask`)."""
+    return [ws for ws in (split_words(p) for p in (text or "").split(",")) if ws]
 
 
 def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[int], mode: str = "refine",
@@ -139,20 +147,22 @@ def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[i
                 eq_items.append((idx, float(value)))
             except ValueError:
                 raise FusionConfigError(f"reweight: '{value}' is not a number (e.g. 'watercolor:10')") from None
-        blend = None
-        words = split_words(blend_words)
-        if words:
-            blend = []
+        blend, phrases = None, None
+        if split_words(blend_words):
+            blend, phrases = [], []
             src_words = [align.normalise_word(w) for w in source.split()]
-            for w in words:
-                idx = align.word_indices(source, w, tokenizer)
-                if not idx:
-                    raise FusionConfigError(
-                        f"blend_words: '{w}' is not a word of the source prompt {source!r}"
-                        f"{align.missing_word_hint(source, w)} (its words: "
-                        f"{', '.join(src_words)}); blend words name the object in the source video"
-                    )
-                blend.extend(idx)
+            for phrase in split_phrases(blend_words):
+                phrases.append([])
+                for w in phrase:
+                    idx = align.word_indices(source, w, tokenizer)
+                    if not idx:
+                        raise FusionConfigError(
+                            f"blend_words: '{w}' is not a word of the source prompt {source!r}"
+                            f"{align.missing_word_hint(source, w)} (its words: "
+                            f"{', '.join(src_words)}); blend words name the object in the source video"
+                        )
+                    blend.extend(idx)
+                    phrases[-1].extend(idx)
     except align.AlignmentError as e:
         raise FusionConfigError(str(e)) from None
     cw = p2p.as_window(cross_window)
@@ -176,7 +186,8 @@ def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[i
     return FusionPlan(
         num_steps=n, timestep_to_step=step_of, cross_mode=cross_mode, cross_alphas=alphas, mapper=mapper,
         refine_alphas=refine_alphas, equalizer=p2p.equalizer(eq_items) if eq_items else None,
-        self_steps=self_steps, blend_indices=blend, blend_threshold=float(blend_threshold),
+        self_steps=self_steps, blend_indices=blend, blend_phrases=phrases if phrases and len(phrases) > 1 else None,
+        blend_threshold=float(blend_threshold),
         mask_factor=int(mask_factor), only_cond=bool(only_cond), notes=notes,
     )
 
@@ -199,7 +210,7 @@ def blend_mask(store: AttentionStore, plan: FusionPlan, timestep: int, out_hw, l
     maps = [store.cross_mean(timestep, lay) for lay in layers]
     hws = [store.layers[lay].hw for lay in layers]
     th = plan.blend_threshold if threshold == "plan" else threshold
-    return cross_attention_mask(maps, hws, plan.blend_indices, out_hw, threshold=th)
+    return cross_attention_mask(maps, hws, plan.blend_phrases or plan.blend_indices, out_hw, threshold=th)
 
 
 def preview_mask(store: AttentionStore, plan: FusionPlan, out_hw) -> torch.Tensor:

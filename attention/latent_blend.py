@@ -142,15 +142,18 @@ def resize_maps(maps: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def attention_blend_mask(maps: Sequence[torch.Tensor], hw_list: Sequence, out_hw: tuple[int, int], threshold: float,
-                         dilation: int = 1, temporal_radius: int = 0) -> torch.Tensor:
+                         dilation: int = 1, temporal_radius: int = 0,
+                         phrases: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """The blend mask from one step's word maps, with the pack's mask recipe (attention/masks.py, FateZero's):
     `maps[i]` [F, Nq_i, P] = layer i's head-averaged cross-attention of the words' P tokens. Sum over the
     tokens, mean over layers, 3x3 max-pool, resize, normalise per frame; then average the soft map over
     +-temporal_radius neighbouring frames, threshold (> threshold) and dilate with an odd square kernel.
+    `phrases`: the columns (0..P-1) of each comma-separated phrase; each phrase is normalised on its own and the
+    soft maps are united (masks.cross_attention_mask); None: one phrase of all P columns.
     -> [F, H, W] float 0/1."""
     if dilation < 1 or dilation % 2 == 0:
         raise ValueError(f"dilation kernel must be odd (1 = none), got {dilation}")
-    positions = list(range(maps[0].shape[-1]))
+    positions = [list(g) for g in phrases] if phrases else list(range(maps[0].shape[-1]))
     soft = cross_attention_mask(maps, hw_list, positions, out_hw, threshold=None)
     soft = masks.temporal_smooth(soft, int(temporal_radius), mode="mean")
     return masks.dilate((soft > float(threshold)).float(), (int(dilation) - 1) // 2)

@@ -87,7 +87,7 @@ def soft_mask(word_maps: torch.Tensor, out_hw, pool: bool = True, mode: str = "n
     return normalise_per_frame(x[:, 0])
 
 
-def cross_attention_mask(maps: Sequence[torch.Tensor], hw_list: Sequence, token_indices: Sequence[int], out_hw,
+def cross_attention_mask(maps: Sequence[torch.Tensor], hw_list: Sequence, token_indices, out_hw,
                          threshold: float | None = 0.3, pool: bool = True,
                          token_weights: Sequence[float] | None = None) -> torch.Tensor:
     """FateZero's blend mask: [F, H, W], 1.0 where the words are (float 0/1; soft map if threshold is None).
@@ -96,11 +96,41 @@ def cross_attention_mask(maps: Sequence[torch.Tensor], hw_list: Sequence, token_
     hw_list: the (h, w) query map of each layer; token_indices: the text-token positions of the words
     (BOS = 0, as in the 77-token context); out_hw: the resolution of the mask; threshold: the mask is
     `normalised > threshold`.
+
+    Phrases: `token_indices` may also be a list of phrases (a list of position lists, e.g. [[2, 3], [5, 6]] for
+    "red hat, green dots"); each phrase is then masked on its own (summed over its tokens, pooled, normalised
+    per frame) and the mask is their union (the pixel-wise maximum of the normalised maps, then the threshold).
+    A single phrase is exactly the reference's recipe. Why: the reference sums every word's map before
+    normalising by the frame's maximum, so a phrase with peaked attention (an object) sets the maximum and a
+    phrase spread over a large region (a background) falls under the threshold; an edit that changes an object
+    and the background then blends the background away (toy benchmark, issue 20: toy/RESULTS.md).
     """
-    m = soft_mask(word_map(maps, hw_list, token_indices, token_weights), out_hw, pool=pool)
+    groups = phrases_of(token_indices)
+    if token_weights is not None and len(groups) > 1:
+        raise ValueError("token_weights apply to one phrase (a flat list of token indices), not to several")
+    m = None
+    for g in groups:
+        part = soft_mask(word_map(maps, hw_list, g, token_weights), out_hw, pool=pool)
+        m = part if m is None else torch.maximum(m, part)
     if threshold is None:
         return m
     return (m > float(threshold)).to(m.dtype)
+
+
+def phrases_of(token_indices) -> list[list[int]]:
+    """[i, j, ...] -> [[i, j, ...]] (one phrase); [[i, j], [k]] -> itself (several); raises on an empty list."""
+    items = list(token_indices)
+    if not items:
+        raise ValueError("no token indices given for the mask")
+    nested = [isinstance(x, (list, tuple)) for x in items]
+    if all(nested):
+        groups = [[int(i) for i in g] for g in items if len(g)]
+        if not groups:
+            raise ValueError("no token indices given for the mask")
+        return groups
+    if any(nested):
+        raise ValueError("token indices must be all positions or all phrases (lists of positions), not a mix")
+    return [[int(i) for i in items]]
 
 
 def union(*masks: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import p2p
-from .masks import cross_attention_mask, union
+from .masks import cross_attention_mask, phrases_of, union
 
 BRANCHES_KEY = "zsve_branches"  # transformer_options: rows of a chunk are [branch][frame]
 
@@ -297,8 +297,10 @@ class BranchPlan:
     """What the controller needs besides a FateZero FusionPlan (cross alphas, mapper, equalizer, self steps,
     timestep -> step map): the token positions of the blend words in each prompt."""
 
-    blend_source: list[int] | None = None
-    blend_target: list[int] | None = None
+    # token positions of the blend words: a flat list (one phrase) or a list of phrases (lists of positions),
+    # each phrase masked on its own and the masks united (attention/masks.py)
+    blend_source: list | None = None
+    blend_target: list | None = None
     blend_threshold: float = 0.3
     blend_start: float = 0.2
     mask_factor: int = 4
@@ -410,13 +412,19 @@ class VideoP2PController:
         return self.branch.blends and self.factor(call.hw) >= self.branch.record_min_factor
 
     def _record(self, call, src: torch.Tensor, tgt: torch.Tensor) -> None:
-        """Running sum of the head-mean maps summed over each branch's blend tokens: [2, F, Nq, 1]."""
-        def word(m, idx):
-            if not idx:
-                return torch.zeros(m.shape[0], m.shape[2], 1, device=m.device)
-            return m.mean(1)[..., idx].sum(-1, keepdim=True).float()
+        """Running sum of the head-mean maps summed over the tokens of each blend phrase of each branch:
+        [2, F, Nq, G] (G = the larger number of phrases of the two branches; missing phrases are zero)."""
+        groups = [phrases_of(i) if i else [] for i in (self.branch.blend_source, self.branch.blend_target)]
+        n = max(1, *(len(g) for g in groups))
 
-        cur = torch.stack([word(src, self.branch.blend_source), word(tgt, self.branch.blend_target)])
+        def word(m, phrases):
+            out = torch.zeros(m.shape[0], m.shape[2], n, device=m.device)
+            mean = m.mean(1)
+            for j, idx in enumerate(phrases):
+                out[..., j] = mean[..., idx].sum(-1).float()
+            return out
+
+        cur = torch.stack([word(src, groups[0]), word(tgt, groups[1])])
         idx = torch.arange(self.frames) if call.frame_index is None else torch.as_tensor(list(call.frame_index))
         prev = self.sums.get(call.layer)
         if prev is None:
@@ -450,5 +458,6 @@ class VideoP2PController:
         for b, idx in ((0, self.branch.blend_source), (1, self.branch.blend_target)):
             if idx:
                 maps = [self._mean(name)[b] for name in layers]
-                masks.append(cross_attention_mask(maps, hws, [0], out_hw, threshold=self.branch.blend_threshold))
+                columns = [[j] for j in range(len(phrases_of(idx)))]  # one recorded column per phrase
+                masks.append(cross_attention_mask(maps, hws, columns, out_hw, threshold=self.branch.blend_threshold))
         return union(*masks) if masks else None

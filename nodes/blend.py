@@ -100,6 +100,15 @@ def word_token_positions(prompts: PromptPair, words: str) -> tuple[list[int], di
     return positions, per_word
 
 
+def phrase_columns(positions: list[int], per_word: dict[str, list[int]]) -> list[list[int]] | None:
+    """The columns of `positions` (the collected token positions) that each chosen phrase covers, for a mask made
+    phrase by phrase and united (attention/masks.py); None for a single phrase."""
+    if len(per_word) < 2:
+        return None
+    col = {p: i for i, p in enumerate(positions)}
+    return [[col[p] for p in pos] for pos in per_word.values()]
+
+
 class BlendState:
     """What the last sampling run with the patched model blended: the mask of every blended step."""
 
@@ -135,7 +144,7 @@ class LatentBlendPatch:
 
     def __init__(self, key, inversion: Inversion, state: BlendState, mask_source: str, start: float, end: float,
                  threshold: float, dilation: int, temporal_radius: int, user_mask: torch.Tensor | None,
-                 positions: list[int]):
+                 positions: list[int], phrases: list[list[int]] | None = None):
         self.key = key
         self.inv = inversion
         self.state = state
@@ -144,6 +153,7 @@ class LatentBlendPatch:
         self.threshold, self.dilation, self.temporal_radius = float(threshold), int(dilation), int(temporal_radius)
         self.user_mask = user_mask
         self.positions = positions
+        self.phrases = phrases  # columns of `positions` per comma-separated phrase (one mask each, united)
 
     def __deepcopy__(self, memo):
         return self
@@ -212,7 +222,8 @@ class LatentBlendPatch:
                     "made. Use a guider with a positive prompt (CFGGuider/BasicGuider/KSampler), or mask_source "
                     "'user mask'."
                 )
-            mask = attention_blend_mask(maps, hws, (h, w), self.threshold, self.dilation, self.temporal_radius)
+            mask = attention_blend_mask(maps, hws, (h, w), self.threshold, self.dilation, self.temporal_radius,
+                                        self.phrases)
         if self.user_mask is not None:
             um = self.user_mask.to(x.device, torch.float32)
             mask = um if mask is None else torch.maximum(mask, um)
@@ -264,7 +275,7 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
     key = f"zsve_latent_blend_{uuid.uuid4().hex[:12]}"
     state = BlendState(mask_source, frames, (h, w))
     patch = LatentBlendPatch(key, inversion, state, mask_source, start, end, threshold, dilation, temporal_radius,
-                             user_mask, positions)
+                             user_mask, positions, phrase_columns(positions, per_word))
     layers: list[str] = []
     if patch.uses_attention:
         layers = second_lowest_resolution_layers(transformer_downsampling(m))
@@ -329,7 +340,9 @@ class LatentBlendWithInversion(io.ComfyNode):
                                      "sampler's positive is also checked to be that edit prompt."),
                 io.String.Input("words", default="", optional=True,
                                 tooltip="For cross-attention masks: the edited word(s) of the edit prompt, comma-separated "
-                                "(a word may span several tokens); their attention makes the mask."),
+                                "(a word may span several tokens); their attention makes the mask. Each comma-"
+                                "separated phrase is masked on its own and the masks are united ('red hat, "
+                                "green dots': the hat and the whole dotted background)."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="For 'user mask' / 'union': where to edit (1) and keep the source (0), one "
                               "mask per frame or one for all, at the frames' size (resized to the latent)."),

@@ -220,7 +220,9 @@ class AttentionBlend(io.ComfyNode):
                                 "eq_params)."),
                 io.String.Input("blend_words", default="",
                                 tooltip="Words of the SOURCE prompt naming what may change shape (e.g. 'jeep'). "
-                                "Empty: full self-attention replacement (style/attribute edits)."),
+                                "Several things: comma-separated phrases ('blue jeep, green dots'), each masked on "
+                                "its own and the masks united. Empty: full self-attention replacement "
+                                "(style/attribute edits)."),
                 io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.05,
                                tooltip="Blend mask threshold on the normalised cross-attention (FateZero: 0.3)."),
                 io.Boolean.Input("only_cond", default=True,

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ..attention import align, arch
 from ..attention.ddim import Inversion
-from ..attention.fatezero import FusionConfigError, make_plan, split_words
+from ..attention.fatezero import FusionConfigError, make_plan, split_phrases
 from ..attention.videop2p import (
     BRANCHES_KEY,
     BranchPlan,
@@ -330,7 +330,8 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
                                  blend_words=s["blend_words"])
         except FusionConfigError as e:
             raise ZSVEInputError(f"VideoP2PGuider: {e}") from None
-        branch = BranchPlan(blend_source=run.plan.blend_indices, blend_target=s["blend_target"],
+        branch = BranchPlan(blend_source=run.plan.blend_phrases or run.plan.blend_indices,
+                            blend_target=s["blend_target"],
                             blend_threshold=s["blend_threshold"], blend_start=s["blend_start"],
                             self_min_factor=s["min_factor"], record_min_factor=s["min_factor"])
         run.controller = VideoP2PController(run.plan, branch, run.frames, run.hw)
@@ -571,7 +572,8 @@ class VideoP2PGuiderNode(io.ComfyNode):
                                 tooltip="Reweight words of the edit prompt: 'origami:2' (Video-P2P's eq_params)."),
                 io.String.Input("blend_words", default="",
                                 tooltip="Local Blend: words of the SOURCE prompt naming the object to change (e.g. "
-                                "'man'). Empty (with empty blend_words_edit): no Local Blend."),
+                                "'man'); several things as comma-separated phrases, each masked on its own and "
+                                "the masks united. Empty (with empty blend_words_edit): no Local Blend."),
                 io.String.Input("blend_words_edit", default="",
                                 tooltip="Local Blend: words of the EDIT prompt naming the new object (e.g. "
                                 "'Spider-Man'); the mask is the union of both words' masks."),
@@ -642,13 +644,15 @@ class VideoP2PGuiderNode(io.ComfyNode):
                              self_window=(0.0, float(self_replace)), reweight=reweight, blend_words=blend_words)
         except FusionConfigError as e:
             raise ZSVEInputError(f"{node}: {e}") from None
-        blend_target = []
-        for w in split_words(blend_words_edit):
-            idx = align.word_indices(edit_prompt.strip(), w, tok)
-            if not idx:
-                raise ZSVEInputError(f"{node}: blend_words_edit: '{w}' is not a word of the edit prompt "
-                                     f"{edit_prompt.strip()!r}{align.missing_word_hint(edit_prompt, w)}.")
-            blend_target.extend(idx)
+        blend_target = []  # one list of token positions per comma-separated phrase
+        for phrase in split_phrases(blend_words_edit):
+            blend_target.append([])
+            for w in phrase:
+                idx = align.word_indices(edit_prompt.strip(), w, tok)
+                if not idx:
+                    raise ZSVEInputError(f"{node}: blend_words_edit: '{w}' is not a word of the edit prompt "
+                                         f"{edit_prompt.strip()!r}{align.missing_word_hint(edit_prompt, w)}.")
+                blend_target[-1].extend(idx)
         for note in plan.notes:
             log.warning("%s: %s", node, note)
         if null_text is not None and not math.isclose(null_text.guidance, cfg):

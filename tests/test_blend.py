@@ -135,6 +135,9 @@ def test_word_positions_from_comfyui_tokenizer(tiny_clip):
     assert pos == [5, 6]
     pos, per_word = blend_nodes.word_token_positions(pair("a (Red:1.3) hat, a red car"), "red, car")
     assert per_word == {"red": [2, 6], "car": [7]}
+    # each comma-separated phrase is masked on its own: its columns among the collected positions
+    assert pos == [2, 6, 7] and blend_nodes.phrase_columns(pos, per_word) == [[0, 1], [2]]
+    assert blend_nodes.phrase_columns([5, 6], {"tabby cat": [5, 6]}) is None
     with pytest.raises(glue.ZSVEInputError, match="'dog' is not in the edit prompt"):
         blend_nodes.word_token_positions(pair("a photo of a cat"), "dog")
     with pytest.raises(glue.ZSVEInputError, match="'cat' is not in the edit prompt.*only part of the word 'catwalk'"):
@@ -665,3 +668,16 @@ def test_a_positive_that_is_not_the_pairs_edit_prompt_is_refused(tiny_model, tin
     _sample(m, setup, steps=STEPS)
     with pytest.raises(glue.ZSVEInputError, match="positive CONDITIONING is not the edit prompt of the prompt"):
         _sample(m, dict(setup, pos=setup["src_pos"]), steps=STEPS)
+
+
+def test_attention_blend_mask_unites_the_phrases():
+    """The blend mask of 'object, background' columns: phrase by phrase, the spread background phrase stays in the
+    mask; summed (phrases=None) only the object's peak does."""
+    from zsve.attention.latent_blend import attention_blend_mask
+
+    maps = torch.zeros(1, 16, 2)
+    maps[0, 0, 0] = 1.0  # the object's column peaks on pixel 0
+    maps[0, 8:, 1] = 0.05  # the background's column is spread over the lower half
+    one = attention_blend_mask([maps], [(4, 4)], (4, 4), 0.3)
+    united = attention_blend_mask([maps], [(4, 4)], (4, 4), 0.3, phrases=[[0], [1]])
+    assert one.flatten()[8:].sum() < 8 and united.flatten()[8:].eq(1).all()

@@ -1,5 +1,6 @@
 """attention/masks.py against hand-computed cases."""
 
+import pytest
 import torch
 
 from zsve.attention import masks
@@ -76,3 +77,49 @@ def test_dilate_temporal_smooth_union():
     assert torch.allclose(tm[:, 2, 2], torch.tensor([1 / 3, 1 / 3, 1 / 3]))
     u = masks.union(m, d)
     assert torch.equal(u, d)
+
+
+def _peaked_and_spread(f=2, h=8, w=8, t=8):
+    """Maps [F, h*w, T]: token 2 peaks on one pixel (an object), token 5 is spread thinly over the left half
+    (a background): summed, the peak sets the frame's maximum and the spread token falls under 0.3."""
+    m = torch.zeros(f, h * w, t)
+    m[:, 3 * w + 6, 2] = 1.0
+    left = torch.zeros(h, w)
+    left[:, : w // 2] = 0.1
+    m[:, :, 5] = left.flatten()
+    return m
+
+
+def test_phrases_are_masked_one_by_one_and_united():
+    """A list of phrases: each phrase normalised on its own, the union of the maps thresholded; the reference's
+    summed mask loses the spread phrase (issue 20: an object + background edit blended the background away)."""
+    m = _peaked_and_spread()
+    summed = masks.cross_attention_mask([m], [(8, 8)], [2, 5], 8, threshold=0.3, pool=False)
+    assert summed.sum() == 2  # only the peak survives the threshold, in each frame
+    united = masks.cross_attention_mask([m], [(8, 8)], [[2], [5]], 8, threshold=0.3, pool=False)
+    assert united[:, :, :4].eq(1).all() and united[0, 3, 6] == 1 and united[:, :, 4:].sum() == 2
+    assert torch.equal(united, torch.maximum(
+        masks.cross_attention_mask([m], [(8, 8)], [2], 8, threshold=0.3, pool=False),
+        masks.cross_attention_mask([m], [(8, 8)], [5], 8, threshold=0.3, pool=False)))
+    # one phrase given as a list of phrases is the flat recipe exactly
+    assert torch.equal(masks.cross_attention_mask([m], [(8, 8)], [[2, 5]], 8, threshold=None),
+                       masks.cross_attention_mask([m], [(8, 8)], [2, 5], 8, threshold=None))
+    for bad in ([], [[2], 5], [[], []]):
+        with pytest.raises(ValueError):
+            masks.cross_attention_mask([m], [(8, 8)], bad, 8)
+
+
+def test_fatezero_blend_words_keep_their_phrases():
+    """FateZero's plan keeps the comma-separated blend phrases (one mask each); one phrase keeps the flat list."""
+    from test_align import ToyTokenizer
+
+    from zsve.attention import fatezero
+
+    tok = ToyTokenizer()
+    src, edit = "a blue circle on green dots", "a red square on a gradient"
+    ts = [-1, 1, 500, 999]
+    plan = fatezero.make_plan(tok, src, edit, ts, blend_words="blue circle, green dots")
+    assert plan.blend_phrases == [[2, 3], [5, 6]] and plan.blend_indices == [2, 3, 5, 6]
+    one = fatezero.make_plan(tok, src, edit, ts, blend_words="blue circle")
+    assert one.blend_phrases is None and one.blend_indices == [2, 3]
+    assert fatezero.split_phrases(" red hat,, green  dots ,") == [["red", "hat"], ["green", "dots"]]

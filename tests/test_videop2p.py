@@ -434,3 +434,32 @@ def test_foreign_context_handler_is_refused(tiny_model, tiny_clip, conds):
     m.model_options["context_handler"] = object()
     with pytest.raises(vp.ZSVEInputError, match="Video Context Windows"):
         _guider(m, tiny_clip, conds)
+
+
+def test_local_blend_masks_each_phrase_and_unites_them():
+    """Local Blend with two source phrases ('blue circle, green dots'): each phrase's running attention is
+    recorded in its own column and normalised on its own, so the thinly spread background phrase is not lost under
+    the object's peak (the summed map of both phrases keeps only the peak)."""
+    from zsve.attention import p2p
+    from zsve.attention.fatezero import FusionPlan
+    from zsve.attention.processor import AttnCall
+    from zsve.attention.videop2p import BRANCHES_KEY, BranchPlan, VideoP2PController
+
+    f, heads, nq, t = 1, 1, 16, 8
+    plan = FusionPlan(num_steps=4, timestep_to_step={900: 0, 100: 3}, cross_mode="refine",
+                      cross_alphas=p2p.time_word_alphas(4, 0.0), mapper=torch.arange(t), self_steps=(0, 0))
+    probs = torch.zeros(2 * 2 * f, heads, nq, t)
+    probs[..., 0, 2] = 1.0  # token 2 (the object) peaks on pixel 0
+    probs[..., 8:, 5] = 0.05  # token 5 (the background) is spread over the lower half
+    call = AttnCall(kind="cross", layer="input_4_0", hw=(4, 4), frames=2 * f, cond_or_uncond=[1, 0], sigma=1.0,
+                    timestep=100, heads=heads, extra={BRANCHES_KEY: 2})
+
+    def mask(source):
+        ctl = VideoP2PController(plan, BranchPlan(blend_source=source, record_min_factor=1, mask_factor=2), f, (8, 8))
+        ctl(call, probs)
+        return ctl.mask((4, 4))[0]
+
+    united = mask([[2], [5]])
+    assert united.flatten()[8:].eq(1).all() and united.flatten()[0] == 1
+    summed = mask([2, 5])
+    assert summed.flatten()[8:].eq(0).all() and summed.flatten()[0] == 1
