@@ -278,3 +278,23 @@ def test_object_and_background_blend_mask_covers_the_background_phrase_by_phrase
     united, summed = cover(plan), cover(dataclasses.replace(plan, blend_phrases=None))
     assert united >= 0.95, united
     assert summed <= 0.7, summed
+
+
+def test_ground_truth_mask_row_covers_what_each_edit_kind_changes():
+    """The ground-truth-mask Blended latent row (the ceiling of the automatic mask) blends under the region the edit
+    changes: the edited object, the background for a background edit, the whole frame for object + background."""
+    import zsve.toy.methods_bld as mb
+
+    specs = {bench.item_kind(s): s for s in sc.split_set("dev", 2)}
+    for kind in ("color", "background", "object_background"):
+        es = specs[kind]
+        c = es.clip()
+        m = mb.ground_truth_mask(bench.BenchSpec(es, c))
+        objects = torch.from_numpy(c.masks).float()
+        assert m.shape == objects.shape[:1] + objects.shape[2:]
+        if kind == "color":
+            assert torch.equal(m, objects[:, es.target])
+        elif kind == "background":
+            assert torch.equal(m, 1 - objects.amax(1))
+        else:
+            assert bool((m == 1).all())

@@ -47,9 +47,13 @@ def edit_words(spec: BenchSpec) -> str:
 
 
 def ground_truth_mask(spec: BenchSpec) -> torch.Tensor:
+    """The region the edit changes, from the scene's masks [F, H, W]: the edited object, the background (everything
+    but the objects) for a background edit, the whole frame when the edit changes an object and the background."""
     masks = torch.from_numpy(spec.clip.masks).float()  # [F, n_objects, H, W]
     if spec.edit.target is None:
         return 1.0 - masks.amax(1)
+    if spec.edit.edit_background != spec.edit.background:
+        return torch.ones_like(masks[:, 0])
     return masks[:, spec.edit.target]
 
 
