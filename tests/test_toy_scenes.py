@@ -175,3 +175,23 @@ def test_every_generated_item_scores_its_perfect_edit_right_and_the_unedited_cli
         assert good["success"] == 1.0, s.name
         assert good["others_kept"] == 1.0 or good["others_kept"] != good["others_kept"], s.name  # nan: none
         assert tmetrics.toy_scores(clip.frames, clip, s)["success"] == 0.0, s.name
+
+
+def test_fresh_sets_are_seeded_and_stay_off_the_benchmark_splits():
+    """split_set("fresh<seed>"): FRESH_N items of the split generator with another seed, for diagnostics off dev and
+    test; a split's own seed is refused, and the benchmark's --split accepts the name."""
+    import argparse
+
+    import zsve.toy.benchmark as bench
+
+    fresh = sc.split_set("fresh7070", 2)
+    assert len(fresh) == sc.FRESH_N and fresh[0].name.startswith("fresh00_")
+    assert [s.edit_prompt for s in fresh] == [s.edit_prompt for s in sc.split_set("fresh7070", 2)]
+    assert [s.source_prompt for s in fresh[:24]] != [s.source_prompt for s in sc.split_set("dev", 2)]
+    with pytest.raises(ValueError, match="benchmark split's seed"):
+        sc.split_set(f"fresh{sc.SPLITS['test'][0]}")
+    with pytest.raises(ValueError, match="unknown split"):
+        sc.split_set("fresh")
+    assert bench._split_name("fresh7070") == "fresh7070" and bench._split_name("dev") == "dev"
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench._split_name("train")

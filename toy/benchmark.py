@@ -33,6 +33,7 @@ import argparse
 import importlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -587,14 +588,25 @@ def _register_rows():
         METHODS.update(importlib.import_module(".benchmark", __package__).METHODS)
 
 
+def _split_name(text: str) -> str:
+    """argparse type of --split: public, dev, test or fresh<seed>."""
+    if text in ("public", "dev", "test") or re.fullmatch(r"fresh\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use public, dev, test or fresh<seed> (e.g. fresh7070)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=None)
     p.add_argument("--methods", default=None,
                    help="comma-separated row labels (labels containing a comma are matched whole; default: all)")
-    p.add_argument("--split", default="public", choices=["public", "dev", "test"],
+    p.add_argument("--split", default="public", type=_split_name,
                    help="public: the six fixed items; dev: generated items for choosing settings; test: generated "
-                        "held-out items (toy/scenes.py SPLITS), reported with bootstrap intervals and per edit kind")
+                        "held-out items (toy/scenes.py SPLITS), reported with bootstrap intervals and per edit kind; "
+                        "fresh<seed>: 120 items of the same generator with another seed (diagnostics off both splits)")
+    p.add_argument("--kinds", default=None,
+                   help="only the items of these edit kinds, comma-separated (color, shape, two_object, background, "
+                        "background_recolor, object_background)")
     p.add_argument("--list", action="store_true", help="print the split's items and exit")
     p.add_argument("--items", default=None, help="comma-separated benchmark item names (default: all)")
     p.add_argument("--steps", type=int, default=20)
@@ -635,6 +647,14 @@ def main():
     model, clip, vae, info = tm.load(a.weights or tm.WEIGHTS)
     methods = parse_methods(a.methods) if a.methods else None
     items = a.items.split(",") if a.items else None
+    if a.kinds:
+        from . import scenes
+
+        kinds = a.kinds.split(",")
+        items = [s.name for s in scenes.split_set(a.split, a.frames)
+                 if item_kind(s) in kinds and (items is None or s.name in items)]
+        if not items:
+            raise SystemExit(f"no item of kind {a.kinds} in split {a.split!r}")
 
     def save(res):
         if a.json:

@@ -12,6 +12,7 @@ This module does not import ComfyUI or torch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -501,12 +502,23 @@ def generate_items(seed: int, n: int, prefix: str, frames: int = 8) -> list[Edit
     return out
 
 
+FRESH_N = 120  # items of a "fresh<seed>" set
+
+
 def split_set(split: str, frames: int = 8) -> list[EditSpec]:
     """The benchmark items of a split: "public" (the six fixed items of `benchmark_set`, looked at while the rows
-    were first set up), "dev" (generated, settings may be chosen on it) or "test" (generated, held out)."""
+    were first set up), "dev" (generated, settings may be chosen on it) or "test" (generated, held out); or
+    "fresh<seed>" (e.g. "fresh7070"): FRESH_N items of the same generator with another seed, named "fresh00_...",
+    for diagnostics that must stay off both splits (e.g. comparing checkpoints on one edit kind)."""
     if split == "public":
         return benchmark_set(frames)
+    m = re.fullmatch(r"fresh(\d+)", split)
+    if m:
+        seed = int(m.group(1))
+        if seed in {s for s, _ in SPLITS.values()}:
+            raise ValueError(f"fresh{seed}: seed {seed} is a benchmark split's seed; choose another")
+        return generate_items(seed, FRESH_N, "fresh", frames)
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; splits: public, {', '.join(SPLITS)}")
+        raise ValueError(f"unknown split {split!r}; splits: public, {', '.join(SPLITS)}, fresh<seed>")
     seed, n = SPLITS[split]
     return generate_items(seed, n, split, frames)
