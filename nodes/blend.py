@@ -432,4 +432,90 @@ class LatentBlendMaskPreview(io.ComfyNode):
         return io.NodeOutput(big, overlay, ui={"text": [text]})
 
 
-NODES = [LatentBlendWithInversion, LatentBlendMaskPreview]
+def source_attention_mask(inversion, prompts, words: str, threshold: float = 0.3, window: float = 0.5,
+                          node: str = "SourceAttentionMask") -> tuple[torch.Tensor, str]:
+    """Where the source prompt's `words` are in the source video: [F, H, W] float 0/1 at the frames' size (8x the
+    latent), 1 where the words' mask (the pack's mask recipe on the cross-attention the inversion recorded; each
+    comma-separated phrase on its own, united) holds in at least half of the recorded steps in the first `window`
+    of the edit's steps (0 = the noisiest). The same mask as FateZero's blend mask (attention/fatezero.py
+    `preview_mask`, a per-pixel fraction of the steps), made binary by the majority of the steps.
+
+    Why: Latent Blend's cross-attention mask follows the edit's new object; where the edit draws it elsewhere
+    than the old one, the old object stays outside the mask and is kept from the source (toy dev split:
+    Blended latent colour swaps 75% of the frames; with this mask of the old object united, 100%). Prompt-to-
+    Prompt's Local Blend unites the source words' and the target words' masks for the same reason.
+    Raises ZSVEInputError (no attention recorded, words not in the source prompt)."""
+    from ..attention.fatezero import FusionConfigError, make_plan, preview_mask
+    from .fatezero import RECORD_NAME
+
+    pair = check_pair(prompts, node)
+    if not isinstance(inversion, Inversion):
+        raise ZSVEInputError(f"{node}: 'inversion' must be the inversion output of VideoDDIMInvert.")
+    check_inversion_prompt(pair, inversion, node)
+    store = inversion.records.get(RECORD_NAME)
+    if store is None:
+        raise ZSVEInputError(f"{node}: this inversion recorded no attention. Put Attention Store between the model "
+                             "and Video DDIM Invert (record_window > 0) and run the inversion again.")
+    st = store.masks if getattr(store, "recompute", False) else store
+    if st is None or not st.layer_names("cross"):
+        raise ZSVEInputError(f"{node}: the inversion kept no cross-attention to make the mask from: turn Attention "
+                             "Store's skip_full_res off.")
+    if not (words or "").strip():
+        raise ZSVEInputError(f"{node}: 'words' is empty: name what to mask with words of the source prompt "
+                             f"{pair.source.plain!r} (e.g. the edited object 'red circle').")
+    if not (0.0 < window <= 1.0):
+        raise ZSVEInputError(f"{node}: window must be in (0, 1] (a fraction of the steps), got {window}.")
+    try:
+        plan = make_plan(pair.tokenizer, pair.source.plain, pair.source.plain, inversion.timesteps,
+                         self_window=(0.0, float(window)), cross_window=0.0, blend_words=words,
+                         blend_threshold=float(threshold))
+    except FusionConfigError as e:
+        raise ZSVEInputError(f"{node}: {e}".replace("blend_words", "words")) from None
+    h, w = inversion.latent_shape[-2:]
+    frac = preview_mask(st, plan, (h, w))
+    mask = (frac >= 0.5).float()
+    mask = F.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]
+    covered = float(mask.mean())
+    return mask, f"{words}: {covered:.0%} of the frames' area (mean over {mask.shape[0]} frames)"
+
+
+class SourceAttentionMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SourceAttentionMask",
+            display_name="Source Attention Mask (Blended Latent)",
+            category=CATEGORY + "/Blended Latent",
+            description=(
+                "Where words of the SOURCE prompt are in the source video, from the cross-attention Attention Store "
+                "recorded at the inversion: a MASK per frame (1 where the words' mask holds in most of the first "
+                "steps). Connect it to Latent Blend With Inversion's 'mask' with mask_source 'union', so that the "
+                "blend covers the old object as well as the new one (Prompt-to-Prompt's Local Blend unites both)."
+            ),
+            inputs=[
+                InversionType.Input("inversion", tooltip="The inversion output of Video DDIM Invert, run on a model "
+                                    "with Attention Store (its recorded cross-attention makes the mask)."),
+                PromptPairType.Input("prompts", tooltip="The prompt pair of Edit Prompts; 'words' are words of its "
+                                     "source prompt (the inversion's prompt)."),
+                io.String.Input("words", default="",
+                                tooltip="Words of the SOURCE prompt naming what the edit replaces (e.g. 'red circle'); "
+                                "several things as comma-separated phrases, each masked on its own and united."),
+                io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.05,
+                               tooltip="Mask threshold on the normalised cross-attention (FateZero / Prompt-to-Prompt: "
+                               "0.3)."),
+                io.Float.Input("window", default=0.5, min=0.05, max=1.0, step=0.05,
+                               tooltip="The first fraction of the steps (noisiest first) whose recorded attention "
+                               "votes: a pixel is in the mask when it is in at least half of them. Attention "
+                               "Store's record_window must cover it."),
+            ],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="1 where the words are, per frame, at the frames' "
+                                    "size (8x the latent).")],
+        )
+
+    @classmethod
+    def execute(cls, inversion, prompts, words, threshold, window) -> io.NodeOutput:
+        mask, text = source_attention_mask(inversion, prompts, words, threshold, window)
+        return io.NodeOutput(mask, ui={"text": [text]})
+
+
+NODES = [LatentBlendWithInversion, LatentBlendMaskPreview, SourceAttentionMask]

@@ -681,3 +681,50 @@ def test_attention_blend_mask_unites_the_phrases():
     one = attention_blend_mask([maps], [(4, 4)], (4, 4), 0.3)
     united = attention_blend_mask([maps], [(4, 4)], (4, 4), 0.3, phrases=[[0], [1]])
     assert one.flatten()[8:].sum() < 8 and united.flatten()[8:].eq(1).all()
+
+
+def test_source_attention_mask_is_the_majority_of_the_recorded_steps_masks(tiny_model, tiny_clip, setup):
+    """Source Attention Mask: per frame, 1 where the source words' mask (the pack's recipe on the cross-attention
+    Attention Store recorded at the inversion, FateZero's layers) holds in at least half of the recorded steps of
+    the window; recomputed here from the store step by step. Connected to Latent Blend ('union') it joins the
+    edit-time mask."""
+    from zsve.attention import align
+    from zsve.attention.fatezero import mask_layers
+    from zsve.attention.masks import cross_attention_mask
+    from zsve.nodes.fatezero import RECORD_NAME, AttentionStore
+
+    store_model = AttentionStore.execute(tiny_model, record_window=1.0, skip_full_res=False,
+                                         memory_budget_gb=0.0).result[0]
+    _, inv = glue.run_inversion(store_model, setup["latent"], setup["src_pos"], None, STEPS, 1.0, disable_pbar=True)
+    pair = _pair(tiny_clip)
+    words = SOURCE.split()[-1]
+    h, w = inv.latent_shape[-2:]
+    store = inv.records[RECORD_NAME]
+    idx = align.word_indices(pair.source.plain, words, pair.tokenizer)
+    layers = mask_layers(store, 4)
+    n = STEPS
+    first_half = [inv.timesteps[n - i] for i in range(int(0.5 * n))]  # edit step i runs at timestep t_(n-i)
+    partial = None
+    for th in (0.3, 0.6, 0.8, 0.9, 0.95, 0.98):  # the random tiny UNet's attention is nearly flat
+        mask = blend_nodes.SourceAttentionMask.execute(inv, pair, words, th, 0.5).result[0]
+        assert mask.shape == (FRAMES, 8 * h, 8 * w) and set(mask.unique().tolist()) <= {0.0, 1.0}
+        votes = torch.stack([cross_attention_mask([store.cross_mean(t, lay) for lay in layers],
+                                                  [store.layers[lay].hw for lay in layers], idx, (h, w), th)
+                             for t in first_half if store.has_step(t)])
+        expect = (votes.mean(0) >= 0.5).float()
+        assert torch.equal(mask[:, ::8, ::8], expect), th
+        if 0 < float(expect.mean()) < 1:
+            partial = (mask, expect)
+            break
+    assert partial is not None
+    mask, expect = partial
+    m, state = _patch(tiny_model, setup, mask_source="union", prompts=pair, words=EDIT.split()[-1], threshold=0.3,
+                      dilation=1, mask=mask)
+    _sample(m, setup)
+    assert bool((state.masks[0] >= expect).all())  # the union holds the old object's mask
+
+
+def test_source_attention_mask_errors_say_what_to_do(tiny_clip, setup):
+    pair = _pair(tiny_clip)
+    with pytest.raises(glue.ZSVEInputError, match="Put Attention Store between the model and Video DDIM Invert"):
+        blend_nodes.SourceAttentionMask.execute(setup["inv"], pair, SOURCE.split()[-1], 0.3, 0.5)

@@ -44,22 +44,9 @@ from .benchmark import (
     register,
     sample_from,
 )
-from .methods_bld import background_words, edit_words
+from .methods_bld import edit_words, source_words
 
 TEMPORAL_MODE = "middle"
-
-
-def source_words(spec: BenchSpec) -> str:
-    """Words of the source prompt naming what the edit changes: the edited object's phrase, the background, or
-    both when the edit changes both (rule: the blend mask covers every phrase the edit changes)."""
-    e = spec.edit
-    if e.target is None:
-        return background_words(e.background)
-    m = e.motions[e.target]
-    words = f"{m.color} {m.shape}"
-    if e.edit_background != e.background:
-        words += ", " + background_words(e.background)
-    return words
 
 
 def added_words(spec: BenchSpec) -> list[str]:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from .benchmark import BenchSpec, _pack, decode, encode_frames, invert, prompt_pair, register
-from .methods_fatezero import added_words, source_words
+from .methods_bld import source_words
+from .methods_fatezero import added_words
 
 REWEIGHT = 4  # Video-P2P configs: x2-x5 on the new word
 
