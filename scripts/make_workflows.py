@@ -74,18 +74,26 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
         blend_links["prompts"] = PAIR
     if user:
         blend_links["mask"] = ("mask", 0)
+    else:  # the edit-time mask united with the old object's (Source Attention Mask, from the recorded attention)
+        blend_links["mask"] = ("srcmask", 0)
     return [
         CKPT,
         *VIDEO_IN,
         *_prompts(BLD_EDIT),
         {"id": "temporal", "type": "TemporalSelfAttentionPatch", "links": {"model": ("ckpt", 0)}},
+        *([] if user else [{"id": "store", "type": "AttentionStore",
+                            "widgets": {"record_window": 0.5, "skip_full_res": True, "memory_budget_gb": 0.0},
+                            "links": {"model": ("temporal", 0)}}]),
         {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
-         "links": {"model": ("temporal", 0), "latent": ("encode", 0), "positive": SRC}},
+         "links": {"model": ("temporal" if user else "store", 0), "latent": ("encode", 0), "positive": SRC}},
         *([{"id": "mask", "type": "LoadImageMask", "widgets": {"image": "mask.png", "channel": "red"},
-            "title": "Edit region (white = edit)"}] if user else []),
+            "title": "Edit region (white = edit)"}] if user else
+          [{"id": "srcmask", "type": "SourceAttentionMask",
+            "widgets": {"words": "red circle", "threshold": 0.3, "window": 0.5},
+            "links": {"inversion": ("invert", 1), "prompts": PAIR}, "title": "Where the old object was"}]),
         {"id": "blend", "type": "LatentBlendWithInversion",
-         "widgets": {"mask_source": mask_source, "start": 0.0, "end": 1.0, "threshold": 0.3, "dilation": 3,
-                     "temporal_smoothing": 1, "words": "" if user else "yellow circle"},
+         "widgets": {"mask_source": "user mask" if user else "union", "start": 0.0, "end": 1.0, "threshold": 0.3,
+                     "dilation": 3, "temporal_smoothing": 1, "words": "" if user else "yellow circle"},
          "links": blend_links},
         {"id": "sample", "type": "KSamplerAdvanced",
          "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
@@ -287,7 +295,7 @@ STAGE_OF_ID = {
     "inputs": ("ckpt", "lora", "video", "frames", "encode", "prompts", "pos", "neg", "mask", "canny", "show_edges",
                "cnet", "cn_src", "cn_edit"),
     "invert": ("temporal", "store", "source", "invert", "nulltext"),
-    "edit": ("blend", "lblend", "inject", "guider", "noise", "ksampler", "sigmas", "sample"),
+    "edit": ("srcmask", "blend", "lblend", "inject", "guider", "noise", "ksampler", "sigmas", "sample"),
     "outputs": ("decode", "create", "save", "preview", "show", "branches", "decode_src", "show_src", "mask_img",
                 "show_mask"),
 }
@@ -343,7 +351,9 @@ WORKFLOWS = {
             "A local edit (Blended Latent Diffusion): inside the region where the edited words attend, the edit "
             "prompt; outside, the latents of the inversion, so the background stays as it was.",
             "", PROMPTS_FIRST + "\n- *Latent Blend With Inversion*: `words` = the edited words of the edit "
-            "prompt (`yellow circle`); `threshold` (0.3) and `dilation` grow or shrink the region"),
+            "prompt (`yellow circle`); `threshold` (0.3) and `dilation` grow or shrink the region\n- *Where the old "
+            "object was* (Source Attention Mask): `words` = the same thing in the source prompt (`red circle`); "
+            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one"),
         edit="3  Edit, blended with the inversion outside the mask"),
     "blended_latent_your_mask": workflow(
         "Blended Latent: painted mask",
