@@ -8,7 +8,8 @@ JSON, and prints their paths.
     bash scripts/demo.sh                       # toy model, toy clip, blended-latent local edit
     bash scripts/demo.sh --workflow invert_reconstruct_video
     bash scripts/demo.sh --checkpoint ~/models/v1-5.safetensors --video in.mp4 \
-        --source-prompt "a silver jeep driving" --edit-prompt "a red jeep driving" --words "red jeep"
+        --source-prompt "a silver jeep driving" --edit-prompt "a red jeep driving" --words "red jeep" \
+        --source-words "silver jeep"
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--source-prompt", help="text describing the input video")
     p.add_argument("--edit-prompt", help="the edited text")
     p.add_argument("--words", help="the edited words of the edit prompt, for masks (default: from the toy clip)")
+    p.add_argument("--source-words", help="the same thing's words in the source prompt, for the masks of the old "
+                   "object (blend words, Source Attention Mask, InFusion concepts; default: from the toy clip)")
     p.add_argument("--steps", type=int, help="DDIM steps for inversion and editing (default: the workflow's)")
     p.add_argument("--frames", type=int, default=8, help="frames of the toy clip")
     p.add_argument("--clip", default="color_swap_stripes",
@@ -108,8 +111,8 @@ def main(argv=None) -> int:
     if words is None and spec is not None:
         words = " ".join(w for w in (spec.expect_color, spec.expect_shape) if w) or None
     # the toy clip's edited object as the source prompt names it (blend words, InFusion concepts, Video-P2P)
-    source_words = None
-    if spec is not None and spec.target is not None:
+    source_words = args.source_words
+    if source_words is None and spec is not None and spec.target is not None:
         m = spec.motions[spec.target]
         source_words = f"{m.color} {m.shape}"
     if source_prompt is None:
@@ -156,6 +159,8 @@ def main(argv=None) -> int:
                   "LoRA (the model unchanged)")
             inputs["lora_name"] = "zsve_no_lora.safetensors"
         # the workflows' word widgets name the words of their own example prompts: on a toy clip, its words
+        if ct == "SourceAttentionMask" and source_words:
+            inputs["words"] = source_words
         if source_words and words:
             if ct == "AttentionBlend" and inputs.get("blend_words"):
                 inputs["blend_words"] = source_words

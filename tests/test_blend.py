@@ -576,13 +576,15 @@ def test_two_kSamplerAdvanced_stages_equal_one_run(tiny_model, tiny_clip, setup)
 # --- shipped workflows, executed headless ----------------------------------------------------------------
 
 
-def _run_bld_workflow(name, io_dirs, tiny_model, tiny_clip, tiny_vae, blend_inputs=None):
+def _run_bld_workflow(name, io_dirs, tiny_model, tiny_clip, tiny_vae, blend_inputs=None, source_mask_inputs=None):
     from zsve_workflows import shipped_prompt
 
     prompt, by_type = shipped_prompt(name, (tiny_model, tiny_clip, tiny_vae), io_dirs / "in", frames=4)
     prompt[by_type["VideoDDIMInvert"]]["inputs"]["steps"] = STEPS
     prompt[by_type["KSamplerAdvanced"]]["inputs"]["steps"] = STEPS
     prompt[by_type["LatentBlendWithInversion"]]["inputs"].update(blend_inputs or {})
+    if "SourceAttentionMask" in by_type:  # the random tiny UNet's flat attention would cover every frame
+        prompt[by_type["SourceAttentionMask"]]["inputs"].update(source_mask_inputs or {})
     for key, (node, slot) in {"enc": ("VAEEncode", 0), "out": ("KSamplerAdvanced", 0),
                               "mask": ("LatentBlendMaskPreview", 0)}.items():
         prompt[f"cap_{key}"] = {"class_type": "ZSVETestCapture", "inputs": {"value": [by_type[node], slot], "key": key}}
@@ -607,8 +609,10 @@ def test_user_mask_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_v
 
 def test_attention_mask_workflow_runs_headless(io_dirs, tiny_model, tiny_clip, tiny_vae):
     # 64x64 frames give an 8x8 latent: the shipped settings (for 512x512) would cover it all
+    # the old object's mask (Source Attention Mask, united) left empty here (threshold 1): the union is tested in
+    # test_source_attention_mask_is_the_majority_of_the_recorded_steps_masks
     enc, out, mask = _run_bld_workflow("blended_latent_auto_mask", io_dirs, tiny_model, tiny_clip, tiny_vae,
-                                       {"threshold": 0.7, "dilation": 1, "temporal_smoothing": 0})
+                                       {"threshold": 0.7, "dilation": 1, "temporal_smoothing": 0}, {"threshold": 1.0})
     assert mask.shape == (4, 64, 64)
     outside = (mask[:, ::8, ::8] == 0).unsqueeze(1).expand_as(out)
     assert 0 < outside.float().mean() < 1

@@ -18,7 +18,8 @@ def test_demo_writes_its_outputs_and_its_default_edit_succeeds(tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["workflow"] == "blended_latent_auto_mask" and m["frames"] == 8
     toy = m["toy"]
-    # measured on the committed checkpoint: success 1.0, 32.4 dB outside the edited object, leak 0.8%
+    # measured on the committed checkpoint: success 1.0, 30.7 dB outside the edited object, leak 1.1% (32.4 dB and
+    # 0.8% before the workflow united the old object's mask: the blend covers both objects)
     assert toy["success"] >= 0.75 and toy["others_kept"] == 1.0, toy
     assert toy["psnr_bg"] > 25 and toy["leak"] < 0.05, toy
 
