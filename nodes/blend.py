@@ -39,7 +39,7 @@ from ..attention.latent_blend import (
 )
 from ._attn_patch import add_processor, layer_name
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
-from .contract import check_choice, check_finite, install_contract, requested_steps
+from .contract import check_choice, check_finite, install_contract, requested_steps, ui_warning
 from .prompts import PromptPair, PromptPairType, check_inversion_prompt, check_pair
 
 NODE = "LatentBlendWithInversion"
@@ -472,11 +472,21 @@ def source_attention_mask(inversion, prompts, words: str, threshold: float = 0.3
     except FusionConfigError as e:
         raise ZSVEInputError(f"{node}: {e}".replace("blend_words", "words")) from None
     h, w = inversion.latent_shape[-2:]
+    a, b = plan.self_steps
+    in_window = [t for t, i in plan.timestep_to_step.items() if a <= i < b]
+    recorded = [t for t in in_window if st.has_step(t)]
+    note = None
+    if len(recorded) < len(in_window):
+        note = (f"the window holds {len(in_window)} steps but Attention Store recorded {len(recorded)} of them "
+                f"({'the mask uses every recorded step' if not recorded else 'the mask uses those'}); to use the "
+                f"whole window set Attention Store's record_window to at least {window:g} and run the inversion again")
+        ui_warning(node, note)
     frac = preview_mask(st, plan, (h, w))
     mask = (frac >= 0.5).float()
     mask = F.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]
     covered = float(mask.mean())
-    return mask, f"{words}: {covered:.0%} of the frames' area (mean over {mask.shape[0]} frames)"
+    text = f"{words}: {covered:.0%} of the frames' area (mean over {mask.shape[0]} frames)"
+    return mask, text + (f". Warning: {note}" if note else "")
 
 
 class SourceAttentionMask(io.ComfyNode):

@@ -732,3 +732,18 @@ def test_source_attention_mask_errors_say_what_to_do(tiny_clip, setup):
     pair = _pair(tiny_clip)
     with pytest.raises(glue.ZSVEInputError, match="Put Attention Store between the model and Video DDIM Invert"):
         blend_nodes.SourceAttentionMask.execute(setup["inv"], pair, SOURCE.split()[-1], 0.3, 0.5)
+
+
+def test_source_attention_mask_says_when_the_window_reaches_past_the_recorded_steps(tiny_model, tiny_clip, setup):
+    """A window longer than Attention Store's record_window cannot vote with the steps that were not recorded: the
+    node's text says so and what to set."""
+    from zsve.nodes.fatezero import AttentionStore
+
+    store_model = AttentionStore.execute(tiny_model, record_window=0.4, skip_full_res=False,
+                                         memory_budget_gb=0.0).result[0]
+    _, inv = glue.run_inversion(store_model, setup["latent"], setup["src_pos"], None, STEPS, 1.0, disable_pbar=True)
+    pair = _pair(tiny_clip)
+    ok = blend_nodes.SourceAttentionMask.execute(inv, pair, SOURCE.split()[-1], 0.3, 0.4)
+    assert "Warning" not in ok.ui["text"][0]
+    out = blend_nodes.SourceAttentionMask.execute(inv, pair, SOURCE.split()[-1], 0.3, 1.0)
+    assert "record_window to at least 1" in out.ui["text"][0]
