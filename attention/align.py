@@ -12,6 +12,10 @@ satisfies it. Token positions are positions in the 77-token text context (BOS at
 - `word_spans`: which context positions belong to each whitespace-separated word (a word may span
   several tokens: "watercolor" -> "water" "color", "car," -> "car" ",").
 - `word_indices`: the positions of a word (all its occurrences) or of the n-th word.
+- `phrase_positions`: the positions of each comma-separated phrase of a words input ("red hat, green dots"),
+  or `WordNotInPrompt` naming the word that is missing: the one place every node's words input is read
+  (FateZero's blend words, reweight and per-word windows, Video-P2P's Local Blend words, InFusion's concepts,
+  Latent Blend's and Source Attention Mask's words).
 - `replacement_mapper`: a [T, T] matrix M for a word swap between prompts with the same number of words:
   edit map column j = sum_i source column i * M[i, j]. Unchanged words map one-to-one; a swapped word's
   attention mass is spread evenly over the new word's tokens; the tail (EOS + padding) maps in order.
@@ -45,6 +49,19 @@ class Tokenizer(Protocol):
 
 class AlignmentError(ValueError):
     """A prompt that cannot be aligned; the message says what to change."""
+
+
+class WordNotInPrompt(AlignmentError):
+    """A word of a words input that is not a whole word of the prompt it must come from. The message names the
+    word, the prompt, the prompt's words and, when the word is only part of a longer word there, that word;
+    callers prefix the input's and the node's names."""
+
+    def __init__(self, word: str, text: str, which: str = ""):
+        self.word, self.text = word, text
+        words = ", ".join(dict.fromkeys(w for w in (normalise_word(x) for x in text.split()) if w))
+        prompt = f"the {which} prompt" if which else "the prompt"
+        super().__init__(f"'{word}' is not a word of {prompt} {text!r}{missing_word_hint(text, word)} "
+                         f"(its words: {words})")
 
 
 def normalise_word(word: str) -> str:
@@ -99,6 +116,43 @@ def word_indices(text: str, word: str | int, tokenizer: Tokenizer, max_len: int 
     for w, span in spans:
         if normalise_word(w) == key:
             out.extend(span)
+    return out
+
+
+def split_phrases(words: str | Sequence[str]) -> list[list[str]]:
+    """'red hat, green dots' -> [['red', 'hat'], ['green', 'dots']]: the comma-separated phrases of a words input,
+    each split into its whitespace-separated words (empty phrases dropped). A list is taken as the phrases."""
+    parts = words.split(",") if isinstance(words, str) else list(words)
+    return [ws for ws in (p.split() for p in parts) if ws]
+
+
+def phrase_positions(text: str, words: str | Sequence[str], tokenizer: Tokenizer, which: str = "",
+                     max_len: int = MAX_LEN) -> list[list[int]]:
+    """Context positions (BOS at 0) of each phrase of a words input in `text`, one sorted list per phrase.
+
+    words: comma-separated phrases ('red hat, green dots') or a list of phrases; a phrase is one or more
+    whitespace-separated words (case and punctuation ignored, whole words only). Where the phrase's words occur in
+    `text` in order and next to each other, the positions are those of every such run ('red hat' in 'a red hat and
+    red shoes' is positions of 'red hat' only); otherwise (words apart, or a single word) every occurrence of each
+    word. Empty phrases are dropped; an empty input gives [].
+
+    Raises WordNotInPrompt for the first word that is not a word of `text` (`which` names the prompt in the
+    message: 'source', 'edit'), AlignmentError when `text` is longer than the context."""
+    spans = word_spans(text, tokenizer, max_len)
+    keys = [normalise_word(w) for w, _ in spans]
+    out: list[list[int]] = []
+    for phrase in split_phrases(words):
+        want = [normalise_word(w) for w in phrase]
+        for w, key in zip(phrase, want):
+            if key not in keys:
+                raise WordNotInPrompt(w, text, which)
+        k = len(want)
+        runs = [i for i in range(len(keys) - k + 1) if keys[i:i + k] == want] if k > 1 else []
+        if runs:
+            pos = {p for i in runs for _, span in spans[i:i + k] for p in span}
+        else:
+            pos = {p for (_, span), key in zip(spans, keys) if key in want for p in span}
+        out.append(sorted(pos))
     return out
 
 

@@ -87,15 +87,11 @@ def parse_window(value: str, what: str) -> tuple[float, float]:
     return w
 
 
-def split_words(text: str) -> list[str]:
-    return [w for w in re.split(r"[,\s]+", text or "") if w.strip()]
-
-
-def split_phrases(text: str) -> list[list[str]]:
-    """'red hat, green dots' -> [['red', 'hat'], ['green', 'dots']]: the comma-separated phrases of a blend-words
-    input, each split into its words (empty phrases dropped). Each phrase gets its own mask, and the blend mask is
-    their union (attention/masks.py `cross_attention_mask`)."""
-    return [ws for ws in (split_words(p) for p in (text or "").split(",")) if ws]
+def _word_positions(text: str, word: str, tokenizer, which: str, name: str) -> list[int]:
+    try:
+        return align.phrase_positions(text, [word], tokenizer, which)[0]
+    except align.WordNotInPrompt as e:
+        raise FusionConfigError(f"{name}: {e}") from None
 
 
 def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[int], mode: str = "refine",
@@ -132,37 +128,20 @@ def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[i
         # per-word windows and reweighting refer to words of the edit prompt
         ww = []
         for word, value in parse_word_values(word_windows, "cross_replace_words"):
-            idx = align.word_indices(edit, word, tokenizer)
-            if not idx:
-                raise FusionConfigError(f"cross_replace_words: '{word}' is not a word of the edit prompt {edit!r}"
-                                       + align.missing_word_hint(edit, word))
+            idx = _word_positions(edit, word, tokenizer, "edit", "cross_replace_words")
             ww.append((idx, parse_window(value, f"cross_replace_words '{word}'")))
         eq_items = []
         for word, value in parse_word_values(reweight, "reweight"):
-            idx = align.word_indices(edit, word, tokenizer)
-            if not idx:
-                raise FusionConfigError(f"reweight: '{word}' is not a word of the edit prompt {edit!r}"
-                                       + align.missing_word_hint(edit, word))
+            idx = _word_positions(edit, word, tokenizer, "edit", "reweight")
             try:
                 eq_items.append((idx, float(value)))
             except ValueError:
                 raise FusionConfigError(f"reweight: '{value}' is not a number (e.g. 'watercolor:10')") from None
-        blend, phrases = None, None
-        if split_words(blend_words):
-            blend, phrases = [], []
-            src_words = [align.normalise_word(w) for w in source.split()]
-            for phrase in split_phrases(blend_words):
-                phrases.append([])
-                for w in phrase:
-                    idx = align.word_indices(source, w, tokenizer)
-                    if not idx:
-                        raise FusionConfigError(
-                            f"blend_words: '{w}' is not a word of the source prompt {source!r}"
-                            f"{align.missing_word_hint(source, w)} (its words: "
-                            f"{', '.join(src_words)}); blend words name the object in the source video"
-                        )
-                    blend.extend(idx)
-                    phrases[-1].extend(idx)
+        try:  # one list of source positions per comma-separated phrase (one mask each, united)
+            phrases = align.phrase_positions(source, blend_words, tokenizer, "source")
+        except align.WordNotInPrompt as e:
+            raise FusionConfigError(f"blend_words: {e}; blend words name the object in the source video") from None
+        blend = [p for phrase in phrases for p in phrase] or None
     except align.AlignmentError as e:
         raise FusionConfigError(str(e)) from None
     cw = p2p.as_window(cross_window)

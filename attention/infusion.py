@@ -472,17 +472,10 @@ class InFusionPlan:
 
 
 def _side_indices(prompt: str, words: str, tokenizer, which: str, label: str) -> list[int]:
-    idx: list[int] = []
-    for w in words.split():
-        got = align.word_indices(prompt, w, tokenizer)
-        if not got:
-            raise InFusionConfigError(
-                f"concepts '{label}': '{w}' is not a word of the {which} prompt {prompt!r}"
-                f"{align.missing_word_hint(prompt, w)} (its words: "
-                f"{', '.join(align.normalise_word(x) for x in prompt.split())})"
-            )
-        idx.extend(got)
-    return sorted(set(idx))
+    try:
+        return align.phrase_positions(prompt, [words], tokenizer, which)[0] if words.split() else []
+    except align.WordNotInPrompt as e:
+        raise InFusionConfigError(f"concepts '{label}': {e}") from None
 
 
 def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timesteps: Sequence[int],

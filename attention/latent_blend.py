@@ -106,21 +106,6 @@ def in_window(step: int, total_steps: int, start: float, end: float) -> bool:
 # --- word tokens -------------------------------------------------------------------------------------
 
 
-def find_token_positions(prompt_ids: Sequence, word_ids: Sequence[int]) -> list[int]:
-    """Positions of every occurrence of the token sequence `word_ids` in `prompt_ids` (the flattened
-    token rows of the conditioning, BOS/EOS/padding included; non-integer entries such as embedding
-    vectors never match)."""
-    n = len(word_ids)
-    if n == 0:
-        return []
-    ids = [int(t) if isinstance(t, int) else None for t in prompt_ids]
-    out: list[int] = []
-    for i in range(len(ids) - n + 1):
-        if all(ids[i + j] == int(word_ids[j]) for j in range(n)):
-            out.extend(range(i, i + n))
-    return out
-
-
 def parse_words(words: str) -> list[str]:
     """'cat, red hat' -> ['cat', 'red hat'] (comma-separated; a phrase may span several tokens)."""
     return [w.strip() for w in (words or "").split(",") if w.strip()]

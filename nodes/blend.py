@@ -31,7 +31,6 @@ from ..attention.latent_blend import (
     MapCollector,
     attention_blend_mask,
     blended_denoised,
-    find_token_positions,
     in_window,
     parse_words,
     prepare_user_mask,
@@ -75,27 +74,22 @@ def transformer_downsampling(model) -> dict[str, int]:
 
 
 def word_token_positions(prompts: PromptPair, words: str) -> tuple[list[int], dict[str, list[int]]]:
-    """Token positions (in the conditioning's token axis, BOS at 0) of the chosen words of the pair's edit prompt,
-    from the tokenization that made its conditioning (weight syntax and embeddings included). An entry may be
-    several words ('red hat'): its tokens are found as a run."""
+    """Token positions (in the conditioning's token axis, BOS at 0) of the chosen words of the pair's edit prompt
+    (its plain text: weight syntax removed, which keeps the positions), and the positions of each comma-separated
+    entry. An entry may be several words ('red hat'): where they stand together in the prompt, that run
+    (`attention/align.py` `phrase_positions`, the pack's one reading of a words input).
+    Raises ZSVEInputError (empty input; a word not in the edit prompt, named with the prompt's words)."""
     word_list = parse_words(words)
     if not word_list:
         raise ZSVEInputError(f"{NODE}: 'words' is empty: give the edited words of the edit prompt, comma-separated "
                              "(e.g. 'cat' or 'cat, red hat'), or use mask_source 'user mask'.")
-    plain, tok = prompts.edit.plain, prompts.tokenizer
-    ids = tok.encode(plain)
-    per_word: dict[str, list[int]] = {}
-    for w in word_list:
-        if len(w.split()) == 1:
-            pos = align.word_indices(plain, w, tok)
-        else:
-            pos = find_token_positions(ids, tok.encode(w)[1:-1])
-        if not pos:
-            raise ZSVEInputError(
-                f"{NODE}: the word '{w}' is not in the edit prompt {plain!r}{align.missing_word_hint(plain, w)}. Use "
-                "words of the edit prompt (Edit Prompts' edit_text), spelled as there."
-            )
-        per_word[w] = pos
+    plain = prompts.edit.plain
+    try:
+        found = align.phrase_positions(plain, word_list, prompts.tokenizer, "edit")
+    except align.AlignmentError as e:
+        raise ZSVEInputError(f"{NODE}: words: {e}. Use words of the edit prompt (Edit Prompts' edit_text), spelled "
+                             "as there.") from None
+    per_word = dict(zip(word_list, found))
     positions = sorted({p for pos in per_word.values() for p in pos})
     return positions, per_word
 

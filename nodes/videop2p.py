@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ..attention import align, arch
 from ..attention.ddim import Inversion
-from ..attention.fatezero import FusionConfigError, make_plan, split_phrases
+from ..attention.fatezero import FusionConfigError, make_plan
 from ..attention.videop2p import (
     BRANCHES_KEY,
     BranchPlan,
@@ -644,15 +644,10 @@ class VideoP2PGuiderNode(io.ComfyNode):
                              self_window=(0.0, float(self_replace)), reweight=reweight, blend_words=blend_words)
         except FusionConfigError as e:
             raise ZSVEInputError(f"{node}: {e}") from None
-        blend_target = []  # one list of token positions per comma-separated phrase
-        for phrase in split_phrases(blend_words_edit):
-            blend_target.append([])
-            for w in phrase:
-                idx = align.word_indices(edit_prompt.strip(), w, tok)
-                if not idx:
-                    raise ZSVEInputError(f"{node}: blend_words_edit: '{w}' is not a word of the edit prompt "
-                                         f"{edit_prompt.strip()!r}{align.missing_word_hint(edit_prompt, w)}.")
-                blend_target[-1].extend(idx)
+        try:  # one list of edit-prompt positions per comma-separated phrase
+            blend_target = align.phrase_positions(edit_prompt.strip(), blend_words_edit, tok, "edit")
+        except align.AlignmentError as e:
+            raise ZSVEInputError(f"{node}: blend_words_edit: {e}.") from None
         for note in plan.notes:
             log.warning("%s: %s", node, note)
         if null_text is not None and not math.isclose(null_text.guidance, cfg):

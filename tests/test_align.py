@@ -44,6 +44,27 @@ def test_word_spans_and_indices_multi_token(tok):
     assert align.word_indices("a cat", "dog", tok) == []
 
 
+def test_phrase_positions_runs_words_and_errors(tok):
+    """The one reading of a words input: per comma-separated phrase, the run of its words where they stand
+    together, else every occurrence of each word; a missing word is named with the prompt's words."""
+    text = "a red watercolor hat and red shoes, a hat"
+    # runs: 'red watercolor hat' once; 'red' alone: both occurrences; 'hat' alone: both
+    assert align.phrase_positions(text, "red watercolor hat", tok) == [[2, 3, 4, 5]]
+    assert align.phrase_positions(text, "red, hat", tok) == [[2, 7], [5, 10]]
+    # words apart ('red' ... 'shoes,' is a run: punctuation ignored; 'hat shoes' is not): every occurrence
+    assert align.phrase_positions(text, "red shoes", tok) == [[7, 8]]
+    assert align.phrase_positions(text, "hat shoes", tok) == [[5, 8, 10]]
+    assert align.phrase_positions(text, ["RED", " ", "Hat"], tok) == [[2, 7], [5, 10]]  # a list: the phrases
+    assert align.phrase_positions(text, " , ", tok) == []
+    assert align.split_phrases(" red hat,, green  dots ,") == [["red", "hat"], ["green", "dots"]]
+    with pytest.raises(align.WordNotInPrompt, match=r"'dog' is not a word of the edit prompt 'a red .*' "
+                       r"\(its words: a, red, watercolor, hat, and, shoes\)") as e:
+        align.phrase_positions(text, "red hat, dog", tok, "edit")
+    assert e.value.word == "dog" and isinstance(e.value, align.AlignmentError)
+    with pytest.raises(align.WordNotInPrompt, match="only part of the word 'watercolor'"):
+        align.phrase_positions(text, "water", tok)
+
+
 def test_replacement_mapper_same_token_counts(tok):
     m = align.replacement_mapper("a red car", "a blue car", tok, max_len=8)
     # identity everywhere: 'red' (pos 2) -> 'blue' (pos 2), tail in order

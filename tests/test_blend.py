@@ -58,12 +58,7 @@ def test_window_fractions():
     assert not any(lb.in_window(i, 10, 0.5, 0.5) for i in range(10))
 
 
-def test_token_positions_multi_token_and_repeated():
-    ids = [49406, 320, 36145, 2368, 525, 320, 36145, 2368, 49407, 49407]
-    assert lb.find_token_positions(ids, [36145, 2368]) == [2, 3, 6, 7]
-    assert lb.find_token_positions(ids, [525]) == [4]
-    assert lb.find_token_positions(ids, [9999]) == []
-    assert lb.find_token_positions([torch.zeros(3), 525], [525]) == [1]  # embedding vectors never match
+def test_parse_words():
     assert lb.parse_words(" cat, red hat ,,") == ["cat", "red hat"]
 
 
@@ -138,9 +133,9 @@ def test_word_positions_from_comfyui_tokenizer(tiny_clip):
     # each comma-separated phrase is masked on its own: its columns among the collected positions
     assert pos == [2, 6, 7] and blend_nodes.phrase_columns(pos, per_word) == [[0, 1], [2]]
     assert blend_nodes.phrase_columns([5, 6], {"tabby cat": [5, 6]}) is None
-    with pytest.raises(glue.ZSVEInputError, match="'dog' is not in the edit prompt"):
+    with pytest.raises(glue.ZSVEInputError, match="words: 'dog' is not a word of the edit prompt"):
         blend_nodes.word_token_positions(pair("a photo of a cat"), "dog")
-    with pytest.raises(glue.ZSVEInputError, match="'cat' is not in the edit prompt.*only part of the word 'catwalk'"):
+    with pytest.raises(glue.ZSVEInputError, match="'cat' is not a word of the edit prompt.*only part of the word 'catwalk'"):
         blend_nodes.word_token_positions(pair("a photo of a catwalk"), "cat")
     with pytest.raises(glue.ZSVEInputError, match="'words' is empty"):
         blend_nodes.word_token_positions(pair("a photo of a cat"), " , ")

@@ -113,7 +113,7 @@ def test_fatezero_blend_words_keep_their_phrases():
     """FateZero's plan keeps the comma-separated blend phrases (one mask each); one phrase keeps the flat list."""
     from test_align import ToyTokenizer
 
-    from zsve.attention import fatezero
+    from zsve.attention import align, fatezero
 
     tok = ToyTokenizer()
     src, edit = "a blue circle on green dots", "a red square on a gradient"
@@ -122,4 +122,4 @@ def test_fatezero_blend_words_keep_their_phrases():
     assert plan.blend_phrases == [[2, 3], [5, 6]] and plan.blend_indices == [2, 3, 5, 6]
     one = fatezero.make_plan(tok, src, edit, ts, blend_words="blue circle")
     assert one.blend_phrases is None and one.blend_indices == [2, 3]
-    assert fatezero.split_phrases(" red hat,, green  dots ,") == [["red", "hat"], ["green", "dots"]]
+    assert align.split_phrases(" red hat,, green  dots ,") == [["red", "hat"], ["green", "dots"]]
