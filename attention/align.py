@@ -78,6 +78,12 @@ def _tokens(text: str, tokenizer: Tokenizer, max_len: int) -> list[int]:
     return ids[1:-1]
 
 
+def end_of_text(text: str, tokenizer: Tokenizer, max_len: int = MAX_LEN) -> int:
+    """Context position of the end-of-text token of `text` (BOS at 0: the number of word tokens + 1); the padding
+    follows it. Raises AlignmentError when `text` is longer than the context."""
+    return len(_tokens(text, tokenizer, max_len)) + 1
+
+
 def word_spans(text: str, tokenizer: Tokenizer, max_len: int = MAX_LEN) -> list[tuple[str, list[int]]]:
     """[(word, [context positions])] for the whitespace-separated words of `text`."""
     ids = _tokens(text, tokenizer, max_len)

@@ -97,8 +97,12 @@ def _word_positions(text: str, word: str, tokenizer, which: str, name: str) -> l
 def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[int], mode: str = "refine",
               cross_window=0.8, word_windows: str = "", self_window=(0.0, 0.8), reweight: str = "",
               blend_words: str = "", blend_threshold: float = 0.3, only_cond: bool = True,
-              record_window: float | None = None, mask_factor: int = 4) -> FusionPlan:
-    """Translate the edit settings into a FusionPlan (token alignment, schedules, checks)."""
+              record_window: float | None = None, mask_factor: int = 4,
+              end_of_text_maps: str = "edit") -> FusionPlan:
+    """Translate the edit settings into a FusionPlan (token alignment, schedules, checks).
+    end_of_text_maps: "edit" (the edit prompt's end-of-text token and padding keep their own maps; the pack's
+    default) or "source" (they take the source's maps, as P2P and FateZero): `attention/p2p.py`.
+    Raises FusionConfigError naming the setting to change."""
     ts = list(inversion_timesteps)
     n = len(ts) - 1
     if n < 1:
@@ -110,6 +114,9 @@ def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[i
     same = source == edit
     if mode not in ("replace", "refine"):
         raise FusionConfigError(f"mode must be 'replace' or 'refine', got {mode!r}")
+    if end_of_text_maps not in p2p.END_OF_TEXT_MAPS:
+        raise FusionConfigError(f"end_of_text_maps must be one of {', '.join(p2p.END_OF_TEXT_MAPS)}, got "
+                                f"{end_of_text_maps!r}")
     mapper = refine_alphas = None
     try:
         if same:
@@ -150,6 +157,8 @@ def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[i
         if not (0.0 <= w[0] <= w[1] <= 1.0):
             raise FusionConfigError(f"{name} window {w} must satisfy 0 <= start <= end <= 1")
     alphas = p2p.time_word_alphas(n, cw, ww)
+    if cross_mode in ("replace", "refine"):
+        alphas = p2p.own_end_of_text(alphas, align.end_of_text(edit, tokenizer), end_of_text_maps)
     self_steps = p2p.self_window_steps(n, sw)
     if record_window is not None:
         kept = kept_steps(n, record_window)

@@ -456,6 +456,7 @@ class InFusionPlan:
     mapper: torch.Tensor | None = None
     refine_alphas: torch.Tensor | None = None
     concepts: list = field(default_factory=list)
+    end_of_text: int | None = None  # the edit's own maps from this context position on (None: the source's)
     notes: list = field(default_factory=list)
 
     def __deepcopy__(self, memo):
@@ -482,9 +483,12 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
               feature_blocks: Sequence[int] = PNP_FEATURE_BLOCKS, attention_blocks: Sequence[int] = PNP_ATTENTION_BLOCKS,
               s1: float = DEFAULT_S1, s2: float = DEFAULT_S2, strength: float = 1.0, alpha: float = DEFAULT_ALPHA,
               threshold: float = DEFAULT_THRESHOLD, inject_uncond: bool = True, mask_factor: int = 4,
-              feature_mode: str = DEFAULT_FEATURE_MODE, feature_region: str = DEFAULT_FEATURE_REGION) -> InFusionPlan:
+              feature_mode: str = DEFAULT_FEATURE_MODE, feature_region: str = DEFAULT_FEATURE_REGION,
+              end_of_text_maps: str = "edit") -> InFusionPlan:
     """Translate the edit settings into an InFusionPlan (token alignment, concept indices, schedule).
-    feature_mode / feature_region: the reading of the feature injection (`inject_difference`)."""
+    feature_mode / feature_region: the reading of the feature injection (`inject_difference`).
+    end_of_text_maps: "edit" (the edit prompt's end-of-text token and padding keep their own cross-attention maps
+    in the fusion phase; the pack's default) or "source" (P2P's): `attention/p2p.py`."""
     if feature_mode not in FEATURE_MODES:
         raise InFusionConfigError(f"feature mode must be one of {', '.join(FEATURE_MODES)} (got {feature_mode!r})")
     if feature_region not in FEATURE_REGIONS:
@@ -499,9 +503,12 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
         raise InFusionConfigError("give both the source prompt (the text the video was inverted with) and the edit prompt")
     if not (0.0 <= alpha <= 1.0):
         raise InFusionConfigError(f"alpha must be in [0, 1] (got {alpha:g})")
+    if end_of_text_maps not in p2p.END_OF_TEXT_MAPS:
+        raise InFusionConfigError(f"end_of_text_maps must be one of {', '.join(p2p.END_OF_TEXT_MAPS)} "
+                                  f"(got {end_of_text_maps!r})")
     bounds = phase_bounds(n, s1, s2)
     notes: list[str] = []
-    mapper = refine_alphas = None
+    mapper = refine_alphas = eot = None
     try:
         if source == edit:
             cross_mode = "none"
@@ -513,6 +520,8 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
             mapper, refine_alphas = align.refinement_mapper(source, edit, tokenizer)
             notes.append("the prompts have different word counts: source cross-attention is aligned by token "
                          "refinement (new words keep the edit's own maps)")
+        if cross_mode != "none" and end_of_text_maps == "edit":
+            eot = align.end_of_text(edit, tokenizer)
         items = []
         for a, b in parse_concepts(concepts):
             label = f"{a}->{b}"
@@ -529,7 +538,8 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
                         feature_mode=feature_mode, feature_region=feature_region if items else "all",
                         alpha=float(alpha),
                         threshold=float(threshold), mask_factor=int(mask_factor), inject_uncond=bool(inject_uncond),
-                        cross_mode=cross_mode, mapper=mapper, refine_alphas=refine_alphas, concepts=items, notes=notes)
+                        cross_mode=cross_mode, mapper=mapper, refine_alphas=refine_alphas, concepts=items,
+                        end_of_text=eot, notes=notes)
 
 
 def check_record(record: InFusionRecord, plan: InFusionPlan, hint: str = "") -> None:
@@ -825,6 +835,8 @@ class InFusionController:
                 raise ValueError(f"InFusionInject: the edit's text context has {probs.shape[-1]} tokens, the "
                                  f"inversion's {base.shape[-1]}; keep both prompts within 75 tokens")
             a = torch.full((probs.shape[-1],), 1.0 - self.plan.alpha)
+            if self.plan.end_of_text is not None:
+                a = p2p.own_end_of_text(a, self.plan.end_of_text, "edit")
             for sl in chunks:
                 # p2p.cross_control aligns the source map (word swap / refinement) and mixes with weight a
                 out[sl] = p2p.cross_control(base, probs[sl], a, self.plan.cross_mode, self.plan.mapper,

@@ -10,6 +10,13 @@ map the edit pass computed.
 - time window: out = ctrl * alpha_t[j] + edit * (1 - alpha_t[j]), alpha_t[j] in {0, 1} per step and
   token (`time_word_alphas`, like P2P's get_time_words_attention_alpha): with N steps and window
   (s, e), the rows int(s*(N+1)) <= i < int(e*(N+1)) are 1 (step 0 = the noisiest step).
+- end-of-text maps (`END_OF_TEXT_MAPS`, `own_end_of_text`): the edit prompt's end-of-text token and the padding
+  after it keep the edit's own maps ("edit", the pack's default) or take the source's maps as P2P, FateZero and
+  Video-P2P do ("source"). CLIP's text encoder is causal: those tokens have read the whole edit prompt, the
+  changed words included, and in the source pass the whole source prompt; their source maps hold where the old
+  prompt's content was read. Measured on the toy model (toy/RESULTS.md): with the source's maps FateZero keeps a
+  plain gray or white background where black is asked for (0% of the frames; with the edit's own maps 100%), and
+  on the dev split the FateZero rows edit 7-10 points more with the edit's own.
 - self-attention in the window [int(N*s), int(N*e)): full replacement `base`, or FateZero's blend
   `M * edit + (1 - M) * base` with a per-query-pixel mask M (1 = the edited region keeps its own map).
 
@@ -23,6 +30,21 @@ from collections.abc import Sequence
 import torch
 
 MAX_LEN = 77
+# Which maps the edit prompt's end-of-text token and padding take under cross-attention control (module docstring).
+END_OF_TEXT_MAPS = ("edit", "source")
+
+
+def own_end_of_text(alphas: torch.Tensor, end_of_text: int, maps: str) -> torch.Tensor:
+    """The [..., T] control weights (`time_word_alphas` rows, or one row) with the columns from `end_of_text` (the
+    edit prompt's end-of-text position, `align.end_of_text`) set to 0 when `maps` is "edit" (the edit keeps its
+    own maps there); unchanged for "source". Raises ValueError for another `maps`."""
+    if maps not in END_OF_TEXT_MAPS:
+        raise ValueError(f"end-of-text maps must be one of {', '.join(END_OF_TEXT_MAPS)} (got {maps!r})")
+    if maps == "source":
+        return alphas
+    out = alphas.clone()
+    out[..., int(end_of_text):] = 0.0
+    return out
 
 
 def as_window(w) -> tuple[float, float]:

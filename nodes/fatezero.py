@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..attention import arch
 from ..attention.fatezero import FateZeroController, FusionConfigError, make_plan, preview_mask
+from ..attention.p2p import END_OF_TEXT_MAPS
 from ..attention.store import AttentionStoreSpec, StoreConfig, full_res_hint, mask_factor
 from ..attention.temporal import MODES, TemporalKV
 from ._attn_patch import add_processor, add_record_spec
@@ -26,7 +27,7 @@ from ._comfy import (
 )
 from ._source_pass import SourcePass, check_recompute, weights_note
 from .contract import check_choice, install_contract, ui_warning
-from .prompts import PromptPairType, check_inversion_prompt, check_pair
+from .prompts import PromptPairType, check_inversion_prompt, check_pair, end_of_text_maps_input
 
 FZ_CATEGORY = CATEGORY + "/FateZero"
 RECORD_NAME = "attention"
@@ -228,6 +229,7 @@ class AttentionBlend(io.ComfyNode):
                 io.Boolean.Input("only_cond", default=True,
                                  tooltip="Control only the conditional half of classifier-free guidance (as FateZero). "
                                  "Off: the unconditional rows are fused too."),
+                end_of_text_maps_input(),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model patched for the edit sampling."),
@@ -240,10 +242,11 @@ class AttentionBlend(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, prompts, mode, cross_replace, cross_replace_words,
                 self_replace_start, self_replace_end, reweight, blend_words, blend_threshold,
-                only_cond) -> io.NodeOutput:
+                only_cond, end_of_text_maps=END_OF_TEXT_MAPS[0]) -> io.NodeOutput:
         check_diffusion_model(model, "AttentionBlend")
         pair = check_pair(prompts, "AttentionBlend")
         check_choice("AttentionBlend", "mode", mode, ("refine", "replace"))
+        check_choice("AttentionBlend", "end_of_text_maps", end_of_text_maps, END_OF_TEXT_MAPS)
         store = getattr(inversion, "records", {}).get(RECORD_NAME) if inversion is not None else None
         if store is None:
             raise ZSVEInputError(
@@ -271,7 +274,7 @@ class AttentionBlend(io.ComfyNode):
                 cross_window=float(cross_replace), word_windows=cross_replace_words,
                 self_window=(float(self_replace_start), float(self_replace_end)), reweight=reweight,
                 blend_words=blend_words, blend_threshold=float(blend_threshold), only_cond=bool(only_cond),
-                record_window=None if recompute else store.config.record_window,
+                record_window=None if recompute else store.config.record_window, end_of_text_maps=end_of_text_maps,
             )
         except FusionConfigError as e:
             raise ZSVEInputError(f"AttentionBlend: {e}") from None

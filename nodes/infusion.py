@@ -32,6 +32,7 @@ from ..attention.infusion import (
     make_plan,
     parse_blocks,
 )
+from ..attention.p2p import END_OF_TEXT_MAPS
 from ._attn_patch import (
     PROCESSORS_KEY,
     RECORDERS_KEY,
@@ -40,9 +41,9 @@ from ._attn_patch import (
     chunk_kinds,
     in_guidance_pass,
 )
-from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model, unet_config
+from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_choice, check_diffusion_model, unet_config
 from .contract import install_contract
-from .prompts import PromptPairType, check_inversion_prompt, check_pair
+from .prompts import PromptPairType, check_inversion_prompt, check_pair, end_of_text_maps_input
 
 IF_CATEGORY = CATEGORY + "/InFusion"
 RECORD_NAME = "infusion"
@@ -284,6 +285,7 @@ class InFusionInject(io.ComfyNode):
                 io.Boolean.Input("inject_uncond", default=True,
                                  tooltip="Inject features and keys/values into the unconditional half of guidance too "
                                  "(Plug-and-Play does). The fusion always acts on the conditional half."),
+                end_of_text_maps_input(),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model patched for the edit sampling."),
@@ -296,9 +298,11 @@ class InFusionInject(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, prompts, concepts, feature_blocks,
-                attention_blocks, feature_end, kv_end, strength, alpha, mask_threshold, inject_uncond) -> io.NodeOutput:
+                attention_blocks, feature_end, kv_end, strength, alpha, mask_threshold, inject_uncond,
+                end_of_text_maps=END_OF_TEXT_MAPS[0]) -> io.NodeOutput:
         node = "InFusionInject"
         check_diffusion_model(model, node)
+        check_choice(node, "end_of_text_maps", end_of_text_maps, END_OF_TEXT_MAPS)
         record = getattr(inversion, "records", {}).get(RECORD_NAME) if inversion is not None else None
         if record is None:
             raise ZSVEInputError(
@@ -314,7 +318,7 @@ class InFusionInject(io.ComfyNode):
             plan = make_plan(pair.tokenizer, pair.source.plain, pair.edit.plain, concepts, inversion.timesteps,
                              feature_blocks=fb, attention_blocks=ab, s1=float(feature_end), s2=float(kv_end),
                              strength=float(strength), alpha=float(alpha), threshold=float(mask_threshold),
-                             inject_uncond=bool(inject_uncond))
+                             inject_uncond=bool(inject_uncond), end_of_text_maps=end_of_text_maps)
             check_record(record, plan, hint="re-run Video DDIM Invert with InFusion Source Features set like this node")
         except InFusionConfigError as e:
             raise ZSVEInputError(f"{node}: {e}") from None

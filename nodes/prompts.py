@@ -23,12 +23,25 @@ import torch
 from comfy_api.latest import io
 
 from ..attention import align
+from ..attention.p2p import END_OF_TEXT_MAPS
 from ._comfy import CATEGORY, ZSVEInputError
 from .contract import conditioning_matches
 
 NODE = "EditPrompts"
 PromptPairType = io.Custom("ZSVE_PROMPT_PAIR")
 EMBEDDING_ID_BASE = 10_000_000  # placeholder token ids of embedding vectors (CLIP's vocabulary is 49408)
+
+
+def end_of_text_maps_input() -> io.Combo.Input:
+    """The `end_of_text_maps` input of every node with Prompt-to-Prompt cross-attention control (Attention Blend,
+    Video-P2P Guider, InFusion Inject): one definition, one default (attention/p2p.py `END_OF_TEXT_MAPS`)."""
+    return io.Combo.Input(
+        "end_of_text_maps", options=list(END_OF_TEXT_MAPS), default=END_OF_TEXT_MAPS[0], optional=True,
+        tooltip="Cross-attention maps of the edit prompt's end-of-text token and padding while the source's maps "
+        "are followed. edit (default): their own maps; CLIP reads the whole prompt into them, the changed words "
+        "included, so the source's maps there pull the edit back to the source (toy model: a gray background "
+        "asked to become black stays gray). source: the source's maps, as Prompt-to-Prompt, FateZero and "
+        "Video-P2P do.")
 
 
 def _sd_tokenizer(clip, node: str):

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from ..attention import align, arch
 from ..attention.ddim import Inversion
 from ..attention.fatezero import FusionConfigError, make_plan
+from ..attention.p2p import END_OF_TEXT_MAPS
 from ..attention.videop2p import (
     BRANCHES_KEY,
     BranchPlan,
@@ -70,7 +71,7 @@ from ._comfy import (
     unet_config,
 )
 from .contract import ContractEntry, check_conditioning, check_edit_run, conditioning_matches, ui_warning
-from .prompts import PromptPairType, check_inversion_prompt, check_pair
+from .prompts import PromptPairType, check_inversion_prompt, check_pair, end_of_text_maps_input
 
 VP_CATEGORY = CATEGORY + "/Video-P2P"
 NullTextType = io.Custom("ZSVE_NULL_TEXT")
@@ -327,7 +328,8 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
             run.plan = make_plan(s["tokenizer"], s["source_prompt"], s["edit_prompt"], ts, mode=s["mode"],
                                  cross_window=s["cross_replace"], word_windows=s["cross_replace_words"],
                                  self_window=(0.0, s["self_replace"]), reweight=s["reweight"],
-                                 blend_words=s["blend_words"])
+                                 blend_words=s["blend_words"],
+                                 end_of_text_maps=s.get("end_of_text_maps", END_OF_TEXT_MAPS[0]))
         except FusionConfigError as e:
             raise ZSVEInputError(f"VideoP2PGuider: {e}") from None
         branch = BranchPlan(blend_source=run.plan.blend_phrases or run.plan.blend_indices,
@@ -599,6 +601,7 @@ class VideoP2PGuiderNode(io.ComfyNode):
                 NullTextType.Input("null_text", optional=True,
                                    tooltip="From Null-Text Optimize. Not connected: fast mode (the source branch uses "
                                    "its conditional prediction without guidance)."),
+                end_of_text_maps_input(),
             ],
             outputs=[
                 io.Guider.Output(tooltip="The two-branch guider for SamplerCustomAdvanced (its output latent is the "
@@ -610,7 +613,7 @@ class VideoP2PGuiderNode(io.ComfyNode):
     def execute(cls, model, inversion, prompts, cfg, mode, cross_replace,
                 cross_replace_words, self_replace, reweight, blend_words, blend_words_edit, blend_start,
                 blend_threshold, target_uncond, null_text=None, source=None, edit=None,
-                negative=None) -> io.NodeOutput:
+                negative=None, end_of_text_maps=END_OF_TEXT_MAPS[0]) -> io.NodeOutput:
         node = "VideoP2PGuider"
         check_diffusion_model(model, node)
         handler = model.model_options.get("context_handler")
@@ -630,6 +633,7 @@ class VideoP2PGuiderNode(io.ComfyNode):
                 "Connect the inversion that Null-Text Optimize used.")
         check_choice(node, "mode", mode, ("replace", "refine"))
         check_choice(node, "target_uncond", target_uncond, TARGET_UNCOND)
+        check_choice(node, "end_of_text_maps", end_of_text_maps, END_OF_TEXT_MAPS)
         if null_text is None and target_uncond == TARGET_UNCOND[1]:
             raise ZSVEInputError(f"{node}: target_uncond '{target_uncond}' needs a null_text input.")
         for v, name in ((cross_replace, "cross_replace"), (self_replace, "self_replace"), (blend_start, "blend_start")):
@@ -641,7 +645,8 @@ class VideoP2PGuiderNode(io.ComfyNode):
         try:
             plan = make_plan(tok, source_prompt, edit_prompt, [-1] + list(range(1, 1000, 20)), mode=mode,
                              cross_window=float(cross_replace), word_windows=cross_replace_words,
-                             self_window=(0.0, float(self_replace)), reweight=reweight, blend_words=blend_words)
+                             self_window=(0.0, float(self_replace)), reweight=reweight, blend_words=blend_words,
+                             end_of_text_maps=end_of_text_maps)
         except FusionConfigError as e:
             raise ZSVEInputError(f"{node}: {e}") from None
         try:  # one list of edit-prompt positions per comma-separated phrase
@@ -661,7 +666,7 @@ class VideoP2PGuiderNode(io.ComfyNode):
             "self_replace": float(self_replace), "reweight": reweight, "blend_words": blend_words,
             "blend_target": blend_target or None, "blend_start": float(blend_start),
             "blend_threshold": float(blend_threshold), "target_uncond": target_uncond, "null_text": null_text,
-            "inversion": inversion,
+            "inversion": inversion, "end_of_text_maps": end_of_text_maps,
             # P2P replaces self-attention of maps of at most 32x32 queries (SD1.5 at 512 px: all but the finest
             # level); the same level rule for the model at hand (SDXL: its 32x32 level at 1024 px)
             "min_factor": arch.store_min_factor(unet_config(model)),

@@ -262,6 +262,37 @@ def test_controller_windows_and_blend_mask():
     assert torch.allclose(out, mm * probs + (1 - mm) * inv)
 
 
+def test_end_of_text_maps_edit_keeps_the_edit_prompts_own_tail():
+    """end_of_text_maps 'edit' (default): the edit prompt's end-of-text token and padding keep their own maps in the
+    cross window (control weight 0 there), for word swap and refinement alike; 'source': P2P's (the source's maps)."""
+    from test_align import ToyTokenizer
+
+    from zsve.attention import align
+    from zsve.attention.fatezero import FusionConfigError, make_plan
+
+    tok = ToyTokenizer()
+    ts = [-1, 1, 251, 501, 751]
+    assert align.end_of_text("a red watercolor car", tok) == 6  # BOS, a, red, water, color, car, EOS
+    for src, edit, mode in (("a red car", "a blue car", "replace"), ("a car", "a watercolor car", "refine")):
+        eot = align.end_of_text(edit, tok)
+        own = make_plan(tok, src, edit, ts, mode=mode, cross_window=0.8)
+        ref = make_plan(tok, src, edit, ts, mode=mode, cross_window=0.8, end_of_text_maps="source")
+        assert own.cross_mode == ref.cross_mode == mode
+        assert ref.cross_alphas[:4].eq(1).all() and ref.cross_alphas[4].eq(0).all()
+        assert torch.equal(own.cross_alphas[:, :eot], ref.cross_alphas[:, :eot])
+        assert own.cross_alphas[:, eot:].eq(0).all()
+        # one step of control: the tail columns are the edit's own, the words' columns the aligned source's
+        base, mine = torch.rand(2, 3, 77), torch.rand(2, 3, 77)
+        out = p2p.cross_control(base, mine, own.cross_alphas[0], own.cross_mode, own.mapper, own.refine_alphas)
+        assert torch.equal(out[..., eot:], mine[..., eot:]) and torch.equal(out[..., :2], base[..., :2])
+    same = make_plan(tok, "a car", "a car", ts, cross_window=0.8)  # identical prompts: the source's maps as they are
+    assert same.cross_mode == "none" and same.cross_alphas[:4].eq(1).all()
+    with pytest.raises(FusionConfigError, match="end_of_text_maps must be one of edit, source"):
+        make_plan(tok, "a car", "a red car", ts, end_of_text_maps="eot")
+    with pytest.raises(ValueError, match="end-of-text maps"):
+        p2p.own_end_of_text(torch.ones(77), 3, "both")
+
+
 def test_make_plan_words_windows_and_fallback():
     from test_align import ToyTokenizer
 

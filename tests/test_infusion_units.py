@@ -125,6 +125,11 @@ def test_make_plan_concepts_alignment_and_errors():
         _plan(concepts="cow->dog")
     with pytest.raises(inf.InFusionConfigError, match="edit prompt"):
         _plan(concepts="cat->horse")
+    # the edit prompt's end-of-text token and padding keep their own maps in the fusion (default), or not
+    assert plan.end_of_text == 7 and _plan(end_of_text_maps="source").end_of_text is None
+    assert _plan(edit="a red cat on a mat", concepts="").end_of_text is None  # the same prompt: nothing to align
+    with pytest.raises(inf.InFusionConfigError, match="end_of_text_maps must be one of edit, source"):
+        _plan(end_of_text_maps="x")
 
 
 def test_kv_injection_replaces_rows_of_every_chunk_and_only_in_its_phase():

@@ -176,6 +176,31 @@ def test_fatezero_rows_beat_no_control_on_the_ci_subset_of_the_test_split():
                                                                        base["mean"]["warp_err"])
 
 
+def test_edit_end_of_text_maps_let_a_plain_background_turn_black():
+    """Attention Blend's end_of_text_maps: with the source's maps on the edit prompt's end-of-text token and padding
+    (Prompt-to-Prompt's and FateZero's alignment) FateZero (style) keeps the gray background of "a red square on
+    gray" where black is asked for (measured: 0% of the frames; the uncontrolled edit 100%); with the edit's own maps
+    (the default) it turns black in every frame. The item is off both splits (fresh seed 7070, found while looking
+    for why the P2P-controlled rows missed background recolours; toy/RESULTS.md)."""
+    from zsve.toy import methods_fatezero as mf
+
+    name = "fresh10_background_recolor"
+    spec = next(s for s in sc.split_set("fresh7070", 4) if s.name == name)
+    assert (spec.source_prompt, spec.edit_prompt) == ("a red square on gray", "a red square on black")
+    rows = {"FateZero (style), source end-of-text maps": dict(mf.STYLE, end_of_text_maps="source"),
+            "FateZero (style), edit end-of-text maps": dict(mf.STYLE, end_of_text_maps="edit")}
+    for label, cfg in rows.items():
+        mf._row(label, **cfg)
+    try:
+        model, clip, vae, _ = toy_model.load()
+        res = bench.run(model, clip, vae, list(rows), frames=4, items=[name], split="fresh7070", verbose=False)
+    finally:
+        for label in rows:
+            bench.METHODS.pop(label, None)
+    got = {label: r["items"][name]["success"] for label, r in res.items()}
+    assert got == {"FateZero (style), source end-of-text maps": 0.0, "FateZero (style), edit end-of-text maps": 1.0}
+
+
 def test_fatezero_rows_follow_the_reference_query_length_rule():
     """FateZero fuses the maps with at most 32x32 queries: SD at 512 px (64x64 latent) leaves its top level out,
     256-px frames (32x32 latent) and the toy's 128-px frames (16x16) fuse every level."""

@@ -73,6 +73,8 @@ def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
                 cross_replace=blend["cross"], cross_replace_words="", self_replace_start=0.0,
                 self_replace_end=blend["self"], reweight=reweight, blend_words=blend.get("blend_words", ""),
                 blend_threshold=0.3, only_cond=True)
+    if "end_of_text_maps" in blend:
+        args["end_of_text_maps"] = blend["end_of_text_maps"]
     edit_model, source_mask = fz.AttentionBlend.execute(m, inv, pair, **args).result
     if blend.get("latent_blend"):
         edit_model, _, _ = _pack().nodes.blend.apply_latent_blend(
