@@ -219,6 +219,31 @@ def test_bootstrap_intervals_are_seeded_and_cover_the_mean():
     assert all(v != v for v in bench.bootstrap_ci([]))
 
 
+def test_paired_comparison_on_made_up_results(tmp_path):
+    """--compare: rows matched by label (or a variant row by the longest label it starts with), items in both only,
+    the paired difference after - before with its bootstrap interval, and edit ok per kind."""
+    def item(kind, ok, psnr, local=True):
+        return {"kind": kind, "local": local, "success": ok, "psnr_bg": psnr, "warp_err": 0.01}
+
+    before = {"Row": {"items": {"a_color": item("color", 0.5, 20.0), "b_color": item("color", 1.0, 30.0),
+                                "c_background": item("background", 0.0, 40.0, local=False),
+                                "d_shape": item("shape", 1.0, 10.0)}, "mean": {}, "seconds": 1.0},
+              "Other": {"items": {"a_color": item("color", 1.0, 20.0)}, "mean": {}, "seconds": 1.0}}
+    after = {"Row, variant": {"items": {"a_color": item("color", 1.0, 18.0), "b_color": item("color", 1.0, 30.0),
+                                        "c_background": item("background", 1.0, 40.0, local=False)},
+                              "mean": {}, "seconds": 1.0},
+             "Unmatched": {"items": {"a_color": item("color", 1.0, 20.0)}, "mean": {}, "seconds": 1.0}}
+    assert bench.match_rows(before, after) == {"Row, variant": "Row"}
+    text = bench.paired_table(before, after)
+    row = next(line for line in text.splitlines() if line.startswith("| Row, variant vs Row |"))
+    # three common items (d_shape is not in `after`): edit ok 50% -> 100%, every item up or equal
+    assert "| 3 | 50.0, 100.0, +50.0 [+0.0, +100.0] |" in row
+    # local PSNR over the two local common items: 25 -> 24 dB
+    assert "25.00, 24.00, -1.00 [-2.00, +0.00]" in row
+    assert "- Row, variant vs Row: color 75% -> 100% (2), background 0% -> 100% (1)" in text
+    assert "Unmatched" not in text and "Other" not in text
+
+
 def test_split_tables_and_the_bar_on_made_up_results():
     """The per-kind tables, the interval table and bar_check read the items' kinds and local flags."""
     def row(success, psnr, warp):

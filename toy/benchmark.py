@@ -457,6 +457,62 @@ def bar_check(res: dict, rows: list[str] | None = None, baseline: str = BASELINE
     return out
 
 
+def match_rows(before: dict, after: dict) -> dict:
+    """{row of `after`: row of `before`} for a paired comparison: the row of the same label, or else the longest label
+    of `before` that the `after` row's label starts with (a variant row: 'FateZero (style), source maps' is compared
+    with 'FateZero (style)'). Rows without a match are left out."""
+    out = {}
+    for m in after:
+        if m in before:
+            out[m] = m
+            continue
+        cands = [b for b in before if m.startswith(b)]
+        if cands:
+            out[m] = max(cands, key=len)
+    return out
+
+
+def paired_table(before: dict, after: dict) -> str:
+    """Per matched row (`match_rows`), over the items both results have: the mean of `before` and of `after` and the
+    paired difference after - before with its 95% bootstrap interval (items resampled, as `bootstrap_ci`), for edit
+    ok, local-edit preservation PSNR and warp error; then edit ok per edit kind, before -> after. The way to compare
+    two settings or checkpoints run on the same items: the items' own difficulty cancels."""
+    cols = [("success", "edit ok", "{:+.1f}", 100.0, "all"), ("psnr_bg", "PSNR bg (local)", "{:+.2f}", 1.0, "local"),
+            ("warp_err", "warp err", "{:+.4f}", 1.0, "all")]
+    lines = ["| row (after vs before) | items | " + " | ".join(f"{h}: before, after, difference [95%]"
+                                                           for _, h, _, _, _ in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    kind_lines = []
+    for m, b in match_rows(before, after).items():
+        bi, ai = before[b]["items"], after[m]["items"]
+        names = [n for n in ai if n in bi]
+        if not names:
+            continue
+        loc = set(local_items({"_": {"items": {n: ai[n] for n in names}}}))
+        cells = []
+        for key, _, fmt, scale, which in cols:
+            use = [n for n in names if which == "all" or n in loc]
+            pairs = [(bi[n].get(key), ai[n].get(key)) for n in use]
+            pairs = [(x, y) for x, y in pairs if _finite(x) and _finite(y)]
+            if not pairs:
+                cells.append("-")
+                continue
+            d, lo, hi = bootstrap_ci([(y - x) * scale for x, y in pairs])
+            mb = sum(x for x, _ in pairs) / len(pairs) * scale
+            ma = sum(y for _, y in pairs) / len(pairs) * scale
+            num = "{:.1f}" if scale == 100.0 else fmt.replace("+", "")
+            cells.append(f"{num.format(mb)}, {num.format(ma)}, {fmt.format(d)} [{fmt.format(lo)}, {fmt.format(hi)}]")
+        name = m if m == b else f"{m} vs {b}"
+        lines.append(f"| {label(name)} | {len(names)} | " + " | ".join(cells) + " |")
+        kinds: dict = {}
+        for n in names:
+            kinds.setdefault(ai[n].get("kind", "?"), []).append((bi[n]["success"], ai[n]["success"]))
+        kind_lines.append(f"- {label(name)}: " + ", ".join(
+            f"{k} {sum(x for x, _ in v) / len(v):.0%} -> {sum(y for _, y in v) / len(v):.0%} ({len(v)})"
+            for k, v in kinds.items()))
+    return "\n".join(lines + ["", "edit ok per edit kind, before -> after (items):"] + kind_lines)
+
+
 def split_of(res: dict) -> str | None:
     """The generated split the results' items belong to (by their names), or None."""
     from . import scenes
@@ -620,6 +676,9 @@ def main():
     p.add_argument("--rescore", type=Path, default=None,
                    help="score the clips of an earlier --frames-dir run again with the current metrics (nothing is "
                         "run; rows from --methods, default all rows found) and write --json")
+    p.add_argument("--compare", type=Path, nargs=2, default=None, metavar=("BEFORE", "AFTER"),
+                   help="paired comparison of two --json outputs run on the same items (two settings or checkpoints): "
+                        "per row the difference after - before with its 95%% bootstrap interval; nothing is run")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="print the tables of earlier --json outputs (e.g. rows run in separate processes) and "
                         "write their union to --json; nothing is run")
@@ -629,6 +688,11 @@ def main():
         print(list_split(a.split, a.frames))
         return
     rep = report if a.split == "public" else split_report
+    if a.compare:
+        before, after = (merge_json([f]) for f in a.compare)
+        print(f"paired comparison: {a.compare[1]} (after) vs {a.compare[0]} (before)")
+        print(paired_table(before, after))
+        return
     if a.merge:
         res = merge_json(a.merge)
         print(rep(res, f"toy benchmark ({a.split} split): merged from {', '.join(str(f) for f in a.merge)}"))
