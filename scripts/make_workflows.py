@@ -163,7 +163,8 @@ INFUSION_MULTI_CONCEPT_LORA = [
      "links": {"model": ("ckpt", 0), "clip": ("ckpt", 1)}, "title": "LoRA (put your file in models/loras)"},
     *VIDEO_IN,
     *_prompts(IF_EDIT, clip="lora"),
-    {"id": "temporal", "type": "TemporalSelfAttentionPatch", "links": {"model": ("lora", 0)}},
+    # col 1: under the LoRA (in column 0 the LoRA's model link ran back behind Load Video's preview)
+    {"id": "temporal", "type": "TemporalSelfAttentionPatch", "links": {"model": ("lora", 0)}, "col": 1},
     {"id": "source", "type": "InFusionSource", "links": {"model": ("temporal", 0)}},
     {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
      "links": {"model": ("source", 0), "latent": ("encode", 0), "positive": SRC}},
