@@ -60,7 +60,9 @@ class WordNotInPrompt(AlignmentError):
         self.word, self.text = word, text
         words = ", ".join(dict.fromkeys(w for w in (normalise_word(x) for x in text.split()) if w))
         prompt = f"the {which} prompt" if which else "the prompt"
-        super().__init__(f"'{word}' is not a word of {prompt} {text!r}{missing_word_hint(text, word)} "
+        syntax = (" (words inputs take the plain words, without weight syntax such as '(red:1.2)')"
+                  if any(c in word for c in "()[]:") else "")
+        super().__init__(f"'{word}' is not a word of {prompt} {text!r}{missing_word_hint(text, word)}{syntax} "
                          f"(its words: {words})")
 
 
@@ -140,7 +142,7 @@ def phrase_positions(text: str, words: str | Sequence[str], tokenizer: Tokenizer
     whitespace-separated words (case and punctuation ignored, whole words only). Where the phrase's words occur in
     `text` in order and next to each other, the positions are those of every such run ('red hat' in 'a red hat and
     red shoes' is positions of 'red hat' only); otherwise (words apart, or a single word) every occurrence of each
-    word. Empty phrases are dropped; an empty input gives [].
+    word. Empty phrases and punctuation-only words ('-') are dropped; an empty input gives [].
 
     Raises WordNotInPrompt for the first word that is not a word of `text` (`which` names the prompt in the
     message: 'source', 'edit'), AlignmentError when `text` is longer than the context."""
@@ -148,6 +150,10 @@ def phrase_positions(text: str, words: str | Sequence[str], tokenizer: Tokenizer
     keys = [normalise_word(w) for w, _ in spans]
     out: list[list[int]] = []
     for phrase in split_phrases(words):
+        # punctuation-only words ('-') name no token: left out (a phrase of nothing else is dropped)
+        phrase = [w for w in phrase if normalise_word(w)]
+        if not phrase:
+            continue
         want = [normalise_word(w) for w in phrase]
         for w, key in zip(phrase, want):
             if key not in keys:

@@ -89,9 +89,13 @@ def parse_window(value: str, what: str) -> tuple[float, float]:
 
 def _word_positions(text: str, word: str, tokenizer, which: str, name: str) -> list[int]:
     try:
-        return align.phrase_positions(text, [word], tokenizer, which)[0]
+        found = align.phrase_positions(text, [word], tokenizer, which)
     except align.WordNotInPrompt as e:
         raise FusionConfigError(f"{name}: {e}") from None
+    if not found:
+        raise FusionConfigError(f"{name}: '{word}' names no word: give a word of the {which} prompt {text!r} before "
+                                "the ':' (e.g. 'watercolor:10')")
+    return found[0]
 
 
 def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[int], mode: str = "refine",

@@ -454,7 +454,7 @@ def source_attention_mask(inversion, prompts, words: str, threshold: float = 0.3
     if st is None or not st.layer_names("cross"):
         raise ZSVEInputError(f"{node}: the inversion kept no cross-attention to make the mask from: turn Attention "
                              "Store's skip_full_res off.")
-    if not (words or "").strip():
+    if not align.split_phrases(words or ""):
         raise ZSVEInputError(f"{node}: 'words' is empty: name what to mask with words of the source prompt "
                              f"{pair.source.plain!r} (e.g. the edited object 'red circle').")
     if not (0.0 < window <= 1.0):
@@ -464,7 +464,9 @@ def source_attention_mask(inversion, prompts, words: str, threshold: float = 0.3
                          self_window=(0.0, float(window)), cross_window=0.0, blend_words=words,
                          blend_threshold=float(threshold))
     except FusionConfigError as e:
-        raise ZSVEInputError(f"{node}: {e}".replace("blend_words", "words")) from None
+        msg = str(e).replace("; blend words name the object in the source video", "")
+        raise ZSVEInputError(f"{node}: {msg}".replace("blend_words", "words") + ": words name what to mask in the "
+                             "source video, with words of the source prompt") from None
     h, w = inversion.latent_shape[-2:]
     a, b = plan.self_steps
     in_window = [t for t, i in plan.timestep_to_step.items() if a <= i < b]

@@ -27,7 +27,7 @@ from ._comfy import (
 )
 from ._source_pass import SourcePass, check_recompute, weights_note
 from .contract import check_choice, install_contract, ui_warning
-from .prompts import PromptPairType, check_inversion_prompt, check_pair, end_of_text_maps_input
+from .prompts import PromptPairType, check_inversion_prompt, check_pair, end_of_text_maps_input, end_of_text_note
 
 FZ_CATEGORY = CATEGORY + "/FateZero"
 RECORD_NAME = "attention"
@@ -312,6 +312,8 @@ class AttentionBlend(io.ComfyNode):
         mask = torch.nn.functional.interpolate(mask.unsqueeze(1), scale_factor=8, mode="nearest")[:, 0]
         hint = full_res_hint(store.config, (h, w))
         text = text + plan.notes + ([f"Attention Store: {hint}"] if hint else [])
+        if plan.cross_mode in ("replace", "refine"):
+            text.append(end_of_text_note(end_of_text_maps))
         return io.NodeOutput(m, mask, ui={"text": text})
 
 

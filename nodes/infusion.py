@@ -43,7 +43,7 @@ from ._attn_patch import (
 )
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_choice, check_diffusion_model, unet_config
 from .contract import install_contract
-from .prompts import PromptPairType, check_inversion_prompt, check_pair, end_of_text_maps_input
+from .prompts import PromptPairType, check_inversion_prompt, check_pair, end_of_text_maps_input, end_of_text_note
 
 IF_CATEGORY = CATEGORY + "/InFusion"
 RECORD_NAME = "infusion"
@@ -334,6 +334,8 @@ class InFusionInject(io.ComfyNode):
         install_contract(m, node, inversion, pair.edit.embedding, pair.edit.text, pair.edit.pooled)
         masks = preview_masks(controller, record, plan)
         text = [record.summary()] + plan.notes
+        if plan.cross_mode in ("replace", "refine") and plan.steps_of("fusion"):
+            text.append(end_of_text_note(end_of_text_maps))
         return io.NodeOutput(m, masks, ui={"text": text})
 
 

@@ -44,6 +44,16 @@ def end_of_text_maps_input() -> io.Combo.Input:
         "Video-P2P do.")
 
 
+def end_of_text_note(maps: str) -> str:
+    """The line the P2P-controlled nodes add to their UI text when cross-attention control is active, so that a
+    workflow saved before the input existed (and now running with its default) says what it does."""
+    if maps == "source":
+        return ("end_of_text_maps source: the edit prompt's end-of-text token and padding take the source's maps "
+                "(Prompt-to-Prompt's alignment)")
+    return ("end_of_text_maps edit: the edit prompt's end-of-text token and padding keep their own maps (the "
+            "pack's default; 'source' gives Prompt-to-Prompt's alignment)")
+
+
 def _sd_tokenizer(clip, node: str):
     """The CLIP-L SDTokenizer of a CLIP (SD1.x; SDXL's clip_l too)."""
     tok = getattr(clip, "tokenizer", None)

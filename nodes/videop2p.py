@@ -71,7 +71,7 @@ from ._comfy import (
     unet_config,
 )
 from .contract import ContractEntry, check_conditioning, check_edit_run, conditioning_matches, ui_warning
-from .prompts import PromptPairType, check_inversion_prompt, check_pair, end_of_text_maps_input
+from .prompts import PromptPairType, check_inversion_prompt, check_pair, end_of_text_maps_input, end_of_text_note
 
 VP_CATEGORY = CATEGORY + "/Video-P2P"
 NullTextType = io.Custom("ZSVE_NULL_TEXT")
@@ -652,7 +652,8 @@ class VideoP2PGuiderNode(io.ComfyNode):
         try:  # one list of edit-prompt positions per comma-separated phrase
             blend_target = align.phrase_positions(edit_prompt.strip(), blend_words_edit, tok, "edit")
         except align.AlignmentError as e:
-            raise ZSVEInputError(f"{node}: blend_words_edit: {e}.") from None
+            raise ZSVEInputError(f"{node}: blend_words_edit: {e}; blend_words_edit names the new object with words of "
+                                 "the edit prompt (or leave it empty).") from None
         for note in plan.notes:
             log.warning("%s: %s", node, note)
         if null_text is not None and not math.isclose(null_text.guidance, cfg):
@@ -689,6 +690,8 @@ class VideoP2PGuiderNode(io.ComfyNode):
         guider.set_conds(*conds)
         guider.set_cfg(float(cfg))
         text = [f"Video-P2P: {'null-text' if null_text is not None else 'fast'} mode, cross mode {plan.cross_mode}"]
+        if plan.cross_mode in ("replace", "refine"):
+            text.append(end_of_text_note(end_of_text_maps))
         return io.NodeOutput(guider, ui={"text": text + plan.notes})
 
 

@@ -63,6 +63,10 @@ def test_phrase_positions_runs_words_and_errors(tok):
     assert e.value.word == "dog" and isinstance(e.value, align.AlignmentError)
     with pytest.raises(align.WordNotInPrompt, match="only part of the word 'watercolor'"):
         align.phrase_positions(text, "water", tok)
+    # punctuation-only words name no token: left out, never matched to the prompt's punctuation
+    assert align.phrase_positions("a cat - a dog", "? dog, -", tok) == [[5]]
+    with pytest.raises(align.WordNotInPrompt, match=r"without weight syntax such as '\(red:1.2\)'"):
+        align.phrase_positions(text, "(red:1.2) hat", tok)
 
 
 def test_replacement_mapper_same_token_counts(tok):

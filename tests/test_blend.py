@@ -742,3 +742,9 @@ def test_source_attention_mask_says_when_the_window_reaches_past_the_recorded_st
     assert "Warning" not in ok.ui["text"][0]
     out = blend_nodes.SourceAttentionMask.execute(inv, pair, SOURCE.split()[-1], 0.3, 1.0)
     assert "record_window to at least 1" in out.ui["text"][0]
+    # commas alone name nothing (the mask would be the whole frame); a missing word names what to give
+    with pytest.raises(glue.ZSVEInputError, match="'words' is empty"):
+        blend_nodes.SourceAttentionMask.execute(inv, pair, " , ,", 0.3, 0.4)
+    with pytest.raises(glue.ZSVEInputError, match="SourceAttentionMask: words: 'dog' is not a word of the source "
+                       r"prompt .*: words name what to mask in the source video"):
+        blend_nodes.SourceAttentionMask.execute(inv, pair, "dog", 0.3, 0.4)

@@ -244,6 +244,9 @@ def small_inversion(tiny_model, conds):
         ({"blend_words": "jeep"}, "'jeep' is not a word of the source prompt"),
         ({"reweight": "watercolor:10"}, "'watercolor' is not a word of the edit prompt"),
         ({"reweight": "red:lots"}, "not a number"),
+        ({"reweight": ":2"}, "reweight: '' names no word: give a word of the edit prompt"),
+        ({"cross_replace_words": " :0.5"}, "cross_replace_words: '' names no word"),
+        ({"blend_words": "(red:1.2) circle"}, "without weight syntax"),
         ({"cross_replace_words": "red"}, "not 'word:value'"),
         ({"self_replace_end": 1.0}, "raise record_window"),
         ({"self_replace_start": 0.6, "self_replace_end": 0.2}, "is before self_replace_start"),
@@ -269,6 +272,8 @@ def test_blend_without_store_and_replace_fallback(tiny_model, tiny_clip, conds, 
                                      "replace",
                                      0.8, "", 0.0, 0.8, "", "", 0.3, True)
     assert "using refinement" in caplog.text and "using refinement" in " ".join(out.ui["text"])
+    # a workflow saved before end_of_text_maps existed runs with its default, and the node's text says which
+    assert "end_of_text_maps edit: the edit prompt's end-of-text token" in " ".join(out.ui["text"])
 
 
 def test_edit_with_other_steps_or_frames_is_refused_at_the_first_step(tiny_model, tiny_clip, conds):

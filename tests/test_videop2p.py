@@ -463,3 +463,34 @@ def test_local_blend_masks_each_phrase_and_unites_them():
     assert united.flatten()[8:].eq(1).all() and united.flatten()[0] == 1
     summed = mask([2, 5])
     assert summed.flatten()[8:].eq(0).all() and summed.flatten()[0] == 1
+
+
+def test_end_of_text_maps_reach_the_sampling_plan_and_the_nodes_text(tiny_model, tiny_clip):
+    """end_of_text_maps: the guider's text says which maps the edit prompt's end-of-text token and padding take, and
+    the plan it builds for the sampler's schedule follows it (default 'edit': control weight 0 from the end-of-text
+    position on; 'source': Prompt-to-Prompt's alignment)."""
+    from zsve.attention import align
+
+    z = _latent()
+    inv = _inv_like(tiny_model, z)
+    pair = prompt_pair(tiny_clip, SRC, EDIT)
+    eot = align.end_of_text(pair.edit.plain, pair.tokenizer)
+    settings = dict(mode="replace", cross_replace=0.2, cross_replace_words="", self_replace=0.5, reweight="",
+                    blend_words="", blend_words_edit="", blend_start=0.2, blend_threshold=0.3,
+                    target_uncond=vp.TARGET_UNCOND[0])
+    for maps, tail in (("edit", 0.0), ("source", 1.0)):
+        with torch.inference_mode():
+            out = vp.VideoP2PGuiderNode.execute(tiny_model, inv, pair, 7.5, end_of_text_maps=maps, **settings)
+        assert f"end_of_text_maps {maps}:" in " ".join(out.ui["text"])
+        guider, plans = out.result[0], []
+        build = guider._build
+
+        def spy(run, sigmas, build=build, plans=plans):
+            build(run, sigmas)
+            plans.append(run.plan)
+
+        guider._build = spy
+        _sample(guider, z)
+        (plan,) = plans
+        assert plan.cross_mode == "replace" and plan.cross_alphas[0, 1] == 1.0
+        assert plan.cross_alphas[0, eot:].eq(tail).all() and plan.cross_alphas[0, eot - 1] == 1.0
