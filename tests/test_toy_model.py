@@ -232,7 +232,7 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
 
     out = tmp_path / "t.safetensors"
     base = [sys.executable, "-m", "toy.train", "--batch", "2", "--save-every", "1", "--warmup", "1",
-            "--out", str(out), "--object-r", "24,36", "--two-object-r", "18,25"]
+            "--out", str(out), "--object-r", "24,36", "--two-object-r", "18,25", "--two-object-sides", "either"]
     env = dict(os.environ)
     for steps, extra in ((2, ["--model-channels", "64", "--unet-fp16"]), (3, ["--resume"])):
         r = subprocess.run(base + ["--steps", str(steps)] + extra, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -241,6 +241,7 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
     assert "resumed at step 2" in r.stdout
     tensors, config, train = toy_model.read(out)
     assert train["steps"] == 3 and train["object_r"] == [24.0, 36.0] and train["two_object_r"] == [18.0, 25.0]
+    assert train["two_object_sides"] == "either"
     assert config["unet_storage"] == "fp16" and config["unet"]["model_channels"] == 64
     assert all(v.dtype == torch.float16 for k, v in tensors.items() if k.startswith("unet.") and v.is_floating_point())
     assert torch.load(str(out) + ".state.pt", weights_only=False)["step"] == 3
@@ -254,6 +255,7 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
     assert "initialised from" in r.stdout and "at step 3" in r.stdout
     tensors2, config2, train2 = toy_model.read(out2)
     assert train2["steps"] == 4 and train2["init_from_step"] == 3 and config2 == config
+    assert train2["two_object_sides"] == "left-first"  # not given: the committed model's training scenes
     moved = [k for k, v in tensors.items() if k.startswith("unet.") and not torch.equal(v, tensors2[k])]
     assert moved and all(torch.equal(v, tensors2[k]) for k, v in tensors.items() if k.startswith("clip"))
     # and that run resumes with the architecture of the checkpoint it started from (its options are not repeated)

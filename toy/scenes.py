@@ -174,9 +174,12 @@ def random_object(rng: np.random.Generator, shape: str, color: str, r_range=None
     return Obj(shape, color, float(rng.uniform(lo, hi)), float(rng.uniform(r + 2, SIZE - r - 2)), r)
 
 
-def random_scene(rng: np.random.Generator, two_object_p: float = 0.15, heldout_ok: bool = False) -> Scene:
+def random_scene(rng: np.random.Generator, two_object_p: float = 0.15, heldout_ok: bool = False,
+                 either_side: bool = False) -> Scene:
     """A training scene: one object from the training combinations, or (with two_object_p) two
-    objects of different colours side by side (left one named first)."""
+    objects of different colours side by side (the left one named first; with `either_side`, the first named is on
+    the left or the right with equal odds, as in the second half of the benchmark's crossing clips). Without
+    `either_side` the random stream is the one training always drew."""
     phase = float(rng.uniform(0, STRIPE_PERIOD))
     if rng.uniform() < two_object_p:
         bgs = all_backgrounds()
@@ -186,8 +189,11 @@ def random_scene(rng: np.random.Generator, two_object_p: float = 0.15, heldout_o
             if allowed(c1, bg) and allowed(c2, bg):
                 break
         s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
-        o1 = random_object(rng, str(s1), str(c1), TWO_OBJECT_R, (0, SIZE / 2 - 2))
-        o2 = random_object(rng, str(s2), str(c2), TWO_OBJECT_R, (SIZE / 2 + 2, SIZE))
+        sides = [(0, SIZE / 2 - 2), (SIZE / 2 + 2, SIZE)]
+        if either_side and rng.uniform() < 0.5:
+            sides.reverse()
+        o1 = random_object(rng, str(s1), str(c1), TWO_OBJECT_R, sides[0])
+        o2 = random_object(rng, str(s2), str(c2), TWO_OBJECT_R, sides[1])
         return Scene((o1, o2), bg, phase)
     specs = single_specs() if heldout_ok else train_specs()
     shape, color, bg = specs[rng.integers(len(specs))]

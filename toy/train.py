@@ -37,6 +37,10 @@ def parse():
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--uncond-p", type=float, default=0.1, help="caption dropout (empty prompt) for CFG")
     p.add_argument("--two-object-p", type=float, default=0.15)
+    p.add_argument("--two-object-sides", choices=["left-first", "either"], default="left-first",
+                   help="two-object scenes: the first named object on the left (the committed model's training) or "
+                        "on either side with equal odds (the benchmark's crossing clips name the right-hand one first "
+                        "in their later frames)")
     p.add_argument("--prediction", choices=["v", "eps"], default="v")
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="eps only: Min-SNR loss weighting (0 = plain MSE)")
     p.add_argument("--attn-loss", type=float, default=0.0,
@@ -101,7 +105,8 @@ def scene_sampler(a):
     if a.two_object_r:
         scenes.TWO_OBJECT_R = tuple(float(v) for v in a.two_object_r.split(","))
     if not (a.colors or a.backgrounds):
-        return lambda rng: scenes.random_scene(rng, two_object_p=a.two_object_p)
+        return lambda rng: scenes.random_scene(rng, two_object_p=a.two_object_p,
+                                               either_side=a.two_object_sides == "either")
     colors = a.colors.split(",") if a.colors else None
     if colors and set(colors) - set(scenes.COLOR_NAMES):
         raise SystemExit(f"unknown colour(s) {sorted(set(colors) - set(scenes.COLOR_NAMES))}")
@@ -218,6 +223,7 @@ def main():
                 "threads": a.threads,
                 "uncond_p": a.uncond_p,
                 "two_object_p": a.two_object_p,
+                "two_object_sides": a.two_object_sides,
                 "min_snr_gamma": a.min_snr_gamma,
                 "attn_loss": a.attn_loss,
                 "object_weight": a.object_weight,
