@@ -255,8 +255,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--two-objects", type=int, default=0, metavar="N",
-                   help="measure instead N two-object prompts drawn as the training scenes draw them (each object "
-                        "read in its half: left = first named)")
+                   help="measure instead N two-object prompts drawn as the training scenes draw them (each named "
+                        "object read where its colour is, on either side: `object_region`)")
     p.add_argument("--shape-gap", action="store_true",
                    help="also print the v-loss with the true caption vs the shape word swapped, per timestep")
     a = p.parse_args()
