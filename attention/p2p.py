@@ -15,8 +15,9 @@ map the edit pass computed.
   Video-P2P do ("source"). CLIP's text encoder is causal: those tokens have read the whole edit prompt, the
   changed words included, and in the source pass the whole source prompt; their source maps hold where the old
   prompt's content was read. Measured on the toy model (toy/RESULTS.md): with the source's maps FateZero keeps a
-  plain gray or white background where black is asked for (0% of the frames; with the edit's own maps 100%), and
-  on the dev split the FateZero rows edit 7-10 points more with the edit's own.
+  plain gray or white background where black is asked for (0% of the frames; with the edit's own maps 100%); on
+  the dev split the FateZero rows edit 7-10 points more with the edit's own, on the held-out test split -4 to +1
+  (Video-P2P +3) at 1-1.7 dB less local background: a fix for one kind of edit, not a gain over all of them.
 - self-attention in the window [int(N*s), int(N*e)): full replacement `base`, or FateZero's blend
   `M * edit + (1 - M) * base` with a per-query-pixel mask M (1 = the edited region keeps its own map).
 
