@@ -84,12 +84,18 @@ def word_token_positions(prompts: PromptPair, words: str) -> tuple[list[int], di
         raise ZSVEInputError(f"{NODE}: 'words' is empty: give the edited words of the edit prompt, comma-separated "
                              "(e.g. 'cat' or 'cat, red hat'), or use mask_source 'user mask'.")
     plain = prompts.edit.plain
-    try:
-        found = align.phrase_positions(plain, word_list, prompts.tokenizer, "edit")
-    except align.AlignmentError as e:
-        raise ZSVEInputError(f"{NODE}: words: {e}. Use words of the edit prompt (Edit Prompts' edit_text), spelled "
-                             "as there.") from None
-    per_word = dict(zip(word_list, found))
+    per_word: dict[str, list[int]] = {}
+    for w in word_list:  # entry by entry, so that each keeps its own label (a punctuation-only entry names nothing)
+        try:
+            found = align.phrase_positions(plain, [w], prompts.tokenizer, "edit")
+        except align.AlignmentError as e:
+            raise ZSVEInputError(f"{NODE}: words: {e}. Use words of the edit prompt (Edit Prompts' edit_text), "
+                                 "spelled as there.") from None
+        if found:
+            per_word[w] = found[0]
+    if not per_word:
+        raise ZSVEInputError(f"{NODE}: 'words' names no word: give the edited words of the edit prompt, "
+                             "comma-separated (e.g. 'cat' or 'cat, red hat'), or use mask_source 'user mask'.")
     positions = sorted({p for pos in per_word.values() for p in pos})
     return positions, per_word
 

@@ -139,6 +139,10 @@ def test_word_positions_from_comfyui_tokenizer(tiny_clip):
         blend_nodes.word_token_positions(pair("a photo of a catwalk"), "cat")
     with pytest.raises(glue.ZSVEInputError, match="'words' is empty"):
         blend_nodes.word_token_positions(pair("a photo of a cat"), " , ")
+    # a punctuation-only entry names nothing and takes no other entry's label
+    assert blend_nodes.word_token_positions(pair("a (Red:1.3) hat, a red car"), "red, -, car")[1] == per_word
+    with pytest.raises(glue.ZSVEInputError, match="'words' names no word"):
+        blend_nodes.word_token_positions(pair("a photo of a cat"), "-, ?")
 
 
 # --- through ComfyUI's samplers ----------------------------------------------------------------------------
