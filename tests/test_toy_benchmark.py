@@ -348,3 +348,48 @@ def test_ground_truth_mask_row_covers_what_each_edit_kind_changes():
             assert torch.equal(m, 1 - objects.amax(1))
         else:
             assert bool((m == 1).all())
+
+
+def test_edit_ok_on_the_items_the_model_draws(tmp_path):
+    """--drawn: the items split by the model's own share of their edit prompt (toy.quality --split), each row's
+    edit ok with its interval on both parts, the bar on the drawn part; an item without an entry is refused."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    from zsve_boot import ROOT
+
+    def row(ok_drawn, ok_other):
+        items = {}
+        for i in range(8):
+            kind = ("color", "two_object")[i % 2]
+            items[f"test{i:02d}_{kind}"] = {"success": ok_drawn if kind == "color" else ok_other, "others_kept": 1.0,
+                                            "psnr_bg": 20.0 + i, "ssim_bg": 0.9, "leak": 0.1, "warp_err": 0.02,
+                                            "rel_change": 1.0, "kind": kind, "local": True}
+        return {"seconds": 1.0, "mean": {}, "items": items}
+
+    res = {bench.BASELINE: row(0.75, 0.0), "InFusion": row(1.0, 0.5)}
+    drawn = {n: {"drawn": 1.0 if "color" in n else 0.25, "kind": ""} for n in res["InFusion"]["items"]}
+    drawn["test00_color"]["drawn"] = 0.875  # 7 of 8: drawn
+    yes, no = bench.drawn_items(res, drawn)
+    assert yes == ["test00_color", "test02_color", "test04_color", "test06_color"] and len(no) == 4
+    t = bench.drawn_table(res, drawn).splitlines()
+    assert t[0] == "| method | edit ok, edit prompt drawn (4) | edit ok, not drawn (4) |"
+    assert t[3] == "| InFusion | 100% [100, 100] | 50% [50, 50] |"
+    text = bench.split_report(res, "title", drawn)
+    assert "- InFusion: FAIL: edit ok 75% < 90%" in text  # all 8 items
+    on_drawn = text.split("the bar on those 4 items only:")[1]
+    assert "- InFusion: FAIL: PSNR bg (local)" in on_drawn and "edit ok" not in on_drawn  # 100% there
+    del drawn["test03_two_object"]
+    with pytest.raises(ValueError, match="test03_two_object"):
+        bench.drawn_items(res, drawn)
+    # the command line: --merge of saved results with --drawn prints the table
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    drawn["test03_two_object"] = {"drawn": 0.0, "kind": "two_object"}
+    (tmp_path / "d.json").write_text(json.dumps({"split": "test", "items": drawn}))
+    out = subprocess.run([sys.executable, "-m", "toy.benchmark", "--split", "test", "--merge", str(tmp_path / "r.json"),
+                          "--drawn", str(tmp_path / "d.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| InFusion | 100% [100, 100] | 50% [50, 50] |" in out.stdout

@@ -525,7 +525,38 @@ def split_of(res: dict) -> str | None:
     return None
 
 
-def split_report(res: dict, title: str) -> str:
+def drawn_items(res: dict, drawn: dict, bar: float | None = None) -> tuple[list[str], list[str]]:
+    """(items whose edit prompt the model draws, the other items) among the results' items: `drawn` is
+    `toy.quality --split`'s {item: {"drawn": share of plain samples right}}; drawn = share >= `bar`
+    (quality.DRAWN_BAR, 7 of 8). Raises ValueError when an item of the results has no entry."""
+    from .quality import DRAWN_BAR
+
+    bar = DRAWN_BAR if bar is None else bar
+    names = list(next(iter(res.values()))["items"]) if res else []
+    missing = [n for n in names if n not in drawn]
+    if missing:
+        raise ValueError(f"--drawn has no entry for {missing[:3]}{'...' if len(missing) > 3 else ''}: run "
+                         "`python -m toy.quality --split <split> --json FILE` for this split")
+    yes = [n for n in names if drawn[n]["drawn"] >= bar]
+    return yes, [n for n in names if n not in yes]
+
+
+def drawn_table(res: dict, drawn: dict, bar: float | None = None) -> str:
+    """Per row, edit ok (95% bootstrap interval) on the items whose edit prompt the model draws from noise and
+    on the others: a method's misses told apart from the model's."""
+    yes, no = drawn_items(res, drawn, bar)
+    lines = [f"| method | edit ok, edit prompt drawn ({len(yes)}) | edit ok, not drawn ({len(no)}) |",
+             "|---|---|---|"]
+    for m, r in res.items():
+        cells = []
+        for names in (yes, no):
+            vals = [r["items"][n].get("success") for n in names if n in r["items"]]
+            cells.append(_ci_cell(bootstrap_ci(vals), "{:.0%}") if vals else "-")
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def split_report(res: dict, title: str, drawn: dict | None = None) -> str:
     lines = [title, "", "means over the items with 95% bootstrap intervals (items resampled, "
              f"{BOOTSTRAP_SAMPLES} draws, seed {BOOTSTRAP_SEED}):", ci_table(res), ""]
     for key, name, fmt in (("success", "edit ok", "{:.0%}"), ("psnr_bg", "PSNR bg (dB)", "{:.1f}"),
@@ -539,6 +570,18 @@ def split_report(res: dict, title: str) -> str:
         lines.append(f"the bar (edit ok >= {BAR_SUCCESS:.0%}; PSNR bg (local) and warp err intervals separated from "
                      f"{BASELINE!r}, better):")
         lines += [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in bar.items()]
+    if drawn is not None:
+        from .quality import DRAWN_BAR
+
+        lines += ["", f"edit ok on the items whose edit prompt the model draws (plain generation, >= "
+                      f"{DRAWN_BAR:.1%} of the samples right) and on the others (95% bootstrap intervals):",
+                  drawn_table(res, drawn)]
+        yes, _ = drawn_items(res, drawn)
+        sub = {m: dict(r, items={n: r["items"][n] for n in yes if n in r["items"]}) for m, r in res.items()}
+        sub_bar = bar_check(sub)
+        if sub_bar:
+            lines += ["", f"the bar on those {len(yes)} items only:"]
+            lines += [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in sub_bar.items()]
     lines += [f"*(ref)* {m}: {REFERENCE_ROWS[m]}" for m in res if m in REFERENCE_ROWS]
     return "\n".join(lines)
 
@@ -676,6 +719,9 @@ def main():
     p.add_argument("--rescore", type=Path, default=None,
                    help="score the clips of an earlier --frames-dir run again with the current metrics (nothing is "
                         "run; rows from --methods, default all rows found) and write --json")
+    p.add_argument("--drawn", type=Path, default=None,
+                   help="`python -m toy.quality --split <split> --json` output: also print each row's edit ok on the "
+                        "items whose edit prompt the model draws from noise and on the others")
     p.add_argument("--compare", type=Path, nargs=2, default=None, metavar=("BEFORE", "AFTER"),
                    help="paired comparison of two --json outputs run on the same items (two settings or checkpoints): "
                         "per row the difference after - before with its 95%% bootstrap interval; nothing is run")
@@ -688,6 +734,9 @@ def main():
         print(list_split(a.split, a.frames))
         return
     rep = report if a.split == "public" else split_report
+    if a.drawn and a.split != "public":
+        drawn = json.loads(a.drawn.read_text())["items"]
+        rep = lambda res, title: split_report(res, title, drawn)  # noqa: E731
     if a.compare:
         before, after = (merge_json([f]) for f in a.compare)
         print(f"paired comparison: {a.compare[1]} (after) vs {a.compare[0]} (before)")

@@ -150,15 +150,15 @@ def detect_background(img, objects_region=None) -> Background | None:
         cols = colored.sum(0).astype(np.float32) / np.maximum(1, keep.sum(0))
         col_frac = float((cols[np.nonzero(colored)[1]]).mean())
         return Background("stripes" if col_frac > 0.75 else "dots", cname)
-    v = np.where(keep, mx, np.nan)
-    colmean = np.nanmean(v, 0)
-    ok = ~np.isnan(colmean)
+    n_col = keep.sum(0)
+    ok = n_col > 0  # columns with background left (an object may cover a whole column)
+    colmean = np.where(ok, np.where(keep, mx, 0.0).sum(0) / np.maximum(1, n_col), np.nan)
     if ok.sum() >= 8:
         xs = np.arange(len(colmean))[ok]
         slope = np.polyfit(xs, colmean[ok], 1)[0] * len(colmean)
         if slope > 0.2:
             return Background("gradient")
-    m = float(np.nanmean(v))
+    m = float(mx[keep].mean())
     return Background("plain", "black" if m < 0.18 else ("gray" if m < 0.43 else "white"))
 
 

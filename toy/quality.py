@@ -176,6 +176,73 @@ def measure_two(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, c
                          "per_prompt": per_prompt}}
 
 
+DRAWN_BAR = 0.875  # an edit prompt the model draws in >= 7 of 8 plain samples: a method should make it too
+
+
+def edit_prompt_scene(spec) -> tuple[list[tuple[str, str]], object]:
+    """What a benchmark item's edit prompt asks the model to draw: [(shape, colour)] per named object, in the
+    prompt's order, and the background (a `scenes.Background`)."""
+    objs = [(spec.expect_shape, spec.expect_color) if i == spec.target else (m.shape, m.color)
+            for i, m in enumerate(spec.motions)]
+    return objs, spec.edit_background
+
+
+def drawn_right(img, objects: list[tuple[str, str]], background) -> bool:
+    """Whether one generated image [H, W, 3] (0..1) shows every named (shape, colour) and the background: one
+    object read on the whole image (as `measure`), two objects each where its colour is (as `measure_two`), the
+    background outside the bright objects grown by 8 px (as `measure`)."""
+    from . import detect as det
+    from . import metrics
+
+    if len(objects) == 1:
+        d = det.detect(img)
+        ok = d.shape == objects[0][0] and d.color == objects[0][1]
+    else:
+        ok = True
+        for shape, color in objects:
+            d = det.detect(img, object_region(img, color))
+            ok &= d.shape == shape and d.color == color
+    if not ok:
+        return False
+    fg = det.object_pixels(img)
+    fg = metrics.dilate(fg, 8) if fg.any() else fg
+    return metrics.detect_background(img, fg) == background
+
+
+def edit_prompts_drawn(model, clip, vae, specs, per_prompt: int = 16, steps: int = 20, cfg: float = 5.0,
+                       seed: int = 1234, sampler: str = "euler", scheduler: str = "normal",
+                       verbose: bool = True) -> dict:
+    """The model's own share of each benchmark item: plain generation of the item's EDIT prompt (no inversion, no
+    source clip: `per_prompt` samples from noise, KSampler `sampler`/`scheduler`) and the share of samples that
+    show everything it names (`drawn_right`). An edit whose prompt the model does not draw from noise is beyond
+    the model before any method acts. {item name: {"prompt", "kind", "drawn" (0..1), "n"}}."""
+    out = {}
+    for i, spec in enumerate(specs):
+        objects, bg = edit_prompt_scene(spec)
+        imgs = generate(model, clip, vae, spec.edit_prompt, per_prompt, seed + i, steps, cfg, sampler,
+                        scheduler).numpy()
+        ok = sum(drawn_right(img, objects, bg) for img in imgs)
+        out[spec.name] = {"prompt": spec.edit_prompt, "kind": spec.kind, "drawn": ok / len(imgs), "n": len(imgs)}
+        if verbose:
+            print(f"{spec.name:28s} {spec.edit_prompt:60s} drawn right {ok}/{len(imgs)}", flush=True)
+    return out
+
+
+def drawn_summary(drawn: dict) -> str:
+    """Per edit kind: the items' mean share drawn right and how many items the model draws in >= 7 of 8
+    samples (`DRAWN_BAR`)."""
+    kinds: dict = {}
+    for r in drawn.values():
+        kinds.setdefault(r["kind"], []).append(r["drawn"])
+    lines = [f"| edit kind | items | edit prompt drawn right (mean) | items drawn in >= {DRAWN_BAR:.1%} |",
+             "|---|---|---|---|"]
+    for k, v in kinds.items():
+        lines.append(f"| {k} | {len(v)} | {sum(v) / len(v):.0%} | {sum(x >= DRAWN_BAR for x in v)} |")
+    v = [r["drawn"] for r in drawn.values()]
+    lines.append(f"| all | {len(v)} | {sum(v) / max(1, len(v)):.0%} | {sum(x >= DRAWN_BAR for x in v)} |")
+    return "\n".join(lines)
+
+
 def per_class(rows: list[dict]) -> dict:
     """{"colour"|"shape"|"background": {class: (right, samples)}} from `measure`'s rows: how often the prompt's
     colour (for the colour classes), shape (shape classes) or background (background classes) is drawn right."""
@@ -257,6 +324,10 @@ def main():
     p.add_argument("--two-objects", type=int, default=0, metavar="N",
                    help="measure instead N two-object prompts drawn as the training scenes draw them (each named "
                         "object read where its colour is, on either side: `object_region`)")
+    p.add_argument("--split", default=None,
+                   help="measure instead each item of a benchmark split (dev, test, public, fresh<seed>): plain "
+                        "generation of its edit prompt, the share of samples that show everything it names; "
+                        "--json writes {item: ...} for `python -m toy.benchmark --drawn`")
     p.add_argument("--shape-gap", action="store_true",
                    help="also print the v-loss with the true caption vs the shape word swapped, per timestep")
     a = p.parse_args()
@@ -267,6 +338,17 @@ def main():
     from . import scenes
 
     model, clip, vae, info = tm.load(a.weights or tm.WEIGHTS)
+    if a.split:
+        t0 = time.time()
+        with torch.inference_mode():
+            drawn = edit_prompts_drawn(model, clip, vae, scenes.split_set(a.split), a.per_prompt, a.steps,
+                                       float(a.cfg.split(",")[0]), a.seed, a.sampler, a.scheduler)
+        print(drawn_summary(drawn) + f"\n({round(time.time() - t0, 1)} s, model steps {info['train'].get('steps')})")
+        if a.json:
+            a.json.write_text(json.dumps({"split": a.split, "per_prompt": a.per_prompt, "cfg": a.cfg,
+                                          "sampler": a.sampler, "scheduler": a.scheduler,
+                                          "model_steps": info["train"].get("steps"), "items": drawn}, indent=1))
+        return
     if a.two_objects:
         out = []
         for cfg in [float(c) for c in a.cfg.split(",")]:
