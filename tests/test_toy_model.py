@@ -232,7 +232,8 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
 
     out = tmp_path / "t.safetensors"
     base = [sys.executable, "-m", "toy.train", "--batch", "2", "--save-every", "1", "--warmup", "1",
-            "--out", str(out), "--object-r", "24,36", "--two-object-r", "18,25", "--two-object-sides", "either"]
+            "--out", str(out), "--object-r", "24,36", "--two-object-r", "18,25", "--two-object-sides", "either",
+            "--dots-p", "0.25"]
     env = dict(os.environ)
     for steps, extra in ((2, ["--model-channels", "64", "--unet-fp16"]), (3, ["--resume"])):
         r = subprocess.run(base + ["--steps", str(steps)] + extra, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -241,7 +242,7 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
     assert "resumed at step 2" in r.stdout
     tensors, config, train = toy_model.read(out)
     assert train["steps"] == 3 and train["object_r"] == [24.0, 36.0] and train["two_object_r"] == [18.0, 25.0]
-    assert train["two_object_sides"] == "either"
+    assert train["two_object_sides"] == "either" and train["dots_p"] == 0.25
     assert config["unet_storage"] == "fp16" and config["unet"]["model_channels"] == 64
     assert all(v.dtype == torch.float16 for k, v in tensors.items() if k.startswith("unet.") and v.is_floating_point())
     assert torch.load(str(out) + ".state.pt", weights_only=False)["step"] == 3

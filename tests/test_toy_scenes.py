@@ -213,3 +213,19 @@ def test_two_object_training_scenes_name_either_side_first_only_when_asked():
     # the default's stream: the same scenes as a draw without the argument
     rng = np.random.default_rng(3)
     assert [sc.random_scene(rng, two_object_p=1.0) for _ in range(200)] == plain
+
+
+def test_training_scenes_on_dots_only_as_often_as_asked():
+    """random_scene(dots_p=p): that share of the one-object scenes is drawn from the combinations on dots (else
+    uniform: 3 of the 12 backgrounds); 0 keeps the committed model's random stream."""
+    def draw(p, seed=5, n=400):
+        rng = np.random.default_rng(seed)
+        return [sc.random_scene(rng, two_object_p=0.0, dots_p=p) for _ in range(n)]
+
+    plain = draw(0.0)
+    rng = np.random.default_rng(5)
+    assert [sc.random_scene(rng, two_object_p=0.0) for _ in range(400)] == plain
+    share = [sum(s.background.kind == "dots" for s in draw(p)) / 400 for p in (0.0, 0.5)]
+    assert 0.15 <= share[0] <= 0.35 and 0.55 <= share[1] <= 0.75, share
+    heldout = {(s, c, b.caption()) for s, c, b in sc.heldout_specs()}
+    assert all((o.shape, o.color, s.background.caption()) not in heldout for s in draw(0.5) for o in s.objects)

@@ -175,11 +175,13 @@ def random_object(rng: np.random.Generator, shape: str, color: str, r_range=None
 
 
 def random_scene(rng: np.random.Generator, two_object_p: float = 0.15, heldout_ok: bool = False,
-                 either_side: bool = False) -> Scene:
+                 either_side: bool = False, dots_p: float = 0.0) -> Scene:
     """A training scene: one object from the training combinations, or (with two_object_p) two
     objects of different colours side by side (the left one named first; with `either_side`, the first named is on
     the left or the right with equal odds, as in the second half of the benchmark's crossing clips). Without
-    `either_side` the random stream is the one training always drew."""
+    `either_side` the random stream is the one training always drew. `dots_p`: the share of one-object scenes
+    drawn from the combinations on dots (the backgrounds the model draws worst; 0: the combinations drawn
+    uniformly, from the same random stream as before the option existed)."""
     phase = float(rng.uniform(0, STRIPE_PERIOD))
     if rng.uniform() < two_object_p:
         bgs = all_backgrounds()
@@ -196,6 +198,8 @@ def random_scene(rng: np.random.Generator, two_object_p: float = 0.15, heldout_o
         o2 = random_object(rng, str(s2), str(c2), TWO_OBJECT_R, sides[1])
         return Scene((o1, o2), bg, phase)
     specs = single_specs() if heldout_ok else train_specs()
+    if dots_p > 0 and rng.uniform() < dots_p:
+        specs = [s for s in specs if s[2].kind == "dots"]
     shape, color, bg = specs[rng.integers(len(specs))]
     return Scene((random_object(rng, shape, color),), bg, phase)
 

@@ -41,6 +41,9 @@ def parse():
                    help="two-object scenes: the first named object on the left (the committed model's training) or "
                         "on either side with equal odds (the benchmark's crossing clips name the right-hand one first "
                         "in their later frames)")
+    p.add_argument("--dots-p", type=float, default=0.0,
+                   help="share of one-object scenes drawn from the combinations on dots (the classes the committed "
+                        "model draws worst); 0: uniform over the combinations, the committed model's training")
     p.add_argument("--prediction", choices=["v", "eps"], default="v")
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="eps only: Min-SNR loss weighting (0 = plain MSE)")
     p.add_argument("--attn-loss", type=float, default=0.0,
@@ -106,7 +109,7 @@ def scene_sampler(a):
         scenes.TWO_OBJECT_R = tuple(float(v) for v in a.two_object_r.split(","))
     if not (a.colors or a.backgrounds):
         return lambda rng: scenes.random_scene(rng, two_object_p=a.two_object_p,
-                                               either_side=a.two_object_sides == "either")
+                                               either_side=a.two_object_sides == "either", dots_p=a.dots_p)
     colors = a.colors.split(",") if a.colors else None
     if colors and set(colors) - set(scenes.COLOR_NAMES):
         raise SystemExit(f"unknown colour(s) {sorted(set(colors) - set(scenes.COLOR_NAMES))}")
@@ -224,6 +227,7 @@ def main():
                 "uncond_p": a.uncond_p,
                 "two_object_p": a.two_object_p,
                 "two_object_sides": a.two_object_sides,
+                "dots_p": a.dots_p,
                 "min_snr_gamma": a.min_snr_gamma,
                 "attn_loss": a.attn_loss,
                 "object_weight": a.object_weight,
