@@ -388,8 +388,19 @@ def test_edit_ok_on_the_items_the_model_draws(tmp_path):
     # the command line: --merge of saved results with --drawn prints the table
     (tmp_path / "r.json").write_text(json.dumps(res))
     drawn["test03_two_object"] = {"drawn": 0.0, "kind": "two_object"}
+    full = {t.name: {"drawn": 1.0, "kind": t.kind} for t in sc.split_set("test", 2)}
+    (tmp_path / "full.json").write_text(json.dumps({"split": "test", "items": dict(full, **drawn)}))
     (tmp_path / "d.json").write_text(json.dumps({"split": "test", "items": drawn}))
     out = subprocess.run([sys.executable, "-m", "toy.benchmark", "--split", "test", "--merge", str(tmp_path / "r.json"),
-                          "--drawn", str(tmp_path / "d.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--drawn", str(tmp_path / "full.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| InFusion | 100% [100, 100] | 50% [50, 50] |" in out.stdout
+    # checked before anything runs: a file of another split, a missing file, the public items
+    with pytest.raises(SystemExit, match="for split 'test', not 'dev'"):
+        bench.load_drawn(tmp_path / "d.json", "dev")
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.load_drawn(tmp_path / "none.json", "test")
+    with pytest.raises(SystemExit, match="generated split"):
+        bench.load_drawn(tmp_path / "d.json", "public")
+    with pytest.raises(SystemExit, match="no entry for"):  # the made-up file has 8 of the 42 test items
+        bench.load_drawn(tmp_path / "d.json", "test")

@@ -298,6 +298,8 @@ def test_edit_prompt_reading_and_the_models_share_of_each_item():
                 source_ok += got
     assert edited_ok == len(specs), edited_ok
     assert source_ok == 0, source_ok
+    with pytest.raises(ValueError, match="one colour"):
+        quality.drawn_right(img, [("circle", "red"), ("square", "red")], bg)
     model, clip, vae, _ = toy_model.load()
     two = [s for s in specs if s.kind == "two_object"][:1] + [s for s in specs if s.kind == "shape"][:1]
     with torch.inference_mode():

@@ -528,7 +528,7 @@ def split_of(res: dict) -> str | None:
 def drawn_items(res: dict, drawn: dict, bar: float | None = None) -> tuple[list[str], list[str]]:
     """(items whose edit prompt the model draws, the other items) among the results' items: `drawn` is
     `toy.quality --split`'s {item: {"drawn": share of plain samples right}}; drawn = share >= `bar`
-    (quality.DRAWN_BAR, 7 of 8). Raises ValueError when an item of the results has no entry."""
+    (quality.DRAWN_BAR). Raises ValueError when an item of the results has no entry."""
     from .quality import DRAWN_BAR
 
     bar = DRAWN_BAR if bar is None else bar
@@ -539,6 +539,28 @@ def drawn_items(res: dict, drawn: dict, bar: float | None = None) -> tuple[list[
                          "`python -m toy.quality --split <split> --json FILE` for this split")
     yes = [n for n in names if drawn[n]["drawn"] >= bar]
     return yes, [n for n in names if n not in yes]
+
+
+def load_drawn(path: Path, split: str) -> dict:
+    """The {item: ...} of a `toy.quality --split` JSON for `split`, checked before any run: SystemExit naming
+    the problem when the file is missing, is of another split or lacks one of the split's items."""
+    from . import scenes
+
+    if split == "public":
+        raise SystemExit("--drawn reads a generated split (dev, test, fresh<seed>); the public items have no "
+                         "`toy.quality --split` file")
+    if not path.is_file():
+        raise SystemExit(f"--drawn {path}: no such file; write it with `python -m toy.quality --split {split} "
+                         f"--json {path}`")
+    d = json.loads(path.read_text())
+    if d.get("split") != split:
+        raise SystemExit(f"--drawn {path} is for split {d.get('split')!r}, not {split!r}: run `python -m "
+                         f"toy.quality --split {split} --json FILE`")
+    missing = [s.name for s in scenes.split_set(split, 2) if s.name not in d.get("items", {})]
+    if missing:
+        raise SystemExit(f"--drawn {path} has no entry for {missing[:3]}: run `python -m toy.quality --split {split} "
+                         f"--json FILE` again")
+    return d["items"]
 
 
 def drawn_table(res: dict, drawn: dict, bar: float | None = None) -> str:
@@ -734,8 +756,8 @@ def main():
         print(list_split(a.split, a.frames))
         return
     rep = report if a.split == "public" else split_report
-    if a.drawn and a.split != "public":
-        drawn = json.loads(a.drawn.read_text())["items"]
+    if a.drawn:
+        drawn = load_drawn(a.drawn, a.split)
         rep = lambda res, title: split_report(res, title, drawn)  # noqa: E731
     if a.compare:
         before, after = (merge_json([f]) for f in a.compare)

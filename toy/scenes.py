@@ -179,9 +179,10 @@ def random_scene(rng: np.random.Generator, two_object_p: float = 0.15, heldout_o
     """A training scene: one object from the training combinations, or (with two_object_p) two
     objects of different colours side by side (the left one named first; with `either_side`, the first named is on
     the left or the right with equal odds, as in the second half of the benchmark's crossing clips). Without
-    `either_side` the random stream is the one training always drew. `dots_p`: the share of one-object scenes
-    drawn from the combinations on dots (the backgrounds the model draws worst; 0: the combinations drawn
-    uniformly, from the same random stream as before the option existed)."""
+    `either_side` the random stream is the one training always drew. `dots_p`: with this probability a one-object
+    scene is drawn from the combinations on dots only (the backgrounds the model draws worst), otherwise from all
+    combinations uniformly (a quarter of them on dots), so about p + (1 - p) / 4 of the one-object scenes are on
+    dots; 0 draws from the same random stream as before the option existed."""
     phase = float(rng.uniform(0, STRIPE_PERIOD))
     if rng.uniform() < two_object_p:
         bgs = all_backgrounds()

@@ -42,8 +42,9 @@ def parse():
                         "on either side with equal odds (the benchmark's crossing clips name the right-hand one first "
                         "in their later frames)")
     p.add_argument("--dots-p", type=float, default=0.0,
-                   help="share of one-object scenes drawn from the combinations on dots (the classes the committed "
-                        "model draws worst); 0: uniform over the combinations, the committed model's training")
+                   help="probability that a one-object scene is drawn from the combinations on dots only (the classes "
+                        "the committed model draws worst; otherwise uniform, a quarter on dots); 0: the committed "
+                        "model's training")
     p.add_argument("--prediction", choices=["v", "eps"], default="v")
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="eps only: Min-SNR loss weighting (0 = plain MSE)")
     p.add_argument("--attn-loss", type=float, default=0.0,
@@ -107,6 +108,8 @@ def scene_sampler(a):
         scenes.OBJECT_R = tuple(float(v) for v in a.object_r.split(","))
     if a.two_object_r:
         scenes.TWO_OBJECT_R = tuple(float(v) for v in a.two_object_r.split(","))
+    if a.dots_p and (a.colors or a.backgrounds):
+        raise SystemExit("--dots-p acts on the full world's scenes; it has no effect with --colors/--backgrounds")
     if not (a.colors or a.backgrounds):
         return lambda rng: scenes.random_scene(rng, two_object_p=a.two_object_p,
                                                either_side=a.two_object_sides == "either", dots_p=a.dots_p)
