@@ -4,6 +4,11 @@ node classes), then the toy detector on every decoded image.
 
     cd <pack root> && python -m toy.quality [--weights PATH] [--per-prompt 8] [--steps 20] [--cfg 5[,12,...]]
                                             [--shape-gap]
+    python -m toy.quality --all-prompts --per-class     # every one-object combination, per colour/shape/background
+    python -m toy.quality --two-objects 48              # two-object prompts: each named object where its colour is
+    python -m toy.quality --split test --per-prompt 16 --json FILE
+        # each benchmark item's edit prompt drawn from noise: the model's own share of the item
+        # (`python -m toy.benchmark --split test --merge RESULTS --drawn FILE` splits the rows' edit ok by it)
 
 Prints one line per prompt and the totals; --json writes the numbers to a file.
 """
