@@ -267,6 +267,12 @@ def test_split_tables_and_the_bar_on_made_up_results():
     assert "| FateZero (style) (12) | 100% [100, 100] |" in ci
     text = bench.split_report(res, "title")
     assert "- InFusion: FAIL: edit ok 50% < 90%" in text and "- FateZero (style): PASS" in text
+    # the paired reading of the same comparison: each bar row minus the uncontrolled edit, item by item
+    pairs = bench.baseline_pairs(res).splitlines()
+    assert pairs[0].startswith("| row (row vs uncontrolled) | items | edit ok: before, after, difference [95%] |")
+    assert pairs[2].startswith("| FateZero (style) | 12 | 90.0, 100.0, +10.0 [+10.0, +10.0] | 21.00, 31.00, +10.00")
+    assert len(pairs) == 5 and "edit ok per edit kind" not in bench.baseline_pairs(res)
+    assert "paired against 'inversion + edit prompt, no control'" in text
 
 
 def test_object_and_background_edits_blend_and_fuse_every_changed_phrase():
@@ -381,7 +387,8 @@ def test_edit_ok_on_the_items_the_model_draws(tmp_path):
     text = bench.split_report(res, "title", drawn)
     assert "- InFusion: FAIL: edit ok 75% < 90%" in text  # all 8 items
     on_drawn = text.split("the bar on those 4 items only:")[1]
-    assert "- InFusion: FAIL: PSNR bg (local)" in on_drawn and "edit ok" not in on_drawn  # 100% there
+    assert "- InFusion: FAIL: PSNR bg (local)" in on_drawn.split("paired")[0]
+    assert "edit ok 75%" not in on_drawn and "| InFusion | 4 | 75.0, 100.0, +25.0" in on_drawn  # 100% there
     del drawn["test03_two_object"]
     with pytest.raises(ValueError, match="test03_two_object"):
         bench.drawn_items(res, drawn)

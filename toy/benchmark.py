@@ -513,6 +513,13 @@ def paired_table(before: dict, after: dict) -> str:
     return "\n".join(lines + ["", "edit ok per edit kind, before -> after (items):"] + kind_lines)
 
 
+def baseline_pairs(res: dict) -> str:
+    """`paired_table` of every bar row against the uncontrolled edit (BASELINE), without the per-kind lines."""
+    rows = [m for m in BAR_ROWS if m in res]
+    table = paired_table({m: res[BASELINE] for m in rows}, {m: res[m] for m in rows})
+    return table.split("\n\nedit ok per edit kind")[0].replace("| row (after vs before) |", "| row (row vs uncontrolled) |")
+
+
 def split_of(res: dict) -> str | None:
     """The generated split the results' items belong to (by their names), or None."""
     from . import scenes
@@ -592,6 +599,10 @@ def split_report(res: dict, title: str, drawn: dict | None = None) -> str:
         lines.append(f"the bar (edit ok >= {BAR_SUCCESS:.0%}; PSNR bg (local) and warp err intervals separated from "
                      f"{BASELINE!r}, better):")
         lines += [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in bar.items()]
+    if BASELINE in res and any(m in res for m in BAR_ROWS):
+        lines += ["", f"paired against {BASELINE!r} (each row minus it on the same items; the bar asks for "
+                      "separated intervals, this is the paired reading of the same comparison):",
+                  baseline_pairs(res)]
     if drawn is not None:
         from .quality import DRAWN_BAR
 
@@ -604,6 +615,7 @@ def split_report(res: dict, title: str, drawn: dict | None = None) -> str:
         if sub_bar:
             lines += ["", f"the bar on those {len(yes)} items only:"]
             lines += [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in sub_bar.items()]
+            lines += ["", "paired against the uncontrolled edit on those items:", baseline_pairs(sub)]
     lines += [f"*(ref)* {m}: {REFERENCE_ROWS[m]}" for m in res if m in REFERENCE_ROWS]
     return "\n".join(lines)
 
