@@ -135,6 +135,9 @@ def test_generated_splits_are_fixed_by_seed_and_cover_the_vocabulary():
     assert len(dev) >= 20 and len(test) >= 40 and len(dev) + len(test) >= 60
     again = sc.split_set("test", 4)
     assert [s.as_dict() for s in again] == [s.as_dict() for s in test]  # fixed by the seed
+    # dev grew from 24 to 60 items: its first 24, on which the rows' settings were chosen, are the same items
+    assert len(dev) == 60 and [s.as_dict() for s in sc.generate_items(2020, 24, "dev", 4)] == [
+        s.as_dict() for s in dev[:24]]
     names = [s.name for s in dev + test]
     assert len(set(names)) == len(names)
     assert {s.source_prompt for s in dev} != {s.source_prompt for s in test}

@@ -369,7 +369,7 @@ def benchmark_set(frames: int = 8) -> list[EditSpec]:
 
 EDIT_KINDS = ("color", "shape", "two_object", "background", "background_recolor", "object_background")
 # name -> (seed, number of items). Rows' settings are chosen on "dev" only; "test" is never used to choose one.
-SPLITS = {"dev": (2020, 24), "test": (4040, 42)}
+SPLITS = {"dev": (2020, 60), "test": (4040, 42)}
 MOTIONS_SINGLE = ("translate", "zoom")
 MOTIONS_TWO = ("translate", "cross")
 
