@@ -273,7 +273,7 @@ def test_edit_prompt_reading_and_the_models_share_of_each_item():
     the frames a perfect model would draw for the test items' edit prompts (each item's first frame with the edit
     applied, 8x8 blocks as the toy VAE decodes them) are all read as drawn right, the unedited source frames are not
     (every test item changes something the reading sees). On the committed model the two-object edit prompts are
-    the ones it draws worst (toy/results/test_drawn.json: none in >= 7 of 8 samples)."""
+    the ones it draws worst (toy/results/test_drawn.json: none in >= 87.5% of the samples)."""
     import dataclasses
 
     import numpy as np
