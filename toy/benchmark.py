@@ -513,6 +513,11 @@ def paired_table(before: dict, after: dict) -> str:
     return "\n".join(lines + ["", "edit ok per edit kind, before -> after (items):"] + kind_lines)
 
 
+def bar_lines(bar: dict) -> list[str]:
+    """`bar_check`'s verdicts as markdown list lines, one per row."""
+    return [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in bar.items()]
+
+
 def baseline_pairs(res: dict) -> str:
     """`paired_table` of every bar row against the uncontrolled edit (BASELINE), without the per-kind lines."""
     rows = [m for m in BAR_ROWS if m in res]
@@ -598,7 +603,7 @@ def split_report(res: dict, title: str, drawn: dict | None = None) -> str:
     if bar:
         lines.append(f"the bar (edit ok >= {BAR_SUCCESS:.0%}; PSNR bg (local) and warp err intervals separated from "
                      f"{BASELINE!r}, better):")
-        lines += [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in bar.items()]
+        lines += bar_lines(bar)
     if BASELINE in res and any(m in res for m in BAR_ROWS):
         lines += ["", f"paired against {BASELINE!r} (each row minus it on the same items; the bar asks for "
                       "separated intervals, this is the paired reading of the same comparison):",
@@ -614,7 +619,7 @@ def split_report(res: dict, title: str, drawn: dict | None = None) -> str:
         sub_bar = bar_check(sub)
         if sub_bar:
             lines += ["", f"the bar on those {len(yes)} items only:"]
-            lines += [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in sub_bar.items()]
+            lines += bar_lines(sub_bar)
             lines += ["", "paired against the uncontrolled edit on those items:", baseline_pairs(sub)]
     lines += [f"*(ref)* {m}: {REFERENCE_ROWS[m]}" for m in res if m in REFERENCE_ROWS]
     return "\n".join(lines)

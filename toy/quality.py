@@ -42,7 +42,7 @@ def measure(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, cfg: 
     import numpy as np
 
     from . import detect as det
-    from . import metrics, scenes
+    from . import scenes
 
     rows = []
     tot = {"color": 0, "shape": 0, "both": 0, "background": 0, "n": 0}
@@ -56,9 +56,7 @@ def measure(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, cfg: 
             s += d.shape == shape
             b += d.color == color and d.shape == shape
             if background:
-                fg = det.object_pixels(img)
-                fg = metrics.dilate(fg, 8) if fg.any() else fg
-                g += metrics.detect_background(img, fg) == bg
+                g += background_right(img, bg)
         rows.append({"prompt": prompt, "color": c / len(imgs), "shape": s / len(imgs), "both": b / len(imgs),
                      "background": g / len(imgs), "n": len(imgs),
                      "classes": {"colour": color, "shape": shape, "background": bg.caption()}})
@@ -199,7 +197,6 @@ def drawn_right(img, objects: list[tuple[str, str]], background) -> bool:
     by 8 px (as `measure`). Raises ValueError for two objects of one colour (the reading finds each object by its
     colour; the toy world's captions never name two of one colour)."""
     from . import detect as det
-    from . import metrics
 
     if len({c for _, c in objects}) < len(objects):
         raise ValueError(f"drawn_right: two objects of one colour {objects}: each is read where its colour is")
@@ -211,8 +208,14 @@ def drawn_right(img, objects: list[tuple[str, str]], background) -> bool:
         for shape, color in objects:
             d = det.detect(img, object_region(img, color))
             ok &= d.shape == shape and d.color == color
-    if not ok:
-        return False
+    return ok and background_right(img, background)
+
+
+def background_right(img, background) -> bool:
+    """Whether a generated image [H, W, 3] shows `background` outside its bright objects grown by 8 px."""
+    from . import detect as det
+    from . import metrics
+
     fg = det.object_pixels(img)
     fg = metrics.dilate(fg, 8) if fg.any() else fg
     return metrics.detect_background(img, fg) == background
