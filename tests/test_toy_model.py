@@ -174,6 +174,9 @@ def test_attention_localisation_loss_targets_and_bounds():
     assert float(attn_loss.localisation_loss(probs, maps, used)) < 1e-6
     probs[0, :, :, 2] = inside.flip(0, 1).flatten() / 4  # object 0's colour word on object 1
     assert abs(float(attn_loss.localisation_loss(probs, maps, used)) - 1 / 5) < 1e-6
+    # a per-sample weight (--attn-loss-two-object) scales that sample's tokens; the mean stays over their count
+    assert abs(float(attn_loss.localisation_loss(probs, maps, used, torch.tensor([1.0]))) - 1 / 5) < 1e-6
+    assert abs(float(attn_loss.localisation_loss(probs, maps, used, torch.tensor([3.0]))) - 3 / 5) < 1e-6
 
 
 def test_object_weight_map_covers_the_object_and_its_one_pixel_ring():
@@ -250,12 +253,19 @@ def test_train_script_runs_resumes_and_records_its_options(tmp_path):
     # a new machine has the checkpoint but not its resume state: --init-from continues from its weights and steps
     out2 = tmp_path / "t2.safetensors"
     r = subprocess.run([sys.executable, "-m", "toy.train", "--batch", "2", "--save-every", "1", "--steps", "4",
-                        "--init-from", str(out), "--out", str(out2)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+                        "--init-from", str(out), "--out", str(out2), "--attn-loss", "0.1",
+                        "--attn-loss-two-object", "0.5"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "initialised from" in r.stdout and "at step 3" in r.stdout
     tensors2, config2, train2 = toy_model.read(out2)
     assert train2["steps"] == 4 and train2["init_from_step"] == 3 and config2 == config
+    assert train2["attn_loss"] == 0.1 and train2["attn_loss_two_object"] == 0.5
+    assert "attn_loss_two_object" not in train  # not given: the committed model's training
+    r = subprocess.run([sys.executable, "-m", "toy.train", "--batch", "2", "--steps", "5", "--init-from", str(out),
+                        "--out", str(tmp_path / "t3.safetensors"), "--attn-loss-two-object", "0.5"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--attn-loss-two-object needs --attn-loss" in r.stderr
     assert train2["two_object_sides"] == "left-first"  # not given: the committed model's training scenes
     moved = [k for k, v in tensors.items() if k.startswith("unet.") and not torch.equal(v, tensors2[k])]
     assert moved and all(torch.equal(v, tensors2[k]) for k, v in tensors.items() if k.startswith("clip"))

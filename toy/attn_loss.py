@@ -60,8 +60,12 @@ def token_targets(batch_regions, batch_masks, size: int, tokens: int = 77):
     return maps, used
 
 
-def localisation_loss(probs: torch.Tensor, maps: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-    """probs [B, heads, N, T] of one cross-attention layer (square query map), maps/used from token_targets."""
+def localisation_loss(probs: torch.Tensor, maps: torch.Tensor, used: torch.Tensor,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """probs [B, heads, N, T] of one cross-attention layer (square query map), maps/used from token_targets.
+    `weight` [B] (optional) scales each sample's tokens (e.g. up on two-object scenes, whose words the committed
+    model localises ~6x worse than one object's); the mean stays over the chosen tokens' count, so weight 1
+    everywhere is the plain loss."""
     b, _, n, t = probs.shape
     side = int(round(math.sqrt(n)))
     region = F.adaptive_avg_pool2d(maps[:, :t], side).reshape(b, t, n).to(probs)  # [B, T, N]
@@ -69,4 +73,5 @@ def localisation_loss(probs: torch.Tensor, maps: torch.Tensor, used: torch.Tenso
     inside = torch.einsum("bnt,btn->bt", p, region)
     total = p.sum(1).clamp_min(1e-8)
     u = used[:, :t].to(probs)
-    return ((1.0 - inside / total) * u).sum() / u.sum().clamp_min(1.0)
+    w = u if weight is None else u * weight.to(probs)[:, None]
+    return ((1.0 - inside / total) * w).sum() / u.sum().clamp_min(1.0)
