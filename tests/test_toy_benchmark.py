@@ -261,6 +261,9 @@ def test_split_tables_and_the_bar_on_made_up_results():
     assert bar["FateZero (style)"] == {"pass": True, "why": []}
     assert not bar["InFusion"]["pass"] and "edit ok 50%" in bar["InFusion"]["why"][0]
     assert not bar["Video-P2P (fast)"]["pass"] and "PSNR bg (local)" in bar["Video-P2P (fast)"]["why"][0]
+    # just under the bar: not printed as "90% < 90%"
+    near = bench.bar_check({**res, "InFusion": row(0.899, 30.0, 0.01)})["InFusion"]
+    assert not near["pass"] and near["why"] == ["edit ok 89.9% < 90%"]
     kt = bench.kind_table(res).splitlines()
     assert kt[0] == "| method | color (6) | background (6) |" and kt[3] == "| FateZero (style) | 100% | 100% |"
     ci = bench.ci_table(res)
