@@ -87,6 +87,22 @@ def parse_window(value: str, what: str) -> tuple[float, float]:
     return w
 
 
+def reweight_equalizer(edit: str, reweight: str, tokenizer) -> torch.Tensor | None:
+    """Prompt-to-Prompt's reweighting input 'word:factor, ...' (words of the edit prompt) as the equalizer [77]
+    that multiplies those tokens' cross-attention (`p2p.equalizer`; P2P's AttentionReweight, FateZero's eq_params,
+    Video-P2P's equalizer_params); None when empty. One parser for every node that reweights (Attention Blend,
+    the Video-P2P guider, InFusion Inject). Raises FusionConfigError naming the entry that is not 'word:number'
+    or a word the edit prompt does not have."""
+    items = []
+    for word, value in parse_word_values(reweight, "reweight"):
+        idx = _word_positions(edit, word, tokenizer, "edit", "reweight")
+        try:
+            items.append((idx, float(value)))
+        except ValueError:
+            raise FusionConfigError(f"reweight: '{value}' is not a number (e.g. 'watercolor:10')") from None
+    return p2p.equalizer(items) if items else None
+
+
 def _word_positions(text: str, word: str, tokenizer, which: str, name: str) -> list[int]:
     try:
         found = align.phrase_positions(text, [word], tokenizer, which)
@@ -141,13 +157,7 @@ def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[i
         for word, value in parse_word_values(word_windows, "cross_replace_words"):
             idx = _word_positions(edit, word, tokenizer, "edit", "cross_replace_words")
             ww.append((idx, parse_window(value, f"cross_replace_words '{word}'")))
-        eq_items = []
-        for word, value in parse_word_values(reweight, "reweight"):
-            idx = _word_positions(edit, word, tokenizer, "edit", "reweight")
-            try:
-                eq_items.append((idx, float(value)))
-            except ValueError:
-                raise FusionConfigError(f"reweight: '{value}' is not a number (e.g. 'watercolor:10')") from None
+        eq = reweight_equalizer(edit, reweight, tokenizer)
         try:  # one list of source positions per comma-separated phrase (one mask each, united)
             phrases = align.phrase_positions(source, blend_words, tokenizer, "source")
         except align.WordNotInPrompt as e:
@@ -177,7 +187,7 @@ def make_plan(tokenizer, source: str, edit: str, inversion_timesteps: Sequence[i
     step_of = {int(ts[k]): n - k for k in range(1, n + 1)}
     return FusionPlan(
         num_steps=n, timestep_to_step=step_of, cross_mode=cross_mode, cross_alphas=alphas, mapper=mapper,
-        refine_alphas=refine_alphas, equalizer=p2p.equalizer(eq_items) if eq_items else None,
+        refine_alphas=refine_alphas, equalizer=eq,
         self_steps=self_steps, blend_indices=blend, blend_phrases=phrases if phrases and len(phrases) > 1 else None,
         blend_threshold=float(blend_threshold),
         mask_factor=int(mask_factor), only_cond=bool(only_cond), notes=notes,

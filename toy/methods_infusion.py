@@ -12,7 +12,9 @@ features and blocks 1-3 for attention. Windows: S1 0.5 (the node default) and S2
 (Plug-and-Play's): chosen on the dev split of issue 20, where the source keys/values of steps 14-15 of 20 held
 the old background in the background changes (25% of the frames edited with S2 0.8, 75% with 0.7) and the row
 went from 61% to 75% edit success (S2 0.65: 74%; 0.5, no key/value phase at all: 75% with a higher warp error;
-toy/RESULTS.md).
+toy/RESULTS.md). The words the edit adds are reweighted x4 in the feature phase (the node's `reweight`, not in the
+paper; Video-P2P's row uses x4 too): chosen on the dev split of issue 20 (71.7% -> 79.6% edit success, paired +7.9
+[+2.5, +14.2]; x2 +6.7, x10 +2.1, x4 over every step +7.1; docs/infusion.md).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from .benchmark import (
     register,
     sample_from,
 )
+from .methods_fatezero import added_words
 
 TEMPORAL_MODE = "middle"
+REWEIGHT = 4  # the added words' cross-attention in the feature phase (the node's `reweight`; chosen on dev)
 TOY_LAYERS = dict(feature_blocks="1", attention_blocks="1-3", feature_end=0.5, kv_end=0.7)
 
 
@@ -82,7 +86,8 @@ def infusion_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     m = temporal.execute(model, mode=TEMPORAL_MODE, include_own_frame=False, min_channels=0).result[0]
     src_model = nodes_inf.InFusionSource.execute(m, skip_full_res=True, memory_budget_gb=0.0, **layers).result[0]
     z_T, inv = invert(src_model, encode_frames(vae, frames), encode_text(clip, source_prompt), spec)
-    inject = dict(strength=1.0, alpha=0.5, mask_threshold=0.3, inject_uncond=True)
+    reweight = ", ".join(f"{w}:{REWEIGHT}" for w in added_words(spec))
+    inject = dict(strength=1.0, alpha=0.5, mask_threshold=0.3, inject_uncond=True, reweight=reweight)
     inject.update({k: v for k, v in overrides.items() if k in inject})
     concepts = overrides.get("concepts", concepts_of(source_prompt, edit_prompt))
     pair = prompt_pair(clip, source_prompt, edit_prompt, spec.negative_prompt)
