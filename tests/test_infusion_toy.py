@@ -71,3 +71,29 @@ def test_two_concepts_get_their_own_masks(two_concepts):
     out, masks, soft, gt = two_concepts
     assert not torch.allclose(soft[0], soft[1], atol=1e-2)  # each concept has its own map (and mask)
     assert soft[0].amax() > 0 and soft[1].amax() > 0
+
+
+def test_the_infusion_row_reweights_the_words_the_edit_adds(toy, monkeypatch):
+    """The benchmark's InFusion row (chosen on the dev split of issue 20) gives InFusion Inject the words the edit
+    prompt adds, x4, as its optional reweighting; the node's own default stays the paper's (none)."""
+    from zsve.nodes.infusion import InFusionInject
+    from zsve.toy.methods_infusion import REWEIGHT
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(cls, *args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(InFusionInject, "execute", classmethod(capture))
+    spec = next(s for s in sc.benchmark_set(2) if s.name == "background_change")
+    clip_ = spec.clip()
+    model, clip, vae = toy
+    with pytest.raises(Stop), torch.inference_mode():
+        infusion_edit(model, clip, vae, torch.from_numpy(clip_.frames), spec.source_prompt, spec.edit_prompt,
+                      bench.BenchSpec(spec, clip_, steps=4))
+    assert REWEIGHT == 4 and seen["reweight"] == "green:4, dots:4"
+    assert InFusionInject.define_schema().inputs[-1].default == ""

@@ -52,7 +52,12 @@ TEMPORAL_MODE = "middle"
 def added_words(spec: BenchSpec) -> list[str]:
     """Words of the edit prompt that the source prompt does not have at the same place (what FateZero's
     eq_params reweight: the style word, the new object)."""
-    src, edit = spec.edit.source_prompt.split(), spec.edit.edit_prompt.split()
+    return words_added(spec.edit.source_prompt, spec.edit.edit_prompt)
+
+
+def words_added(source_prompt: str, edit_prompt: str) -> list[str]:
+    """`added_words` of two prompts given as text."""
+    src, edit = source_prompt.split(), edit_prompt.split()
     if len(src) != len(edit):
         return [w for w in edit if w not in src]
     return [e for s, e in zip(src, edit) if s != e]

@@ -30,7 +30,7 @@ from .benchmark import (
     register,
     sample_from,
 )
-from .methods_fatezero import added_words
+from .methods_fatezero import words_added
 
 TEMPORAL_MODE = "middle"
 REWEIGHT = 4  # the added words' cross-attention in the feature phase (the node's `reweight`; chosen on dev)
@@ -86,7 +86,7 @@ def infusion_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     m = temporal.execute(model, mode=TEMPORAL_MODE, include_own_frame=False, min_channels=0).result[0]
     src_model = nodes_inf.InFusionSource.execute(m, skip_full_res=True, memory_budget_gb=0.0, **layers).result[0]
     z_T, inv = invert(src_model, encode_frames(vae, frames), encode_text(clip, source_prompt), spec)
-    reweight = ", ".join(f"{w}:{REWEIGHT}" for w in added_words(spec))
+    reweight = ", ".join(f"{w}:{REWEIGHT}" for w in words_added(source_prompt, edit_prompt))
     inject = dict(strength=1.0, alpha=0.5, mask_threshold=0.3, inject_uncond=True, reweight=reweight)
     inject.update({k: v for k, v in overrides.items() if k in inject})
     concepts = overrides.get("concepts", concepts_of(source_prompt, edit_prompt))
