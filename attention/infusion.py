@@ -41,13 +41,6 @@ Our choices where neither says anything (documented defaults):
   object, outside the edited one) or 2 (inside the edited object, outside the source one). We divide by
   the row weight `Me + (1 - Ms)` and use the edit's own map where both weights are 0. Where Me = Ms (0/1)
   this equals the paper's formula.
-- Reweighting (optional, off by default; not in the paper): Prompt-to-Prompt's reweighting of chosen edit words
-  ('word:factor', `fatezero.reweight_equalizer`) multiplies the edit's own cross-attention of those tokens in
-  the feature phase (i < S1), on the conditional rows, in every cross-attention layer, without renormalising
-  (P2P's AttentionReweight). There InFusion leaves cross-attention to the edit prompt, and the new words of a
-  colour swap attend too weakly to override an inverted z_T that holds the old colour; FateZero's and
-  Video-P2P's configs reweight the new words for the same reason. Measured on the toy dev split (issue 20,
-  docs/infusion.md).
 - Multi-concept: one (source words -> edit words) pair per concept, each with its own Ms_j/Me_j;
   Ms = union_j Ms_j and Me = union_j Me_j enter the fusion. The cross-attention source maps are aligned to
   the edit prompt's tokens with Prompt-to-Prompt's word-swap mapper (refinement when the word counts
@@ -65,7 +58,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import align, p2p
-from .fatezero import FusionConfigError, mask_layers, reweight_equalizer
+from .fatezero import mask_layers
 from .masks import cross_attention_mask, union
 from .store import (
     AttentionRecorder,
@@ -464,7 +457,6 @@ class InFusionPlan:
     refine_alphas: torch.Tensor | None = None
     concepts: list = field(default_factory=list)
     end_of_text: int | None = None  # the edit's own maps from this context position on (None: the source's)
-    equalizer: torch.Tensor | None = None  # [77] reweighting of the edit's cross-attention in the feature phase
     notes: list = field(default_factory=list)
 
     def __deepcopy__(self, memo):
@@ -492,11 +484,9 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
               s1: float = DEFAULT_S1, s2: float = DEFAULT_S2, strength: float = 1.0, alpha: float = DEFAULT_ALPHA,
               threshold: float = DEFAULT_THRESHOLD, inject_uncond: bool = True, mask_factor: int = 4,
               feature_mode: str = DEFAULT_FEATURE_MODE, feature_region: str = DEFAULT_FEATURE_REGION,
-              end_of_text_maps: str = "edit", reweight: str = "") -> InFusionPlan:
+              end_of_text_maps: str = "edit") -> InFusionPlan:
     """Translate the edit settings into an InFusionPlan (token alignment, concept indices, schedule).
     feature_mode / feature_region: the reading of the feature injection (`inject_difference`).
-    reweight: 'word:factor, ...' of the edit prompt (Prompt-to-Prompt's reweighting, `fatezero.reweight_equalizer`),
-    applied to the edit's own cross-attention in the feature phase (see `InFusionController`); not in the paper.
     end_of_text_maps: "edit" (the edit prompt's end-of-text token and padding keep their own cross-attention maps
     in the fusion phase; the pack's default) or "source" (P2P's): `attention/p2p.py`."""
     if feature_mode not in FEATURE_MODES:
@@ -537,16 +527,8 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
             label = f"{a}->{b}"
             items.append(Concept(label, _side_indices(source, a, tokenizer, "source", label),
                                  _side_indices(edit, b, tokenizer, "edit", label)))
-        eq = reweight_equalizer(edit, reweight, tokenizer)
-    except (align.AlignmentError, FusionConfigError) as e:
+    except align.AlignmentError as e:
         raise InFusionConfigError(str(e)) from None
-    if eq is not None:
-        if bounds[0] == 0:
-            raise InFusionConfigError(
-                f"reweight acts in the feature phase (the first feature_end of the steps), and feature_end "
-                f"{s1:g} leaves it no step of {n}: raise feature_end (0.5 is the default) or clear reweight")
-        notes.append(f"reweighting {reweight.strip()!r} in the edit's cross-attention over edit steps 0-{bounds[0] - 1} "
-                     f"of {n} (the feature phase)")
     if not items:
         notes.append("no concepts given: the fusion phase replaces self-attention by the source's everywhere "
                      "(Ms = Me = 0), a global edit")
@@ -557,7 +539,7 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
                         alpha=float(alpha),
                         threshold=float(threshold), mask_factor=int(mask_factor), inject_uncond=bool(inject_uncond),
                         cross_mode=cross_mode, mapper=mapper, refine_alphas=refine_alphas, concepts=items,
-                        end_of_text=eot, equalizer=eq, notes=notes)
+                        end_of_text=eot, notes=notes)
 
 
 def check_record(record: InFusionRecord, plan: InFusionPlan, hint: str = "") -> None:
@@ -609,7 +591,7 @@ class InFusionController:
             self._mask_layers = mask_layers(att, plan.mask_factor) if plan.concepts else []
         self._edit_maps: dict = {}  # edit step -> {mask layer: head-mean edit cross map [F, Nq, T]}
         self._masks: dict = {}
-        self.counts = {"feature": 0, "kv": 0, "fusion_self": 0, "fusion_cross": 0, "reweight": 0}  # over runs
+        self.counts = {"feature": 0, "kv": 0, "fusion_self": 0, "fusion_cross": 0}  # accumulate over runs
 
     def __deepcopy__(self, memo):
         return self
@@ -704,8 +686,6 @@ class InFusionController:
         i = self.step(call.timestep)
         b = self.plan.bounds[1]
         if call.kind == "cross":
-            if self.plan.equalizer is not None and i < self.plan.bounds[0]:
-                return True  # the feature phase's reweighting (every cross-attention layer)
             if call.layer in self._mask_layers and i >= b - 1:
                 return True  # read the edit's own maps for Me (the next step's mask)
             return i >= b and call.layer in self._cross_layers
@@ -841,17 +821,6 @@ class InFusionController:
                 del self._edit_maps[old]
             # masks of step i+1 depend on these maps: never reuse ones cached by an earlier run
             self._masks = {k: v for k, v in self._masks.items() if k[0] != i + 1}
-        if call.kind == "cross" and self.plan.equalizer is not None and i < self.plan.bounds[0]:
-            # Prompt-to-Prompt's reweighting of the edit's own maps, where InFusion leaves cross-attention to the
-            # edit (no renormalisation, as P2P's AttentionReweight); the conditional half only, as the fusion
-            eq = torch.ones(probs.shape[-1], device=probs.device, dtype=probs.dtype)
-            n = min(eq.shape[0], self.plan.equalizer.shape[0])
-            eq[:n] = self.plan.equalizer[:n].to(probs.device, probs.dtype)
-            out = probs.clone()
-            for sl in chunks:
-                out[sl] = probs[sl] * eq
-            self.counts["reweight"] += 1
-            return out
         if i < b:
             return None
         att = self.record.attention

@@ -134,3 +134,58 @@ def self_fusion(edit: torch.Tensor, base: torch.Tensor, mask: torch.Tensor | Non
         return base
     m = mask.to(edit.device, edit.dtype).reshape(mask.shape[0], 1, mask.shape[1], 1)
     return m * edit + (1.0 - m) * base
+
+
+class CrossAttentionReweight:
+    """Prompt-to-Prompt's reweighting without a source (P2P's `AttentionReweight` applied to the edit's own maps):
+    an attention processor (attention/processor.py) that multiplies the cross-attention probabilities of chosen
+    tokens of the edit prompt by their factor, on the conditional rows, in every cross-attention layer, during the
+    first `end` of the sampling steps (edit step i < int(end * N), 0 = the noisiest), without renormalising.
+
+    For edits whose method has no cross-attention control of its own there (InFusion before its fusion phase,
+    Blended Latent Diffusion): on an inverted z_T that holds the old content a new word attends too weakly to
+    override it, which is why FateZero's and Video-P2P's configs reweight the new words (their controllers apply
+    the same factors inside `cross_control`). equalizer: [77] token factors (`equalizer`; the nodes build it with
+    `fatezero.reweight_equalizer` from 'word:factor' text). The step comes from the sampler's `sample_sigmas`
+    (AttnCall.step_index / total_steps); a call whose step is unknown is refused (ValueError), never passed
+    through unweighted. Measured on the toy benchmark's dev split (issue 20, toy/RESULTS.md)."""
+
+    def __init__(self, equalizer: torch.Tensor, end: float):
+        if not (0.0 < float(end) <= 1.0):
+            raise ValueError(f"end must be in (0, 1], got {end:g}")
+        self.equalizer = equalizer.detach().float().cpu()
+        self.end = float(end)
+        self.calls = 0  # reweighted attention calls (over runs), for the tests and the UI
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def last_step(self, total_steps: int) -> int:
+        """The number of leading steps reweighted out of `total_steps`."""
+        return int(self.end * total_steps)
+
+    def active(self, call) -> bool:
+        if call.kind != "cross" or 0 not in call.cond_or_uncond:
+            return False
+        if call.step_index is None or call.total_steps is None:
+            raise ValueError(
+                "Cross-Attention Reweight: the sampler's step is unknown in this attention call (no sample_sigmas "
+                "in transformer_options, or a sigma not among them); sample with a ComfyUI sampler node "
+                "(KSampler, KSamplerAdvanced, SamplerCustomAdvanced)")
+        return call.step_index < self.last_step(call.total_steps)
+
+    def kinds(self, call) -> set[int]:
+        return {0}
+
+    def __call__(self, call, probs: torch.Tensor) -> torch.Tensor:
+        t = probs.shape[-1]
+        eq = torch.ones(t, device=probs.device, dtype=probs.dtype)
+        n = min(t, self.equalizer.shape[0])
+        eq[:n] = self.equalizer[:n].to(probs.device, probs.dtype)
+        out = probs.clone()
+        for j, c in enumerate(call.cond_or_uncond):
+            if c == 0:
+                sl = slice(j * call.frames, (j + 1) * call.frames)
+                out[sl] = probs[sl] * eq
+        self.calls += 1
+        return out

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import blend, context, fatezero, infusion, inversion, prompts, toy, videop2p
+from . import blend, context, fatezero, infusion, inversion, prompts, reweight, toy, videop2p
 
-NODE_MODULES = [prompts, inversion, context, blend, fatezero, toy, videop2p, infusion]
+NODE_MODULES = [prompts, inversion, context, blend, fatezero, toy, videop2p, infusion, reweight]
 
 
 def all_nodes() -> list:

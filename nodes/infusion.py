@@ -286,14 +286,6 @@ class InFusionInject(io.ComfyNode):
                                  tooltip="Inject features and keys/values into the unconditional half of guidance too "
                                  "(Plug-and-Play does). The fusion always acts on the conditional half."),
                 end_of_text_maps_input(),
-                io.String.Input("reweight", default="",
-                                tooltip="Optional, empty by default (the paper has no reweighting): words of the edit "
-                                "prompt whose cross-attention is multiplied, as 'word:factor' (e.g. 'green:4, "
-                                "dots:4'), over the feature phase (the first feature_end of the steps), where the "
-                                "edit prompt alone drives cross-attention. Prompt-to-Prompt's reweighting, as "
-                                "FateZero's and Video-P2P's configs apply it to the new words; it helps a new colour "
-                                "override the inverted video's old one. The toy benchmark reweights the added words "
-                                "x4 (docs/infusion.md)."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model patched for the edit sampling."),
@@ -307,7 +299,7 @@ class InFusionInject(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, prompts, concepts, feature_blocks,
                 attention_blocks, feature_end, kv_end, strength, alpha, mask_threshold, inject_uncond,
-                end_of_text_maps=END_OF_TEXT_MAPS[0], reweight="") -> io.NodeOutput:
+                end_of_text_maps=END_OF_TEXT_MAPS[0]) -> io.NodeOutput:
         node = "InFusionInject"
         check_diffusion_model(model, node)
         check_choice(node, "end_of_text_maps", end_of_text_maps, END_OF_TEXT_MAPS)
@@ -326,8 +318,7 @@ class InFusionInject(io.ComfyNode):
             plan = make_plan(pair.tokenizer, pair.source.plain, pair.edit.plain, concepts, inversion.timesteps,
                              feature_blocks=fb, attention_blocks=ab, s1=float(feature_end), s2=float(kv_end),
                              strength=float(strength), alpha=float(alpha), threshold=float(mask_threshold),
-                             inject_uncond=bool(inject_uncond), end_of_text_maps=end_of_text_maps,
-                             reweight=reweight or "")
+                             inject_uncond=bool(inject_uncond), end_of_text_maps=end_of_text_maps)
             check_record(record, plan, hint="re-run Video DDIM Invert with InFusion Source Features set like this node")
         except InFusionConfigError as e:
             raise ZSVEInputError(f"{node}: {e}") from None

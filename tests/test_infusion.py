@@ -278,28 +278,6 @@ def test_inject_errors_say_what_to_change(tiny_model, tiny_clip, conds):
         _inject(tiny_model, inv, tiny_clip, concepts="cat->dog")
     with pytest.raises(glue.ZSVEInputError, match=r"feature blocks \[2\] were not recorded"):
         _inject(tiny_model, inv, tiny_clip, feature_blocks="2")
-    with pytest.raises(glue.ZSVEInputError, match="InFusionInject: reweight: .*'cat'"):
-        _inject(tiny_model, inv, tiny_clip, reweight="cat:4")
-
-
-def test_reweight_acts_in_the_feature_phase_of_a_real_sampling(tiny_model, tiny_clip, conds):
-    """The node's optional reweighting (not in the paper): the feature-phase steps change, each step's every
-    cross-attention call is reweighted once, the UI says so, and empty reweight is the unchanged node."""
-    z_T, inv = _invert(tiny_model, conds)
-    m0, _ = _inject(tiny_model, inv, tiny_clip, strength=0.0)
-    out0 = _first_steps(m0, z_T, conds[1], conds[2], last_step=2)
-    node_out = InFusionInject.execute(tiny_model, inv, prompt_pair(tiny_clip, SRC, EDIT), **dict(
-        TINY, concepts=CONCEPTS, strength=0.0, alpha=0.5, mask_threshold=0.3, inject_uncond=True,
-        reweight="blue:4, yellow:4"))
-    m4 = node_out.result[0]
-    assert any("reweighting 'blue:4, yellow:4'" in t and "steps 0-1 of 5" in t for t in node_out.ui["text"])
-    ctl = _controller(m4)
-    out4 = _first_steps(m4, z_T, conds[1], conds[2], last_step=2)
-    cross_layers = sum(1 for name, _ in tiny_model.model.diffusion_model.named_modules() if name.endswith("attn2"))
-    assert ctl.counts["reweight"] == 2 * cross_layers  # two feature-phase steps, every cross-attention layer
-    assert (out4 - out0).abs().mean() > 1e-4
-    m1, _ = _inject(tiny_model, inv, tiny_clip, strength=0.0, reweight="blue:1")  # x1: the same numbers
-    assert torch.allclose(_first_steps(m1, z_T, conds[1], conds[2], last_step=2), out0, atol=1e-5)
 
 
 def test_node_graph_with_core_lora_loader_through_the_executor(tiny_model, tiny_clip, tiny_vae, tmp_path):

@@ -74,26 +74,31 @@ def test_two_concepts_get_their_own_masks(two_concepts):
 
 
 def test_the_infusion_row_reweights_the_words_the_edit_adds(toy, monkeypatch):
-    """The benchmark's InFusion row (chosen on the dev split of issue 20) gives InFusion Inject the words the edit
-    prompt adds, x4, as its optional reweighting; the node's own default stays the paper's (none)."""
-    from zsve.nodes.infusion import InFusionInject
-    from zsve.toy.methods_infusion import REWEIGHT
+    """The benchmark's InFusion row (chosen on the dev split of issue 20) puts Cross-Attention Reweight on the edit
+    model: the words the edit prompt adds, x4, over InFusion's feature phase (end = feature_end 0.5)."""
+    from zsve.attention.p2p import CrossAttentionReweight as Proc
+    from zsve.nodes._attn_patch import PROCESSORS_KEY
+    from zsve.toy import methods_infusion
 
     seen = {}
 
     class Stop(Exception):
         pass
 
-    def capture(cls, *args, **kwargs):
-        seen.update(kwargs)
+    def capture(edit_model, *args, **kwargs):
+        seen["procs"] = edit_model.model_options["transformer_options"][PROCESSORS_KEY]
         raise Stop
 
-    monkeypatch.setattr(InFusionInject, "execute", classmethod(capture))
+    monkeypatch.setattr(methods_infusion, "sample_from", capture)
     spec = next(s for s in sc.benchmark_set(2) if s.name == "background_change")
     clip_ = spec.clip()
     model, clip, vae = toy
     with pytest.raises(Stop), torch.inference_mode():
         infusion_edit(model, clip, vae, torch.from_numpy(clip_.frames), spec.source_prompt, spec.edit_prompt,
                       bench.BenchSpec(spec, clip_, steps=4))
-    assert REWEIGHT == 4 and seen["reweight"] == "green:4, dots:4"
-    assert InFusionInject.define_schema().inputs[-1].default == ""
+    procs = [p for p in seen["procs"] if isinstance(p, Proc)]
+    assert len(procs) == 1 and procs[0].end == methods_infusion.TOY_LAYERS["feature_end"] == 0.5
+    pair_tok = clip.tokenizer.clip_l.tokenizer
+    added = [i for w in ("green", "dots") for i in align.word_indices(spec.edit_prompt, w, pair_tok)]
+    assert methods_infusion.REWEIGHT == 4 and sorted(torch.nonzero(procs[0].equalizer != 1).flatten().tolist()) == added
+    assert all(procs[0].equalizer[i] == 4 for i in added)

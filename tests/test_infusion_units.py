@@ -221,38 +221,3 @@ def test_feature_readings_sign_and_region():
         assert new.flatten().tolist() == want, region
     with pytest.raises(inf.InFusionConfigError, match="kv_end"):  # no fusion steps: no source masks to limit it
         inf.check_record(rec, _plan(s2=1.0))
-
-
-def test_reweight_multiplies_the_edit_words_cross_attention_in_the_feature_phase_only():
-    """The optional reweighting (not in the paper; P2P's AttentionReweight, FateZero's / Video-P2P's configs): the
-    edit's own cross-attention of the named words is multiplied, conditional rows only, in the steps before S1 and
-    in no other step; no reweighting, no extra attention call is taken over."""
-    plan = _plan(reweight="blue:4, dog:2")
-    assert plan.equalizer[2] == 4 and plan.equalizer[3] == 2 and plan.equalizer.sum() == 77 - 2 + 6
-    assert any("reweighting" in n and "0-1 of 5" in n for n in plan.notes)  # bounds (2, 4): steps 0 and 1
-    rec = inf.InFusionRecord(config=inf.InFusionRecordConfig(feature_blocks=(1,), attention_blocks=(0, 1, 2, 3),
-                                                             s1=0.4, s2=0.8), frames=2, num_steps=5)
-    ctl = inf.InFusionController(rec, plan)
-    probs = torch.rand(4, 2, 4, 77, generator=torch.Generator().manual_seed(0))  # [chunks * frames, heads, Nq, T]
-
-    def call(t, kind="cross", cou=(1, 0), layer="input_1_1"):
-        return AttnCall(kind=kind, layer=layer, hw=(2, 2), frames=2, cond_or_uncond=list(cou), sigma=1.0,
-                        timestep=t, heads=2)
-
-    c = call(801)  # edit step 0: the feature phase; any cross-attention layer
-    assert ctl.active(c) and not ctl.active(call(801, cou=(1,)))  # the unconditional half alone: untouched
-    out = ctl(c, probs)
-    assert torch.equal(out[:2], probs[:2])  # the unconditional rows (chunk kind 1)
-    assert torch.allclose(out[2:, ..., 2], 4 * probs[2:, ..., 2]) and torch.allclose(out[2:, ..., 3], 2 * probs[2:, ..., 3])
-    keep = [j for j in range(77) if j not in (2, 3)]
-    assert torch.equal(out[2:, ..., keep], probs[2:, ..., keep])  # every other token as it was (no renormalising)
-    assert ctl.counts["reweight"] == 1
-    assert not ctl.active(call(401)) and not ctl.active(call(801, kind="self"))  # the kv phase / self-attention
-    # without reweight the feature phase's cross-attention is not taken over
-    assert not inf.InFusionController(rec, _plan()).active(c) and _plan().equalizer is None
-    with pytest.raises(inf.InFusionConfigError, match="reweight: .*horse"):
-        _plan(reweight="horse:4")
-    with pytest.raises(inf.InFusionConfigError, match="reweight: 'x' is not a number"):
-        _plan(reweight="blue:x")
-    with pytest.raises(inf.InFusionConfigError, match="feature_end 0 leaves it no step"):
-        _plan(reweight="blue:4", s1=0.0)

@@ -12,8 +12,8 @@ features and blocks 1-3 for attention. Windows: S1 0.5 (the node default) and S2
 (Plug-and-Play's): chosen on the dev split of issue 20, where the source keys/values of steps 14-15 of 20 held
 the old background in the background changes (25% of the frames edited with S2 0.8, 75% with 0.7) and the row
 went from 61% to 75% edit success (S2 0.65: 74%; 0.5, no key/value phase at all: 75% with a higher warp error;
-toy/RESULTS.md). The words the edit adds are reweighted x4 in the feature phase (the node's `reweight`, not in the
-paper; Video-P2P's row uses x4 too): chosen on the dev split of issue 20 (71.7% -> 79.6% edit success, paired +7.9
+toy/RESULTS.md). The words the edit adds are reweighted x4 in the feature phase (the Cross-Attention Reweight node
+with end = feature_end; not in the paper; Video-P2P's row uses x4 too): chosen on the dev split of issue 20 (71.7% -> 79.6% edit success, paired +7.9
 [+2.5, +14.2]; x2 +6.7, x10 +2.1, x4 over every step +7.1; docs/infusion.md).
 """
 
@@ -33,7 +33,7 @@ from .benchmark import (
 from .methods_fatezero import words_added
 
 TEMPORAL_MODE = "middle"
-REWEIGHT = 4  # the added words' cross-attention in the feature phase (the node's `reweight`; chosen on dev)
+REWEIGHT = 4  # the added words' cross-attention in the feature phase (Cross-Attention Reweight; chosen on dev)
 TOY_LAYERS = dict(feature_blocks="1", attention_blocks="1-3", feature_end=0.5, kv_end=0.7)
 
 
@@ -62,6 +62,16 @@ def concepts_of(source_prompt: str, edit_prompt: str) -> str:
     return ", ".join(out)
 
 
+def reweight_added(edit_model, pair, source_prompt: str, edit_prompt: str, factor: float, end: float):
+    """The Cross-Attention Reweight node on `edit_model`: the words the edit prompt adds (`words_added`) times
+    `factor` over the first `end` of the steps; the model as it is when the edit adds no word or factor is 1."""
+    words = words_added(source_prompt, edit_prompt)
+    if not words or factor == 1:
+        return edit_model
+    reweight = ", ".join(f"{w}:{factor:g}" for w in words)
+    return _pack().nodes.reweight.CrossAttentionReweight.execute(edit_model, pair, reweight, end).result[0]
+
+
 def set_reading(edit_model, **reading):
     """Measurement only: switch the InFusion controller on `edit_model` (InFusion Inject's output) to another
     reading of the feature injection (attention/infusion.py FEATURE_MODES / FEATURE_REGIONS)."""
@@ -86,13 +96,14 @@ def infusion_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     m = temporal.execute(model, mode=TEMPORAL_MODE, include_own_frame=False, min_channels=0).result[0]
     src_model = nodes_inf.InFusionSource.execute(m, skip_full_res=True, memory_budget_gb=0.0, **layers).result[0]
     z_T, inv = invert(src_model, encode_frames(vae, frames), encode_text(clip, source_prompt), spec)
-    reweight = ", ".join(f"{w}:{REWEIGHT}" for w in words_added(source_prompt, edit_prompt))
-    inject = dict(strength=1.0, alpha=0.5, mask_threshold=0.3, inject_uncond=True, reweight=reweight)
+    inject = dict(strength=1.0, alpha=0.5, mask_threshold=0.3, inject_uncond=True)
     inject.update({k: v for k, v in overrides.items() if k in inject})
     concepts = overrides.get("concepts", concepts_of(source_prompt, edit_prompt))
     pair = prompt_pair(clip, source_prompt, edit_prompt, spec.negative_prompt)
     edit_model, masks = nodes_inf.InFusionInject.execute(m, inv, pair, concepts,
                                                          **layers, **inject).result
+    edit_model = reweight_added(edit_model, pair, source_prompt, edit_prompt, overrides.get("reweight", REWEIGHT),
+                                layers["feature_end"])
     reading = {k: overrides[k] for k in ("feature_mode", "feature_region") if k in overrides}
     if reading:  # a reading of the feature injection other than the node's (docs/infusion.md measures them)
         set_reading(edit_model, **reading)
