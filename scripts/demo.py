@@ -168,6 +168,12 @@ def main(argv=None) -> int:
                 inputs.update(blend_words=source_words, blend_words_edit=words)
             if ct == "InFusionInject":
                 inputs["concepts"] = f"{source_words}->{words}"
+        if ct == "CrossAttentionReweight" and edit_prompt:  # the words the toy clip's edit adds, as the benchmark
+            src_w, edit_w = source_prompt.split(), edit_prompt.split()
+            added = ([e for a, e in zip(src_w, edit_w) if a != e] if len(src_w) == len(edit_w)
+                     else [w for w in edit_w if w not in src_w])
+            if added:
+                inputs["reweight"] = ", ".join(f"{w}:4" for w in added)
         if spec is not None and ct in ("AttentionBlend", "VideoP2PGuider") and inputs.get("reweight"):
             word = str(inputs["reweight"]).split(":")[0].strip()
             if word not in (edit_prompt or "").split():

@@ -95,11 +95,16 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
          "widgets": {"mask_source": "user mask" if user else "union", "start": 0.0, "end": 1.0, "threshold": 0.3,
                      "dilation": 3, "temporal_smoothing": 1, "words": "" if user else "yellow circle"},
          "links": blend_links},
+        # the new word reweighted over the first half of the steps (Cross-Attention Reweight; the toy benchmark's row)
+        *([] if user else [{"id": "reweight", "type": "CrossAttentionReweight",
+                            "widgets": {"reweight": "yellow:4", "end": 0.5},
+                            "links": {"model": ("blend", 0), "prompts": PAIR},
+                            "title": "New word reweighted (x4, first half of the steps)"}]),
         {"id": "sample", "type": "KSamplerAdvanced",
          "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
                      "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
                      "return_with_leftover_noise": "disable"},
-         "links": {"model": ("blend", 0), "positive": EDIT, "negative": NEG,
+         "links": {"model": ("blend" if user else "reweight", 0), "positive": EDIT, "negative": NEG,
                    "latent_image": ("invert", 0)}},
         {"id": "decode", "type": "VAEDecode", "links": {"samples": ("sample", 0), "vae": ("ckpt", 2)}},
         {"id": "create", "type": "CreateVideo", "widgets": {"fps": 8.0}, "links": {"images": ("decode", 0)}},
@@ -296,7 +301,7 @@ STAGE_OF_ID = {
     "inputs": ("ckpt", "lora", "video", "frames", "encode", "prompts", "pos", "neg", "mask", "canny", "show_edges",
                "cnet", "cn_src", "cn_edit"),
     "invert": ("temporal", "store", "source", "invert", "nulltext"),
-    "edit": ("srcmask", "blend", "lblend", "inject", "guider", "noise", "ksampler", "sigmas", "sample"),
+    "edit": ("srcmask", "blend", "reweight", "lblend", "inject", "guider", "noise", "ksampler", "sigmas", "sample"),
     "outputs": ("decode", "create", "save", "preview", "show", "branches", "decode_src", "show_src", "mask_img",
                 "show_mask"),
 }
@@ -354,7 +359,9 @@ WORKFLOWS = {
             "", PROMPTS_FIRST + "\n- *Latent Blend With Inversion*: `words` = the edited words of the edit "
             "prompt (`yellow circle`); `threshold` (0.3) and `dilation` grow or shrink the region\n- *Where the old "
             "object was* (Source Attention Mask): `words` = the same thing in the source prompt (`red circle`); "
-            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one"),
+            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one\n"
+            "- *New word reweighted* (Cross-Attention Reweight): the words your edit adds (`yellow:4`), so that "
+            "the new colour wins over what the inverted video holds"),
         edit="3  Edit, blended with the inversion outside the mask"),
     "blended_latent_your_mask": workflow(
         "Blended Latent: painted mask",
