@@ -148,7 +148,10 @@ class CrossAttentionReweight:
     the same factors inside `cross_control`). equalizer: [77] token factors (`equalizer`; the nodes build it with
     `fatezero.reweight_equalizer` from 'word:factor' text). The step comes from the sampler's `sample_sigmas`
     (AttnCall.step_index / total_steps); a call whose step is unknown is refused (ValueError), never passed
-    through unweighted. Measured on the toy benchmark's dev split (issue 20, toy/RESULTS.md)."""
+    through unweighted. Inside the Video-P2P Guider's two-branch batch (a chunk's rows are [source branch frames,
+    target branch frames], `videop2p.BRANCHES_KEY`) only the target branch's rows are reweighted: the source branch
+    runs the source prompt, whose tokens the factors do not name. Measured on the toy benchmark's dev split
+    (issue 20, toy/RESULTS.md)."""
 
     def __init__(self, equalizer: torch.Tensor, end: float):
         if not (0.0 < float(end) <= 1.0):
@@ -182,10 +185,13 @@ class CrossAttentionReweight:
         eq = torch.ones(t, device=probs.device, dtype=probs.dtype)
         n = min(t, self.equalizer.shape[0])
         eq[:n] = self.equalizer[:n].to(probs.device, probs.dtype)
+        from .videop2p import BRANCHES_KEY  # (videop2p imports this module)
+
+        first = call.frames // 2 if int((call.extra or {}).get(BRANCHES_KEY, 1)) == 2 else 0  # target branch only
         out = probs.clone()
         for j, c in enumerate(call.cond_or_uncond):
             if c == 0:
-                sl = slice(j * call.frames, (j + 1) * call.frames)
+                sl = slice(j * call.frames + first, (j + 1) * call.frames)
                 out[sl] = probs[sl] * eq
         self.calls += 1
         return out

@@ -31,7 +31,8 @@ class CrossAttentionReweight(io.ComfyNode):
                 "the inverted latent holds; FateZero's and Video-P2P's configs reweight them, and Attention Blend and "
                 "the Video-P2P Guider have the same 'reweight' input built in. Use this node with InFusion Inject "
                 "(end = its feature_end) or Latent Blend With Inversion; place it anywhere on the edit model's "
-                "chain. Two of these nodes multiply."
+                "chain. Two of these nodes multiply. On the model of the Video-P2P Guider it reweights the target "
+                "branch only (the source branch runs the source prompt)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model for the edit sampling (after or before the method's node)."),

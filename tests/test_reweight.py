@@ -41,6 +41,12 @@ def test_processor_weighs_the_conditional_rows_of_cross_attention_in_the_first_s
     assert p.calls == 1
     long = torch.rand(2, 2, 4, 154)  # a context longer than 77 tokens: the tokens past the factors keep weight 1
     assert torch.equal(p(_call(0, cou=(0,)), long)[..., 77:], long[..., 77:])
+    # in the Video-P2P Guider's two-branch batch (rows [source frames, target frames] per chunk) only the target's
+    two = AttnCall(kind="cross", layer="input_1_1", hw=(2, 2), frames=4, cond_or_uncond=[0], sigma=1.0, timestep=500,
+                   heads=2, step_index=0, total_steps=10, extra={"zsve_branches": 2})
+    p4 = probs[:4]
+    got = p(two, p4)
+    assert torch.equal(got[:2], p4[:2]) and torch.allclose(got[2:, ..., 2], 4 * p4[2:, ..., 2])
     with pytest.raises(ValueError, match="step is unknown"):
         p.active(_call(None))
     with pytest.raises(ValueError, match="end must be in"):

@@ -494,3 +494,20 @@ def test_end_of_text_maps_reach_the_sampling_plan_and_the_nodes_text(tiny_model,
         (plan,) = plans
         assert plan.cross_mode == "replace" and plan.cross_alphas[0, 1] == 1.0
         assert plan.cross_alphas[0, eot:].eq(tail).all() and plan.cross_alphas[0, eot - 1] == 1.0
+
+
+def test_cross_attention_reweight_acts_on_the_target_branch_only(tiny_model, tiny_clip, conds):
+    """Cross-Attention Reweight on the model the Video-P2P Guider samples: the two-branch batch's source branch (the
+    source prompt, which the factors do not name) is sampled as without it; the target branch changes."""
+    from zsve.nodes.reweight import CrossAttentionReweight
+
+    z = _latent(seed=7)
+    g0 = _guider(tiny_model, tiny_clip, conds, cross_replace=0.0, self_replace=0.0, z=z)
+    out0 = _sample(g0, z)
+    rw = CrossAttentionReweight.execute(tiny_model, prompt_pair(tiny_clip, SRC, EDIT), "green:4, square:4", 0.5)
+    g1 = _guider(rw.result[0], tiny_clip, conds, cross_replace=0.0, self_replace=0.0, z=z)
+    out1 = _sample(g1, z)
+    d_src = float((g1.last_source - g0.last_source).abs().max())
+    d_tgt = float((out1 - out0).abs().max())
+    print(f"\n[videop2p] reweight node in the guider: source branch {d_src:.2e}, target {d_tgt:.2e}")
+    assert d_src < 1e-3 < d_tgt
