@@ -77,26 +77,16 @@ def test_the_infusion_row_reweights_the_words_the_edit_adds(toy, monkeypatch):
     """The benchmark's InFusion row (chosen on the dev split of issue 20) puts Cross-Attention Reweight on the edit
     model: the words the edit prompt adds, x4, over InFusion's feature phase (end = feature_end 0.5)."""
     from zsve.attention.p2p import CrossAttentionReweight as Proc
-    from zsve.nodes._attn_patch import PROCESSORS_KEY
     from zsve.toy import methods_infusion
+    from zsve_harness import processors_of_row
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def capture(edit_model, *args, **kwargs):
-        seen["procs"] = edit_model.model_options["transformer_options"][PROCESSORS_KEY]
-        raise Stop
-
-    monkeypatch.setattr(methods_infusion, "sample_from", capture)
     spec = next(s for s in sc.benchmark_set(2) if s.name == "background_change")
     clip_ = spec.clip()
     model, clip, vae = toy
-    with pytest.raises(Stop), torch.inference_mode():
-        infusion_edit(model, clip, vae, torch.from_numpy(clip_.frames), spec.source_prompt, spec.edit_prompt,
-                      bench.BenchSpec(spec, clip_, steps=4))
-    procs = [p for p in seen["procs"] if isinstance(p, Proc)]
+    seen = processors_of_row(monkeypatch, methods_infusion, lambda: infusion_edit(
+        model, clip, vae, torch.from_numpy(clip_.frames), spec.source_prompt, spec.edit_prompt,
+        bench.BenchSpec(spec, clip_, steps=4)))
+    procs = [p for p in seen if isinstance(p, Proc)]
     assert len(procs) == 1 and procs[0].end == methods_infusion.TOY_LAYERS["feature_end"] == 0.5
     pair_tok = clip.tokenizer.clip_l.tokenizer
     added = [i for w in ("green", "dots") for i in align.word_indices(spec.edit_prompt, w, pair_tok)]

@@ -419,30 +419,17 @@ def test_edit_ok_on_the_items_the_model_draws(tmp_path):
 def test_blended_latent_row_reweights_the_words_the_edit_adds(monkeypatch):
     """The Blended latent (attention mask) row (chosen on the dev split of issue 20) samples a model with Cross-Attention
     Reweight on the words the edit adds, x4, over the first half of the steps, next to its latent blend."""
-    import pytest
-
     from zsve.attention.p2p import CrossAttentionReweight as Proc
-    from zsve.nodes._attn_patch import PROCESSORS_KEY
     from zsve.toy import methods_bld
+    from zsve_harness import processors_of_row
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def capture(edit_model, *args, **kwargs):
-        seen["procs"] = edit_model.model_options["transformer_options"][PROCESSORS_KEY]
-        raise Stop
-
-    monkeypatch.setattr(methods_bld, "sample_from", capture)
     spec = next(s for s in sc.benchmark_set(2) if s.name == "color_swap")
     clip_ = spec.clip()
     model, clip, vae, _ = toy_model.load()
-    with pytest.raises(Stop), torch.inference_mode():
-        bench.METHODS["Blended latent (attention mask)"](model, clip, vae, torch.from_numpy(clip_.frames),
-                                                         spec.source_prompt, spec.edit_prompt,
-                                                         bench.BenchSpec(spec, clip_, steps=4))
-    procs = [p for p in seen["procs"] if isinstance(p, Proc)]
+    seen = processors_of_row(monkeypatch, methods_bld, lambda: bench.METHODS["Blended latent (attention mask)"](
+        model, clip, vae, torch.from_numpy(clip_.frames), spec.source_prompt, spec.edit_prompt,
+        bench.BenchSpec(spec, clip_, steps=4)))
+    procs = [p for p in seen if isinstance(p, Proc)]
     assert len(procs) == 1 and procs[0].end == methods_bld.REWEIGHT_END == 0.5 and methods_bld.REWEIGHT == 4
     assert sorted(set(procs[0].equalizer.tolist())) == [1.0, 4.0] and int((procs[0].equalizer == 4).sum()) == 1
-    assert len(seen["procs"]) > 1  # the latent blend's own attention reader is there too
+    assert len(seen) > 1  # the latent blend's own attention reader is there too

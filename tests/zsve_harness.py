@@ -375,3 +375,26 @@ def prompt_pair(clip, source: str, edit: str, negative: str = ""):
     if key not in _PAIRS:
         _PAIRS[key] = make_prompt_pair(clip, source, edit, negative)
     return _PAIRS[key]
+
+
+def processors_of_row(monkeypatch, module, run) -> list:
+    """The attention processors on the model a toy benchmark row samples: `run()` calls the row, whose
+    `module.sample_from` is stopped at its first call (nothing is sampled); returns the sampled model's processors."""
+    import pytest
+    import torch
+
+    from zsve.nodes._attn_patch import PROCESSORS_KEY
+
+    seen = {}
+
+    class _Stop(Exception):
+        pass
+
+    def capture(edit_model, *args, **kwargs):
+        seen["procs"] = list(edit_model.model_options["transformer_options"][PROCESSORS_KEY])
+        raise _Stop
+
+    monkeypatch.setattr(module, "sample_from", capture)
+    with pytest.raises(_Stop), torch.inference_mode():
+        run()
+    return seen["procs"]
