@@ -156,9 +156,13 @@ class CrossAttentionReweight:
     def __init__(self, equalizer: torch.Tensor, end: float):
         if not (0.0 < float(end) <= 1.0):
             raise ValueError(f"end must be in (0, 1], got {end:g}")
+        from .videop2p import BRANCHES_KEY  # (videop2p imports this module: resolved once, not per call)
+
         self.equalizer = equalizer.detach().float().cpu()
         self.end = float(end)
         self.calls = 0  # reweighted attention calls (over runs), for the tests and the UI
+        self._branches_key = BRANCHES_KEY
+        self._eq: dict = {}  # (tokens, device, dtype) -> [T] factors, built once per context length
 
     def __deepcopy__(self, memo):
         return self
@@ -181,13 +185,14 @@ class CrossAttentionReweight:
         return {0}
 
     def __call__(self, call, probs: torch.Tensor) -> torch.Tensor:
-        t = probs.shape[-1]
-        eq = torch.ones(t, device=probs.device, dtype=probs.dtype)
-        n = min(t, self.equalizer.shape[0])
-        eq[:n] = self.equalizer[:n].to(probs.device, probs.dtype)
-        from .videop2p import BRANCHES_KEY  # (videop2p imports this module)
-
-        first = call.frames // 2 if int((call.extra or {}).get(BRANCHES_KEY, 1)) == 2 else 0  # target branch only
+        key = (probs.shape[-1], probs.device, probs.dtype)
+        eq = self._eq.get(key)
+        if eq is None:  # the factors for this context length (tokens past the 77 keep weight 1)
+            eq = torch.ones(key[0], device=probs.device, dtype=probs.dtype)
+            n = min(key[0], self.equalizer.shape[0])
+            eq[:n] = self.equalizer[:n].to(probs.device, probs.dtype)
+            self._eq[key] = eq
+        first = call.frames // 2 if int((call.extra or {}).get(self._branches_key, 1)) == 2 else 0  # target only
         out = probs.clone()
         for j, c in enumerate(call.cond_or_uncond):
             if c == 0:
