@@ -95,6 +95,23 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
     return x + (x - denoised) / float(sigma) * (float(sigma_next) - float(sigma))
 
 
+def fresh_noise_start(x: torch.Tensor, source_x0: torch.Tensor, mask: torch.Tensor, sigma: float,
+                      seed: int) -> torch.Tensor:
+    """Blended Latent Diffusion's start inside `mask`: M * (x0 + sigma * eps) + (1 - M) * x.
+
+    x [F, C, h, w]: the sampler's first latent (the inverted z_T at sigma, the model's internal space);
+    source_x0 [F, C, h, w]: the source latent (the inversion's sigma-0 latent); mask [F, 1, h, w] 0/1.
+    eps [1, C, h, w] ~ N(0, I) from a CPU generator seeded with `seed` (reduced mod 2**64), one map for all frames:
+    per-frame noise nearly doubled the toy benchmark's warp error (toy/RESULTS.md, "Colour swaps against a
+    faithful z_T"). x0 + sigma * eps is the noising of ComfyUI's sampling space at sigma (k-diffusion's; Blended
+    Latent Diffusion starts from noise at the first step). Why: a faithful inversion's z_T holds the old object
+    (its colour) so firmly that the edit prompt cannot repaint it; fresh noise inside the old object's mask lets it.
+    """
+    g = torch.Generator(device="cpu").manual_seed(int(seed) % (1 << 64))
+    eps = torch.randn((1,) + tuple(x.shape[1:]), generator=g, dtype=torch.float32).to(x.device, x.dtype)
+    return mask * (source_x0 + float(sigma) * eps) + (1.0 - mask) * x
+
+
 def in_window(step: int, total_steps: int, start: float, end: float) -> bool:
     """Whether edit step `step` (0 = the first, noisiest step of a `total_steps` schedule) lies in the
     window [start, end) given as fractions of the steps."""

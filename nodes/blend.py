@@ -8,7 +8,11 @@ ddim_uniform, the inversion's steps) and SamplerCustomAdvanced drive the edit:
 - for masks from cross-attention, a read-only attention processor (nodes/_attn_patch.py) collects the
   word maps of the conditional rows during that same model call;
 - an OUTER_SAMPLE wrapper checks the sampler's sigmas and frames against the inversion before the first
-  step and starts a new record of the masks in the ZSVE_BLEND_STATE, which LatentBlendMaskPreview reads.
+  step and starts a new record of the masks in the ZSVE_BLEND_STATE, which LatentBlendMaskPreview reads;
+- with a fresh_noise_mask, the first step evaluates the model at the source latent plus fresh noise inside that
+  mask (Blended Latent Diffusion's own start) and at z_T elsewhere, and returns the denoised prediction that
+  makes the sampler's step from z_T land where the step from that start lands (attention/latent_blend.py
+  `fresh_noise_start`); the sampler's latent stays z_T, so the edit contract still holds.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from ..attention.latent_blend import (
     BlendMapProcessor,
     MapCollector,
     attention_blend_mask,
+    background_denoised,
     blended_denoised,
+    euler_step,
+    fresh_noise_start,
     in_window,
     parse_words,
     prepare_user_mask,
@@ -144,7 +151,8 @@ class LatentBlendPatch:
 
     def __init__(self, key, inversion: Inversion, state: BlendState, mask_source: str, start: float, end: float,
                  threshold: float, dilation: int, temporal_radius: int, user_mask: torch.Tensor | None,
-                 positions: list[int], phrases: list[list[int]] | None = None):
+                 positions: list[int], phrases: list[list[int]] | None = None,
+                 fresh_mask: torch.Tensor | None = None):
         self.key = key
         self.inv = inversion
         self.state = state
@@ -154,6 +162,7 @@ class LatentBlendPatch:
         self.user_mask = user_mask
         self.positions = positions
         self.phrases = phrases  # columns of `positions` per comma-separated phrase (one mask each, united)
+        self.fresh_mask = fresh_mask  # [F, h, w] 0/1: where the first step starts from fresh noise (None: z_T)
 
     def __deepcopy__(self, memo):
         return self
@@ -188,7 +197,9 @@ class LatentBlendPatch:
                 f"ddim_uniform and {requested_steps(inv)} steps (samplers such as heun or dpm evaluate between the steps)."
             )
         step = inv.steps - k
-        if not in_window(step, inv.steps, self.start, self.end):
+        fresh = self.fresh_mask is not None and step == 0
+        blended = in_window(step, inv.steps, self.start, self.end)
+        if not (blended or fresh):
             return executor(x, timestep, model_options, seed, *args, **kwargs)
         if x.shape[0] != inv.frames:
             raise ZSVEInputError(f"{NODE}: the sampler's latent has {x.shape[0]} frame(s), the inversion {inv.frames}.")
@@ -210,7 +221,14 @@ class LatentBlendPatch:
             to = dict(to)
             to[COLLECTORS_KEY] = {**to.get(COLLECTORS_KEY, {}), self.key: collector}
             model_options["transformer_options"] = to
-        denoised = executor(x, timestep, model_options, seed, *args, **kwargs)
+        x_in = x
+        if fresh:  # Blended Latent Diffusion's start inside the mask: the source latent plus the seed's noise
+            x_in = fresh_noise_start(x, inv.latents[0].to(x.device, x.dtype),
+                                     self.fresh_mask.to(x.device, x.dtype).unsqueeze(1), sigma, seed)
+        if not blended:
+            denoised = executor(x_in, timestep, model_options, seed, *args, **kwargs)
+            return background_denoised(x, euler_step(x_in, denoised, sigma, sigma_next), sigma, sigma_next)
+        denoised = executor(x_in, timestep, model_options, seed, *args, **kwargs)
 
         h, w = x.shape[-2:]
         mask = None
@@ -230,12 +248,18 @@ class LatentBlendPatch:
         self.state.record(step, sigma, mask)
         m = mask.to(x.device, x.dtype).unsqueeze(1)
         src_next = inv.latents[k_next].to(x.device, x.dtype)
+        if fresh:  # the step from the fresh start, blended, reached from the sampler's z_T
+            target = m * euler_step(x_in, denoised, sigma, sigma_next) + (1.0 - m) * src_next
+            return background_denoised(x, target, sigma, sigma_next)
         return blended_denoised(denoised, x, src_next, m, sigma, sigma_next)
 
 
 def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.0, end=1.0, threshold=0.3,
-                       dilation=3, temporal_radius=0, prompts=None, words="", mask=None):
-    """The node's work, callable from Python: returns (patched clone, BlendState, summary)."""
+                       dilation=3, temporal_radius=0, prompts=None, words="", mask=None, fresh_noise_mask=None):
+    """The node's work, callable from Python: returns (patched clone, BlendState, summary).
+    fresh_noise_mask: a MASK ([H, W] or [F, H, W], 0..1, the frames' or the latent's size) where the first step
+    starts from the source latent plus fresh noise instead of z_T (latent pixels where its area average > 0.5);
+    None = from z_T everywhere. Raises ZSVEInputError naming the input and the value to use."""
     check_diffusion_model(model, NODE)
     if not isinstance(inversion, Inversion):
         raise ZSVEInputError(f"{NODE}: 'inversion' must be the inversion output of VideoDDIMInvert.")
@@ -271,11 +295,23 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
         except ValueError as e:
             raise ZSVEInputError(f"{NODE}: {e}.") from None
 
+    fresh_mask = None
+    if fresh_noise_mask is not None:
+        if not torch.is_tensor(fresh_noise_mask):
+            raise ZSVEInputError(f"{NODE}: 'fresh_noise_mask' must be a MASK (e.g. Source Attention Mask of the "
+                                 "edited object).")
+        check_finite(fresh_noise_mask if fresh_noise_mask.ndim > 2 else fresh_noise_mask[None], NODE,
+                     "the 'fresh_noise_mask' input", "Check the node that made the mask.")
+        try:
+            fresh_mask = (prepare_user_mask(fresh_noise_mask, frames, h, w) > 0.5).float()
+        except ValueError as e:
+            raise ZSVEInputError(f"{NODE}: fresh_noise_mask: {e}.") from None
+
     m = model.clone()
     key = f"zsve_latent_blend_{uuid.uuid4().hex[:12]}"
     state = BlendState(mask_source, frames, (h, w))
     patch = LatentBlendPatch(key, inversion, state, mask_source, start, end, threshold, dilation, temporal_radius,
-                             user_mask, positions, phrase_columns(positions, per_word))
+                             user_mask, positions, phrase_columns(positions, per_word), fresh_mask)
     layers: list[str] = []
     if patch.uses_attention:
         layers = second_lowest_resolution_layers(transformer_downsampling(m))
@@ -290,6 +326,13 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
     summary = f"blend {n_blend} of {inversion.steps} steps (from step {first}), mask: {mask_source}"
     if per_word:
         summary += f", words at tokens {per_word}, layers {layers}"
+    if fresh_mask is not None:
+        cover = float(fresh_mask.mean())
+        summary += f", first step from fresh noise in {cover:.0%} of the latent (the sampler's seed)"
+        if cover == 0.0:
+            summary += (". Warning: fresh_noise_mask covers no latent pixel (a pixel needs more than half of its "
+                        "8x8 block in the mask), so the edit starts from z_T everywhere")
+            ui_warning(NODE, "fresh_noise_mask covers no latent pixel: the edit starts from z_T everywhere")
     return m, state, summary
 
 
@@ -308,7 +351,8 @@ class LatentBlendWithInversion(io.ComfyNode):
                 "becomes M * edit + (1 - M) * the DDIM inversion latent of the source at the same sigma, so "
                 "everything outside the mask M comes from the input video. M per frame comes from the edit "
                 "prompt's cross-attention of the chosen words (computed online in each step), from a MASK, or "
-                "both. Patches the model: sample with KSamplerAdvanced (add_noise disable, sampler euler or "
+                "both. With a fresh_noise_mask the first step starts there from fresh noise on the source latent "
+                "(Blended Latent Diffusion's own start), for object edits the inverted z_T holds back. Patches the model: sample with KSamplerAdvanced (add_noise disable, sampler euler or "
                 "ddim, scheduler ddim_uniform, the inversion's steps) or SamplerCustomAdvanced, starting from "
                 "z_T. Composes with the other attention patches of the pack."
             ),
@@ -346,6 +390,12 @@ class LatentBlendWithInversion(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="For 'user mask' / 'union': where to edit (1) and keep the source (0), one "
                               "mask per frame or one for all, at the frames' size (resized to the latent)."),
+                io.Mask.Input("fresh_noise_mask", optional=True,
+                              tooltip="Optional: where the edit starts from fresh noise (the sampler's noise_seed, "
+                              "one noise map for all frames) on the source latent instead of the inverted z_T, "
+                              "Blended Latent Diffusion's own start. Connect Source Attention Mask of the edited "
+                              "object (e.g. 'red circle') when the edit must repaint it (a colour swap the inverted "
+                              "z_T holds back); leave it out for background edits."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The patched model: sample the edit with it."),
@@ -357,9 +407,9 @@ class LatentBlendWithInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, mask_source, start, end, threshold, dilation, temporal_smoothing,
-                prompts=None, words="", mask=None) -> io.NodeOutput:
+                prompts=None, words="", mask=None, fresh_noise_mask=None) -> io.NodeOutput:
         m, state, summary = apply_latent_blend(model, inversion, mask_source, start, end, threshold, dilation,
-                                               temporal_smoothing, prompts, words or "", mask)
+                                               temporal_smoothing, prompts, words or "", mask, fresh_noise_mask)
         return io.NodeOutput(m, state, ui={"text": [summary]})
 
 

@@ -76,6 +76,8 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
         blend_links["mask"] = ("mask", 0)
     else:  # the edit-time mask united with the old object's (Source Attention Mask, from the recorded attention)
         blend_links["mask"] = ("srcmask", 0)
+        # ... which is also where the edit starts from fresh noise (an object edit: the old colour must go)
+        blend_links["fresh_noise_mask"] = ("srcmask", 0)
     return [
         CKPT,
         *VIDEO_IN,
@@ -359,7 +361,9 @@ WORKFLOWS = {
             "", PROMPTS_FIRST + "\n- *Latent Blend With Inversion*: `words` = the edited words of the edit "
             "prompt (`yellow circle`); `threshold` (0.3) and `dilation` grow or shrink the region\n- *Where the old "
             "object was* (Source Attention Mask): `words` = the same thing in the source prompt (`red circle`); "
-            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one\n"
+            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one, and the "
+            "edit starts from fresh noise inside it (`fresh_noise_mask`, for object edits; disconnect it for a "
+            "background edit)\n"
             "- *New word reweighted* (Cross-Attention Reweight): the words your edit adds (`yellow:4`), so that "
             "the new colour wins over what the inverted video holds"),
         edit="3  Edit, blended with the inversion outside the mask"),

@@ -752,3 +752,117 @@ def test_source_attention_mask_says_when_the_window_reaches_past_the_recorded_st
     with pytest.raises(glue.ZSVEInputError, match="SourceAttentionMask: words: 'dog' is not a word of the source "
                        r"prompt .*: words name what to mask in the source video"):
         blend_nodes.SourceAttentionMask.execute(inv, pair, "dog", 0.3, 0.4)
+
+
+# --- fresh noise at the first step (Blended Latent Diffusion's start inside a mask) ---------------------------
+
+
+def test_fresh_noise_start_is_the_source_plus_one_shared_noise_map_inside_the_mask():
+    g = torch.Generator().manual_seed(3)
+    x, x0 = torch.randn(3, 4, 6, 6, generator=g), torch.randn(3, 4, 6, 6, generator=g)
+    m = torch.zeros(3, 1, 6, 6)
+    m[:, :, 1:4, 2:5] = 1.0
+    out = lb.fresh_noise_start(x, x0, m, 14.6, seed=7)
+    assert torch.equal(out[(m == 0).expand_as(x)], x[(m == 0).expand_as(x)])  # outside: z_T, bit for bit
+    eps = (out - x0) / 14.6
+    inside = m.expand_as(x) == 1
+    assert torch.allclose(eps[0][inside[0]], eps[1][inside[1]], atol=1e-5)  # one noise map for all frames
+    assert 0.5 < float(eps[inside].std()) < 1.5  # unit noise
+    assert torch.equal(out, lb.fresh_noise_start(x, x0, m, 14.6, seed=7))
+    assert not torch.allclose(out, lb.fresh_noise_start(x, x0, m, 14.6, seed=8))
+    lb.fresh_noise_start(x, x0, m, 1.0, seed=2**64 - 1)  # ComfyUI's largest seed is accepted
+
+
+def _sample_seed(model, s, seed, latent=None):
+    z = s["z_T"]["samples"] if latent is None else latent
+    return comfy.sample.sample(model, torch.zeros_like(z), STEPS, 1.0, "ddim", "ddim_uniform", s["pos"], s["neg"], z,
+                               start_step=0, last_step=10000, force_full_denoise=True, disable_noise=True, seed=seed,
+                               disable_pbar=True)
+
+
+def _box_mask():
+    mask = torch.zeros(FRAMES, 128, 128)
+    for f in range(FRAMES):
+        mask[f, 16:72, 8 + 16 * f:56 + 16 * f] = 1.0  # a different box per frame, on latent-pixel boundaries
+    return mask
+
+
+def test_fresh_noise_mask_equals_sampling_from_the_fresh_start(tiny_model, setup):
+    """With an all-ones blend mask (the free edit) the patched run from z_T equals the unpatched sampler run from
+    the fresh start M * (x0 + sigma_max * eps) + (1 - M) * z_T: the sampler's latent stays z_T (the contract holds),
+    only the first model call and its step see the fresh start."""
+    s, inv = setup, setup["inv"]
+    fresh = _box_mask()
+    m, _ = _patch(tiny_model, s, mask_source="user mask", mask=torch.ones(1, 128, 128), fresh_noise_mask=fresh)
+    out = _sample_seed(m, s, seed=5)
+    lm = lb.prepare_user_mask(fresh, FRAMES, 16, 16).unsqueeze(1)
+    start = lb.fresh_noise_start(inv.z_T, inv.latents[0], lm, float(inv.sigmas[-1]), 5)
+    ref = _sample_seed(tiny_model, s, seed=5, latent=tiny_model.model.process_latent_out(start))
+    assert torch.allclose(out, ref, atol=1e-4)
+    plain = _sample_seed(tiny_model, s, seed=5)
+    assert (out - plain).abs().amax(dim=(0, 1)).max() > 0.05  # the fresh noise changed the edit
+    assert not torch.allclose(out, _sample_seed(m, s, seed=6), atol=1e-3)  # ... by the sampler's seed
+
+
+def test_fresh_noise_inside_the_blend_mask_leaves_the_outside_on_the_source(tiny_model, setup):
+    s = setup
+    box = _box_mask()
+    m, state = _patch(tiny_model, s, mask_source="user mask", mask=box, fresh_noise_mask=box)
+    out = _sample_seed(m, s, seed=0)
+    m0, _ = _patch(tiny_model, s, mask_source="user mask", mask=box)
+    without = _sample_seed(m0, s, seed=0)
+    lm = lb.prepare_user_mask(box, FRAMES, 16, 16).unsqueeze(1).expand_as(out)
+    src = s["latent"]["samples"]
+    assert torch.allclose(out[lm == 0], src[lm == 0], atol=1e-5)
+    assert (out[lm == 1] - without[lm == 1]).abs().mean() > 0.05
+    assert sorted(state.masks) == list(range(STEPS))
+    # an empty fresh-noise mask is the run from z_T, and the node says so
+    empty, _, text = blend_nodes.apply_latent_blend(tiny_model, s["inv"], mask_source="user mask", mask=box,
+                                                    fresh_noise_mask=torch.zeros(1, 128, 128))
+    assert "covers no latent pixel" in text
+    assert torch.allclose(_sample_seed(empty, s, seed=0), without, atol=1e-5)
+
+
+def test_fresh_noise_with_a_late_blend_window_still_lands_on_the_source(tiny_model, setup):
+    """The fresh start acts at the first step even when blending starts later; from the first blended step on the
+    outside of the mask is on the inversion trajectory again."""
+    s = setup
+    box = _box_mask()
+    m, state = _patch(tiny_model, s, mask_source="user mask", mask=box, fresh_noise_mask=box, start=0.4)
+    out = _sample_seed(m, s, seed=0)
+    m0, _ = _patch(tiny_model, s, mask_source="user mask", mask=box, start=0.4)
+    lm = lb.prepare_user_mask(box, FRAMES, 16, 16).unsqueeze(1).expand_as(out)
+    src = s["latent"]["samples"]
+    assert sorted(state.masks) == [2, 3, 4]
+    assert torch.allclose(out[lm == 0], src[lm == 0], atol=1e-5)
+    assert (out[lm == 1] - _sample_seed(m0, s, seed=0)[lm == 1]).abs().mean() > 0.05
+
+
+def test_fresh_noise_two_kSamplerAdvanced_stages_equal_one_run(tiny_model, setup):
+    import nodes
+
+    box = _box_mask()
+    m, _ = _patch(tiny_model, setup, mask_source="user mask", mask=box, fresh_noise_mask=box)
+    one = _sample_seed(m, setup, seed=3)
+    ksa = nodes.KSamplerAdvanced()
+    first = ksa.sample(m, "disable", 3, STEPS, 1.0, "ddim", "ddim_uniform", setup["pos"], setup["neg"], setup["z_T"],
+                       0, 2, "enable")[0]
+    two = ksa.sample(m, "disable", 3, STEPS, 1.0, "ddim", "ddim_uniform", setup["pos"], setup["neg"], first,
+                     2, 10000, "disable")[0]
+    assert torch.allclose(two["samples"], one, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"fresh_noise_mask": torch.ones(3, 128, 128)}, "fresh_noise_mask: the mask has 3 frames but the video has 4"),
+        ({"fresh_noise_mask": torch.ones(1, 128, 64)}, "fresh_noise_mask: .*aspect ratio"),
+        ({"fresh_noise_mask": torch.full((1, 128, 128), float("nan"))}, "fresh_noise_mask"),
+        ({"fresh_noise_mask": "red circle"}, "must be a MASK"),
+    ],
+)
+def test_bad_fresh_noise_mask_inputs_say_what_to_change(tiny_model, setup, kwargs, match):
+    args = {"mask_source": "user mask", "mask": torch.ones(1, 16, 16), "fresh_noise_mask": torch.ones(1, 16, 16)}
+    args.update(kwargs)
+    with pytest.raises(glue.ZSVEInputError, match=match):
+        blend_nodes.apply_latent_blend(tiny_model, setup["inv"], **args)
