@@ -8,11 +8,13 @@ ddim_uniform, the inversion's steps) and SamplerCustomAdvanced drive the edit:
 - for masks from cross-attention, a read-only attention processor (nodes/_attn_patch.py) collects the
   word maps of the conditional rows during that same model call;
 - an OUTER_SAMPLE wrapper checks the sampler's sigmas and frames against the inversion before the first
-  step and starts a new record of the masks in the ZSVE_BLEND_STATE, which LatentBlendMaskPreview reads;
-- with a fresh_noise_mask, the first step evaluates the model at the source latent plus fresh noise inside that
-  mask (Blended Latent Diffusion's own start) and at z_T elsewhere, and returns the denoised prediction that
-  makes the sampler's step from z_T land where the step from that start lands (attention/latent_blend.py
-  `fresh_noise_start`); the sampler's latent stays z_T, so the edit contract still holds.
+  step and starts a new record of the masks in the ZSVE_BLEND_STATE, which LatentBlendMaskPreview reads.
+
+FreshNoiseStart (Blended Latent Diffusion's start, for any edit model): a PREDICT_NOISE wrapper evaluates the
+first step at the source latent plus fresh noise inside a mask (z_T elsewhere) and returns the denoised
+prediction that makes the sampler's step from z_T land where the step from that start lands
+(attention/latent_blend.py `fresh_noise_start`, `background_denoised`); the sampler's latent stays z_T, so the
+edit contract holds.
 """
 
 from __future__ import annotations
@@ -116,6 +118,15 @@ def phrase_columns(positions: list[int], per_word: dict[str, list[int]]) -> list
     return [[col[p] for p in pos] for pos in per_word.values()]
 
 
+def next_sigma(sample_sigmas: torch.Tensor, sigma: float, node: str) -> float:
+    """The sigma after `sigma` in the sampler's schedule (transformer_options['sample_sigmas']).
+    Raises ZSVEInputError when sigma is not one of its steps (a sampler that evaluates between the steps)."""
+    hits = torch.isclose(sample_sigmas.float().cpu(), torch.tensor(sigma), rtol=1e-4, atol=1e-6).nonzero()
+    if len(hits) == 0 or int(hits[0]) + 1 >= len(sample_sigmas):
+        raise ZSVEInputError(f"{node}: sigma {sigma:.4f} is not a step of the sampler's schedule; use euler or ddim.")
+    return float(sample_sigmas[int(hits[0]) + 1])
+
+
 class BlendState:
     """What the last sampling run with the patched model blended: the mask of every blended step."""
 
@@ -151,8 +162,7 @@ class LatentBlendPatch:
 
     def __init__(self, key, inversion: Inversion, state: BlendState, mask_source: str, start: float, end: float,
                  threshold: float, dilation: int, temporal_radius: int, user_mask: torch.Tensor | None,
-                 positions: list[int], phrases: list[list[int]] | None = None,
-                 fresh_mask: torch.Tensor | None = None):
+                 positions: list[int], phrases: list[list[int]] | None = None):
         self.key = key
         self.inv = inversion
         self.state = state
@@ -162,7 +172,6 @@ class LatentBlendPatch:
         self.user_mask = user_mask
         self.positions = positions
         self.phrases = phrases  # columns of `positions` per comma-separated phrase (one mask each, united)
-        self.fresh_mask = fresh_mask  # [F, h, w] 0/1: where the first step starts from fresh noise (None: z_T)
 
     def __deepcopy__(self, memo):
         return self
@@ -197,16 +206,11 @@ class LatentBlendPatch:
                 f"ddim_uniform and {requested_steps(inv)} steps (samplers such as heun or dpm evaluate between the steps)."
             )
         step = inv.steps - k
-        fresh = self.fresh_mask is not None and step == 0
-        blended = in_window(step, inv.steps, self.start, self.end)
-        if not (blended or fresh):
+        if not in_window(step, inv.steps, self.start, self.end):
             return executor(x, timestep, model_options, seed, *args, **kwargs)
         if x.shape[0] != inv.frames:
             raise ZSVEInputError(f"{NODE}: the sampler's latent has {x.shape[0]} frame(s), the inversion {inv.frames}.")
-        hits = torch.isclose(ss.float().cpu(), torch.tensor(sigma), rtol=1e-4, atol=1e-6).nonzero()
-        if len(hits) == 0 or int(hits[0]) + 1 >= len(ss):
-            raise ZSVEInputError(f"{NODE}: sigma {sigma:.4f} is not a step of the sampler's schedule; use euler or ddim.")
-        sigma_next = float(ss[int(hits[0]) + 1])
+        sigma_next = next_sigma(ss, sigma, NODE)
         k_next = inv.index_of_sigma(sigma_next)
         if k_next is None:
             raise ZSVEInputError(
@@ -221,14 +225,7 @@ class LatentBlendPatch:
             to = dict(to)
             to[COLLECTORS_KEY] = {**to.get(COLLECTORS_KEY, {}), self.key: collector}
             model_options["transformer_options"] = to
-        x_in = x
-        if fresh:  # Blended Latent Diffusion's start inside the mask: the source latent plus the seed's noise
-            x_in = fresh_noise_start(x, inv.latents[0].to(x.device, x.dtype),
-                                     self.fresh_mask.to(x.device, x.dtype).unsqueeze(1), sigma, seed)
-        if not blended:
-            denoised = executor(x_in, timestep, model_options, seed, *args, **kwargs)
-            return background_denoised(x, euler_step(x_in, denoised, sigma, sigma_next), sigma, sigma_next)
-        denoised = executor(x_in, timestep, model_options, seed, *args, **kwargs)
+        denoised = executor(x, timestep, model_options, seed, *args, **kwargs)
 
         h, w = x.shape[-2:]
         mask = None
@@ -248,18 +245,12 @@ class LatentBlendPatch:
         self.state.record(step, sigma, mask)
         m = mask.to(x.device, x.dtype).unsqueeze(1)
         src_next = inv.latents[k_next].to(x.device, x.dtype)
-        if fresh:  # the step from the fresh start, blended, reached from the sampler's z_T
-            target = m * euler_step(x_in, denoised, sigma, sigma_next) + (1.0 - m) * src_next
-            return background_denoised(x, target, sigma, sigma_next)
         return blended_denoised(denoised, x, src_next, m, sigma, sigma_next)
 
 
 def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.0, end=1.0, threshold=0.3,
-                       dilation=3, temporal_radius=0, prompts=None, words="", mask=None, fresh_noise_mask=None):
-    """The node's work, callable from Python: returns (patched clone, BlendState, summary).
-    fresh_noise_mask: a MASK ([H, W] or [F, H, W], 0..1, the frames' or the latent's size) where the first step
-    starts from the source latent plus fresh noise instead of z_T (latent pixels where its area average > 0.5);
-    None = from z_T everywhere. Raises ZSVEInputError naming the input and the value to use."""
+                       dilation=3, temporal_radius=0, prompts=None, words="", mask=None):
+    """The node's work, callable from Python: returns (patched clone, BlendState, summary)."""
     check_diffusion_model(model, NODE)
     if not isinstance(inversion, Inversion):
         raise ZSVEInputError(f"{NODE}: 'inversion' must be the inversion output of VideoDDIMInvert.")
@@ -295,23 +286,11 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
         except ValueError as e:
             raise ZSVEInputError(f"{NODE}: {e}.") from None
 
-    fresh_mask = None
-    if fresh_noise_mask is not None:
-        if not torch.is_tensor(fresh_noise_mask):
-            raise ZSVEInputError(f"{NODE}: 'fresh_noise_mask' must be a MASK (e.g. Source Attention Mask of the "
-                                 "edited object).")
-        check_finite(fresh_noise_mask if fresh_noise_mask.ndim > 2 else fresh_noise_mask[None], NODE,
-                     "the 'fresh_noise_mask' input", "Check the node that made the mask.")
-        try:
-            fresh_mask = (prepare_user_mask(fresh_noise_mask, frames, h, w) > 0.5).float()
-        except ValueError as e:
-            raise ZSVEInputError(f"{NODE}: fresh_noise_mask: {e}.") from None
-
     m = model.clone()
     key = f"zsve_latent_blend_{uuid.uuid4().hex[:12]}"
     state = BlendState(mask_source, frames, (h, w))
     patch = LatentBlendPatch(key, inversion, state, mask_source, start, end, threshold, dilation, temporal_radius,
-                             user_mask, positions, phrase_columns(positions, per_word), fresh_mask)
+                             user_mask, positions, phrase_columns(positions, per_word))
     layers: list[str] = []
     if patch.uses_attention:
         layers = second_lowest_resolution_layers(transformer_downsampling(m))
@@ -326,13 +305,6 @@ def apply_latent_blend(model, inversion, mask_source="cross-attention", start=0.
     summary = f"blend {n_blend} of {inversion.steps} steps (from step {first}), mask: {mask_source}"
     if per_word:
         summary += f", words at tokens {per_word}, layers {layers}"
-    if fresh_mask is not None:
-        cover = float(fresh_mask.mean())
-        summary += f", first step from fresh noise in {cover:.0%} of the latent (the sampler's seed)"
-        if cover == 0.0:
-            summary += (". Warning: fresh_noise_mask covers no latent pixel (a pixel needs more than half of its "
-                        "8x8 block in the mask), so the edit starts from z_T everywhere")
-            ui_warning(NODE, "fresh_noise_mask covers no latent pixel: the edit starts from z_T everywhere")
     return m, state, summary
 
 
@@ -351,8 +323,7 @@ class LatentBlendWithInversion(io.ComfyNode):
                 "becomes M * edit + (1 - M) * the DDIM inversion latent of the source at the same sigma, so "
                 "everything outside the mask M comes from the input video. M per frame comes from the edit "
                 "prompt's cross-attention of the chosen words (computed online in each step), from a MASK, or "
-                "both. With a fresh_noise_mask the first step starts there from fresh noise on the source latent "
-                "(Blended Latent Diffusion's own start), for object edits the inverted z_T holds back. Patches the model: sample with KSamplerAdvanced (add_noise disable, sampler euler or "
+                "both. Patches the model: sample with KSamplerAdvanced (add_noise disable, sampler euler or "
                 "ddim, scheduler ddim_uniform, the inversion's steps) or SamplerCustomAdvanced, starting from "
                 "z_T. Composes with the other attention patches of the pack."
             ),
@@ -390,12 +361,6 @@ class LatentBlendWithInversion(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="For 'user mask' / 'union': where to edit (1) and keep the source (0), one "
                               "mask per frame or one for all, at the frames' size (resized to the latent)."),
-                io.Mask.Input("fresh_noise_mask", optional=True,
-                              tooltip="Optional: where the edit starts from fresh noise (the sampler's noise_seed, "
-                              "one noise map for all frames) on the source latent instead of the inverted z_T, "
-                              "Blended Latent Diffusion's own start. Connect Source Attention Mask of the edited "
-                              "object (e.g. 'red circle') when the edit must repaint it (a colour swap the inverted "
-                              "z_T holds back); leave it out for background edits."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The patched model: sample the edit with it."),
@@ -407,10 +372,119 @@ class LatentBlendWithInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, mask_source, start, end, threshold, dilation, temporal_smoothing,
-                prompts=None, words="", mask=None, fresh_noise_mask=None) -> io.NodeOutput:
+                prompts=None, words="", mask=None) -> io.NodeOutput:
         m, state, summary = apply_latent_blend(model, inversion, mask_source, start, end, threshold, dilation,
-                                               temporal_smoothing, prompts, words or "", mask, fresh_noise_mask)
+                                               temporal_smoothing, prompts, words or "", mask)
         return io.NodeOutput(m, state, ui={"text": [summary]})
+
+
+FRESH_NODE = "FreshNoiseStart"
+
+
+class FreshNoisePatch:
+    """The PREDICT_NOISE wrapper of Fresh Noise Start (immutable; shared by the clone's clones)."""
+
+    def __init__(self, inversion: Inversion, mask: torch.Tensor):
+        self.inv = inversion
+        self.mask = mask  # [F, h, w] 0/1 at the latent's size
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # PREDICT_NOISE: (x, timestep, model_options, seed), class_obj = the guider
+    def __call__(self, executor, x, timestep, model_options, seed, *args, **kwargs):
+        to = model_options.get("transformer_options", {})
+        ss = to.get("sample_sigmas")
+        inv = self.inv
+        sigma = float(timestep.reshape(-1)[0])
+        first = ss is not None and len(ss) > 1 and float(ss[0]) > float(ss[-1]) and inv.index_of_sigma(sigma) == inv.steps
+        if not first:  # not the edit's first step (later steps, or not a denoising run): nothing to do
+            return executor(x, timestep, model_options, seed, *args, **kwargs)
+        f = inv.frames
+        guider = getattr(executor, "class_obj", None)
+        # the Video-P2P Guider's batch is [source branch; target branch] (it declares zsve_branches = 2): the fresh
+        # start is the target's; the source branch keeps reconstructing from z_T
+        first_row = f if int(getattr(guider, "zsve_branches", 1)) == 2 and x.shape[0] == 2 * f else 0
+        if x.shape[0] - first_row != f:
+            raise ZSVEInputError(
+                f"{FRESH_NODE}: the guider evaluates {x.shape[0]} latent frames at once but the inversion has {f}: "
+                "sample with KSamplerAdvanced / SamplerCustomAdvanced from this inversion's z_T (or the Video-P2P "
+                "Guider, whose two branches it knows)."
+            )
+        sigma_next = next_sigma(ss, sigma, FRESH_NODE)
+        t = slice(first_row, first_row + f)
+        x_in = x.clone()
+        x_in[t] = fresh_noise_start(x[t], inv.latents[0].to(x.device, x.dtype),
+                                    self.mask.to(x.device, x.dtype).unsqueeze(1), sigma, seed)
+        denoised = executor(x_in, timestep, model_options, seed, *args, **kwargs)
+        if first_row == 0:
+            return background_denoised(x, euler_step(x_in, denoised, sigma, sigma_next), sigma, sigma_next)
+        out = denoised.clone()  # the source rows as the guider gave them, bit for bit
+        out[t] = background_denoised(x[t], euler_step(x_in[t], denoised[t], sigma, sigma_next), sigma, sigma_next)
+        return out
+
+
+def apply_fresh_noise_start(model, inversion, mask) -> tuple[object, str]:
+    """Fresh Noise Start's work, callable from Python: (patched clone, summary).
+    mask: a MASK ([H, W] or [F, H, W], 0..1, the frames' or the latent's size); a latent pixel starts from fresh
+    noise where the mask's area average over it is > 0.5 (no dilation: toy/RESULTS.md, "Colour swaps against a
+    faithful z_T"). Raises ZSVEInputError naming the input and the value to use."""
+    check_diffusion_model(model, FRESH_NODE)
+    if not isinstance(inversion, Inversion):
+        raise ZSVEInputError(f"{FRESH_NODE}: 'inversion' must be the inversion output of VideoDDIMInvert.")
+    if not torch.is_tensor(mask):
+        raise ZSVEInputError(f"{FRESH_NODE}: 'mask' must be a MASK (e.g. Source Attention Mask of the edited object).")
+    check_finite(mask if mask.ndim > 2 else mask[None], FRESH_NODE, "the 'mask' input",
+                 "Check the node that made the mask.")
+    frames, _, h, w = inversion.latent_shape
+    try:
+        latent_mask = (prepare_user_mask(mask, frames, h, w) > 0.5).float()
+    except ValueError as e:
+        raise ZSVEInputError(f"{FRESH_NODE}: mask: {e}.") from None
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, f"zsve_fresh_noise_{uuid.uuid4().hex[:12]}",
+                           FreshNoisePatch(inversion, latent_mask))
+    install_contract(m, FRESH_NODE, inversion)
+    cover = float(latent_mask.mean())
+    summary = f"the first step starts from fresh noise in {cover:.0%} of the latent (the sampler's noise_seed)"
+    if cover == 0.0:
+        summary += (". Warning: the mask covers no latent pixel (a pixel needs more than half of its 8x8 block in "
+                    "the mask), so the edit starts from z_T everywhere")
+        ui_warning(FRESH_NODE, "the mask covers no latent pixel: the edit starts from z_T everywhere")
+    return m, summary
+
+
+class FreshNoiseStart(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=FRESH_NODE,
+            display_name="Fresh Noise Start (object edits)",
+            category=CATEGORY,
+            description=(
+                "Starts the edit inside a mask from fresh noise on the source latent instead of the inverted z_T "
+                "(Blended Latent Diffusion's own start), for object edits that a faithful inversion holds back (a "
+                "new colour on the old object). The noise is one map for all frames, from the sampler's "
+                "noise_seed; outside the mask the edit starts from z_T. Put it on the edit model of any method "
+                "sampled with KSamplerAdvanced (FateZero's Attention Blend, InFusion Inject, Latent Blend With "
+                "Inversion; with the Video-P2P Guider, on its model: the target branch starts afresh) and connect "
+                "Source Attention Mask of the edited object; leave it out for background edits."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The edit model (after or before the method's node)."),
+                InversionType.Input("inversion", tooltip="The inversion output of Video DDIM Invert of the source "
+                                    "video: its clean latent is what the fresh noise is added to."),
+                io.Mask.Input("mask", tooltip="Where to start from fresh noise: the edited object in the source video "
+                              "(Source Attention Mask of e.g. 'red circle'), one mask per frame or one for all, "
+                              "at the frames' size (a latent pixel counts when more than half of it is covered)."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The edit model; sample it from z_T as usual.")],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, mask) -> io.NodeOutput:
+        m, summary = apply_fresh_noise_start(model, inversion, mask)
+        return io.NodeOutput(m, ui={"text": [summary]})
 
 
 def state_masks(state: BlendState, step: int) -> tuple[torch.Tensor, int]:
@@ -580,4 +654,4 @@ class SourceAttentionMask(io.ComfyNode):
         return io.NodeOutput(mask, ui={"text": [text]})
 
 
-NODES = [LatentBlendWithInversion, LatentBlendMaskPreview, SourceAttentionMask]
+NODES = [LatentBlendWithInversion, LatentBlendMaskPreview, SourceAttentionMask, FreshNoiseStart]

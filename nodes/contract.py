@@ -315,8 +315,14 @@ class EditContract:
         internal = getattr(sampler, "zsve_internal", False)  # the pack's own runs (null-text optimisation)
         if internal or sigmas.numel() < 2 or float(sigmas[0]) <= float(sigmas[-1]):
             return executor(noise, latent_image, sampler, sigmas, denoise_mask, *args, **kwargs)
-        warnings = check_edit_run(self.entries, guider, noise, latent_image, sampler, sigmas, denoise_mask,
-                                  self.memory)
+        lat, nz, dm = latent_image, noise, denoise_mask
+        two = int(getattr(guider, "zsve_branches", 1)) == 2 and latent_image.shape[0] % 2 == 0
+        if two:  # the Video-P2P Guider's [source branch; target branch] latent: the target branch is the edit
+            h = latent_image.shape[0] // 2
+            lat, nz = latent_image[h:], (None if noise is None else noise[h:])
+            if dm is not None and dm.shape[0] == latent_image.shape[0]:
+                dm = dm[h:]
+        warnings = check_edit_run(self.entries, guider, nz, lat, sampler, sigmas, dm, self.memory)
         seen = set()
         for node, text in warnings:
             if (node, text) not in seen:
@@ -326,7 +332,7 @@ class EditContract:
         inv = self.entries[0].inversion
         k_end = inv.index_of_sigma(float(sigmas[-1]))
         if k_end:
-            self.memory.partial = {k_end: out.detach().to("cpu", copy=True)}
+            self.memory.partial = {k_end: (out[out.shape[0] // 2:] if two else out).detach().to("cpu", copy=True)}
         return out
 
 

@@ -282,6 +282,8 @@ class _Run:
 class VideoP2PGuider(comfy.samplers.CFGGuider):
     """Source and target branch in lockstep (latent [2F] inside the sampler, [F] target outside)."""
 
+    zsve_branches = 2  # the edit contract (nodes/contract.py) checks the target half of the sampler's latent
+
     def __init__(self, model_patcher, settings: dict):
         super().__init__(model_patcher)
         self.settings = settings

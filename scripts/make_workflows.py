@@ -76,8 +76,6 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
         blend_links["mask"] = ("mask", 0)
     else:  # the edit-time mask united with the old object's (Source Attention Mask, from the recorded attention)
         blend_links["mask"] = ("srcmask", 0)
-        # ... which is also where the edit starts from fresh noise (an object edit: the old colour must go)
-        blend_links["fresh_noise_mask"] = ("srcmask", 0)
     return [
         CKPT,
         *VIDEO_IN,
@@ -97,10 +95,14 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
          "widgets": {"mask_source": "user mask" if user else "union", "start": 0.0, "end": 1.0, "threshold": 0.3,
                      "dilation": 3, "temporal_smoothing": 1, "words": "" if user else "yellow circle"},
          "links": blend_links},
+        # an object edit: the old object starts from fresh noise, so the inverted z_T cannot hold its old colour
+        *([] if user else [{"id": "fresh", "type": "FreshNoiseStart",
+                            "links": {"model": ("blend", 0), "inversion": ("invert", 1), "mask": ("srcmask", 0)},
+                            "title": "Old object starts from fresh noise (object edits)"}]),
         # the new word reweighted over the first half of the steps (Cross-Attention Reweight; the toy benchmark's row)
         *([] if user else [{"id": "reweight", "type": "CrossAttentionReweight",
                             "widgets": {"reweight": "yellow:4", "end": 0.5},
-                            "links": {"model": ("blend", 0), "prompts": PAIR},
+                            "links": {"model": ("fresh", 0), "prompts": PAIR},
                             "title": "New word reweighted (x4, first half of the steps)"}]),
         {"id": "sample", "type": "KSamplerAdvanced",
          "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
@@ -303,7 +305,8 @@ STAGE_OF_ID = {
     "inputs": ("ckpt", "lora", "video", "frames", "encode", "prompts", "pos", "neg", "mask", "canny", "show_edges",
                "cnet", "cn_src", "cn_edit"),
     "invert": ("temporal", "store", "source", "invert", "nulltext"),
-    "edit": ("srcmask", "blend", "reweight", "lblend", "inject", "guider", "noise", "ksampler", "sigmas", "sample"),
+    "edit": ("srcmask", "blend", "reweight", "fresh", "lblend", "inject", "guider", "noise", "ksampler", "sigmas",
+             "sample"),
     "outputs": ("decode", "create", "save", "preview", "show", "branches", "decode_src", "show_src", "mask_img",
                 "show_mask"),
 }
@@ -361,9 +364,9 @@ WORKFLOWS = {
             "", PROMPTS_FIRST + "\n- *Latent Blend With Inversion*: `words` = the edited words of the edit "
             "prompt (`yellow circle`); `threshold` (0.3) and `dilation` grow or shrink the region\n- *Where the old "
             "object was* (Source Attention Mask): `words` = the same thing in the source prompt (`red circle`); "
-            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one, and the "
-            "edit starts from fresh noise inside it (`fresh_noise_mask`, for object edits; disconnect it for a "
-            "background edit)\n"
+            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one\n"
+            "- *Old object starts from fresh noise* (Fresh Noise Start, the same mask): for an object edit (a new "
+            "colour or shape); bypass it for a background edit\n"
             "- *New word reweighted* (Cross-Attention Reweight): the words your edit adds (`yellow:4`), so that "
             "the new colour wins over what the inverted video holds"),
         edit="3  Edit, blended with the inversion outside the mask"),

@@ -754,7 +754,7 @@ def test_source_attention_mask_says_when_the_window_reaches_past_the_recorded_st
         blend_nodes.SourceAttentionMask.execute(inv, pair, "dog", 0.3, 0.4)
 
 
-# --- fresh noise at the first step (Blended Latent Diffusion's start inside a mask) ---------------------------
+# --- Fresh Noise Start (Blended Latent Diffusion's start inside a mask) --------------------------------------
 
 
 def test_fresh_noise_start_is_the_source_plus_one_shared_noise_map_inside_the_mask():
@@ -767,8 +767,8 @@ def test_fresh_noise_start_is_the_source_plus_one_shared_noise_map_inside_the_ma
     eps = (out - x0) / 14.6
     inside = m.expand_as(x) == 1
     assert torch.allclose(eps[0][inside[0]], eps[1][inside[1]], atol=1e-5)  # one noise map for all frames
-    assert 0.5 < float(eps[inside].std()) < 1.5  # unit noise
-    assert torch.equal(out, lb.fresh_noise_start(x, x0, m, 14.6, seed=7))
+    ref = torch.randn((1, 4, 6, 6), generator=torch.Generator().manual_seed(7))  # the seed's unit noise
+    assert torch.allclose(eps[inside], ref.expand_as(x)[inside], atol=1e-4)
     assert not torch.allclose(out, lb.fresh_noise_start(x, x0, m, 14.6, seed=8))
     lb.fresh_noise_start(x, x0, m, 1.0, seed=2**64 - 1)  # ComfyUI's largest seed is accepted
 
@@ -787,13 +787,18 @@ def _box_mask():
     return mask
 
 
-def test_fresh_noise_mask_equals_sampling_from_the_fresh_start(tiny_model, setup):
-    """With an all-ones blend mask (the free edit) the patched run from z_T equals the unpatched sampler run from
-    the fresh start M * (x0 + sigma_max * eps) + (1 - M) * z_T: the sampler's latent stays z_T (the contract holds),
-    only the first model call and its step see the fresh start."""
+def _fresh(model, s, mask):
+    m, _ = blend_nodes.apply_fresh_noise_start(model, s["inv"], mask)
+    return m
+
+
+def test_fresh_noise_start_equals_sampling_from_the_fresh_start(tiny_model, setup):
+    """The patched run from z_T equals the unpatched sampler run from the fresh start M * (x0 + sigma_max * eps) +
+    (1 - M) * z_T: the sampler's latent stays z_T (the contract holds), only the first model call and its step see
+    the fresh start."""
     s, inv = setup, setup["inv"]
     fresh = _box_mask()
-    m, _ = _patch(tiny_model, s, mask_source="user mask", mask=torch.ones(1, 128, 128), fresh_noise_mask=fresh)
+    m = _fresh(tiny_model, s, fresh)
     out = _sample_seed(m, s, seed=5)
     lm = lb.prepare_user_mask(fresh, FRAMES, 16, 16).unsqueeze(1)
     start = lb.fresh_noise_start(inv.z_T, inv.latents[0], lm, float(inv.sigmas[-1]), 5)
@@ -802,33 +807,38 @@ def test_fresh_noise_mask_equals_sampling_from_the_fresh_start(tiny_model, setup
     plain = _sample_seed(tiny_model, s, seed=5)
     assert (out - plain).abs().amax(dim=(0, 1)).max() > 0.05  # the fresh noise changed the edit
     assert not torch.allclose(out, _sample_seed(m, s, seed=6), atol=1e-3)  # ... by the sampler's seed
+    assert "zsve_fresh_noise" not in repr(tiny_model.wrappers)  # the input model is not modified
 
 
-def test_fresh_noise_inside_the_blend_mask_leaves_the_outside_on_the_source(tiny_model, setup):
+@pytest.mark.parametrize("fresh_first", [True, False])
+def test_fresh_noise_start_composes_with_latent_blend_in_either_order(tiny_model, setup, fresh_first):
+    """Either order of the two wrappers gives the blend of the step from the fresh start; outside the blend mask
+    the result is the source."""
     s = setup
     box = _box_mask()
-    m, state = _patch(tiny_model, s, mask_source="user mask", mask=box, fresh_noise_mask=box)
+    if fresh_first:
+        m, state = _patch(_fresh(tiny_model, s, box), s, mask_source="user mask", mask=box)
+    else:
+        m0, state = _patch(tiny_model, s, mask_source="user mask", mask=box)
+        m = _fresh(m0, s, box)
     out = _sample_seed(m, s, seed=0)
-    m0, _ = _patch(tiny_model, s, mask_source="user mask", mask=box)
-    without = _sample_seed(m0, s, seed=0)
+    blend_only, _ = _patch(tiny_model, s, mask_source="user mask", mask=box)
+    without = _sample_seed(blend_only, s, seed=0)
     lm = lb.prepare_user_mask(box, FRAMES, 16, 16).unsqueeze(1).expand_as(out)
     src = s["latent"]["samples"]
     assert torch.allclose(out[lm == 0], src[lm == 0], atol=1e-5)
     assert (out[lm == 1] - without[lm == 1]).abs().mean() > 0.05
     assert sorted(state.masks) == list(range(STEPS))
-    # an empty fresh-noise mask is the run from z_T, and the node says so
-    empty, _, text = blend_nodes.apply_latent_blend(tiny_model, s["inv"], mask_source="user mask", mask=box,
-                                                    fresh_noise_mask=torch.zeros(1, 128, 128))
-    assert "covers no latent pixel" in text
-    assert torch.allclose(_sample_seed(empty, s, seed=0), without, atol=1e-5)
+    other, _ = _patch(tiny_model, s, mask_source="user mask", mask=box)
+    other = _fresh(other, s, box) if fresh_first else _patch(_fresh(tiny_model, s, box), s, mask_source="user mask",
+                                                               mask=box)[0]
+    assert torch.allclose(out, _sample_seed(other, s, seed=0), atol=1e-4)  # the other order: the same edit
 
 
-def test_fresh_noise_with_a_late_blend_window_still_lands_on_the_source(tiny_model, setup):
-    """The fresh start acts at the first step even when blending starts later; from the first blended step on the
-    outside of the mask is on the inversion trajectory again."""
+def test_fresh_noise_start_with_a_late_blend_window_still_lands_on_the_source(tiny_model, setup):
     s = setup
     box = _box_mask()
-    m, state = _patch(tiny_model, s, mask_source="user mask", mask=box, fresh_noise_mask=box, start=0.4)
+    m, state = _patch(_fresh(tiny_model, s, box), s, mask_source="user mask", mask=box, start=0.4)
     out = _sample_seed(m, s, seed=0)
     m0, _ = _patch(tiny_model, s, mask_source="user mask", mask=box, start=0.4)
     lm = lb.prepare_user_mask(box, FRAMES, 16, 16).unsqueeze(1).expand_as(out)
@@ -838,11 +848,16 @@ def test_fresh_noise_with_a_late_blend_window_still_lands_on_the_source(tiny_mod
     assert (out[lm == 1] - _sample_seed(m0, s, seed=0)[lm == 1]).abs().mean() > 0.05
 
 
-def test_fresh_noise_two_kSamplerAdvanced_stages_equal_one_run(tiny_model, setup):
+def test_fresh_noise_start_empty_mask_is_the_run_from_z_T_and_says_so(tiny_model, setup):
+    m, text = blend_nodes.apply_fresh_noise_start(tiny_model, setup["inv"], torch.zeros(1, 128, 128))
+    assert "covers no latent pixel" in text
+    assert torch.allclose(_sample_seed(m, setup, seed=0), _sample_seed(tiny_model, setup, seed=0), atol=1e-5)
+
+
+def test_fresh_noise_start_two_kSamplerAdvanced_stages_equal_one_run(tiny_model, setup):
     import nodes
 
-    box = _box_mask()
-    m, _ = _patch(tiny_model, setup, mask_source="user mask", mask=box, fresh_noise_mask=box)
+    m = _fresh(tiny_model, setup, _box_mask())
     one = _sample_seed(m, setup, seed=3)
     ksa = nodes.KSamplerAdvanced()
     first = ksa.sample(m, "disable", 3, STEPS, 1.0, "ddim", "ddim_uniform", setup["pos"], setup["neg"], setup["z_T"],
@@ -852,17 +867,28 @@ def test_fresh_noise_two_kSamplerAdvanced_stages_equal_one_run(tiny_model, setup
     assert torch.allclose(two["samples"], one, atol=1e-5)
 
 
+def test_fresh_noise_start_refuses_runs_off_the_contract(tiny_model, setup):
+    m = _fresh(tiny_model, setup, _box_mask())
+    with pytest.raises(glue.ZSVEInputError, match="FreshNoiseStart.*set the sampler's steps to 5"):
+        _sample(m, setup, steps=4)
+    with pytest.raises(glue.ZSVEInputError, match="FreshNoiseStart.*adds noise"):
+        comfy.sample.sample(m, torch.randn_like(setup["z_T"]["samples"]), STEPS, 1.0, "ddim", "ddim_uniform",
+                            setup["pos"], setup["neg"], setup["z_T"]["samples"], disable_noise=False, seed=0,
+                            disable_pbar=True)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"fresh_noise_mask": torch.ones(3, 128, 128)}, "fresh_noise_mask: the mask has 3 frames but the video has 4"),
-        ({"fresh_noise_mask": torch.ones(1, 128, 64)}, "fresh_noise_mask: .*aspect ratio"),
-        ({"fresh_noise_mask": torch.full((1, 128, 128), float("nan"))}, "fresh_noise_mask"),
-        ({"fresh_noise_mask": "red circle"}, "must be a MASK"),
+        ({"mask": torch.ones(3, 128, 128)}, "FreshNoiseStart: mask: the mask has 3 frames but the video has 4"),
+        ({"mask": torch.ones(1, 128, 64)}, "FreshNoiseStart: mask: .*aspect ratio"),
+        ({"mask": torch.full((1, 128, 128), float("nan"))}, "FreshNoiseStart.*mask"),
+        ({"mask": "red circle"}, "must be a MASK"),
+        ({"inversion": "nope"}, "VideoDDIMInvert"),
     ],
 )
-def test_bad_fresh_noise_mask_inputs_say_what_to_change(tiny_model, setup, kwargs, match):
-    args = {"mask_source": "user mask", "mask": torch.ones(1, 16, 16), "fresh_noise_mask": torch.ones(1, 16, 16)}
+def test_bad_fresh_noise_start_inputs_say_what_to_change(tiny_model, setup, kwargs, match):
+    args = {"inversion": setup["inv"], "mask": torch.ones(1, 16, 16)}
     args.update(kwargs)
     with pytest.raises(glue.ZSVEInputError, match=match):
-        blend_nodes.apply_latent_blend(tiny_model, setup["inv"], **args)
+        blend_nodes.apply_fresh_noise_start(tiny_model, **args)

@@ -48,7 +48,7 @@ def main():
         ov = READINGS[lab]
 
         def row(model, clip, vae, frames, src, edit, spec, ov=ov):
-            return mi.infusion_edit(model, clip, vae, frames, src, edit, spec, **ov)
+            return mi.infusion_edit(model, clip, vae, frames, src, edit, spec, **{"fresh_noise": False, **ov})
 
         bench.register(f"InFusion: {lab}")(row)
     model, clip, vae, _ = tm.load(tm.WEIGHTS)

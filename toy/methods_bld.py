@@ -6,7 +6,7 @@
   edited words, recomputed at every step, threshold 0.3, the node's dilation 3, united with Source Attention Mask of
   the source prompt's words for what the edit changes: the old object; outside it every step lands on the inversion
   trajectory). For an object edit the edit starts inside the edited object's Source Attention Mask from fresh noise
-  (the node's fresh_noise_mask: Blended Latent Diffusion's own start), elsewhere from z_T.
+  (Fresh Noise Start: Blended Latent Diffusion's own start), elsewhere from z_T.
 - "Blended latent (ground-truth mask)": the same with the scene's true mask of the edited object (or of
   the background for a background edit) as the user MASK: the ceiling of the automatic mask.
 """
@@ -88,29 +88,39 @@ def fresh_noise_words(spec: BenchSpec) -> str:
     return f"{m.color} {m.shape}"
 
 
+def with_fresh_noise(edit_model, inv, pair, spec: BenchSpec):
+    """The edit model with Fresh Noise Start in the Source Attention Mask of `fresh_noise_words(spec)` (the inversion
+    must have recorded cross-attention: Attention Store before Video DDIM Invert); unchanged for background edits."""
+    words = fresh_noise_words(spec)
+    if not words:
+        return edit_model
+    b = _pack().nodes.blend
+    mask = b.SourceAttentionMask.execute(inv, pair, words, 0.3, SOURCE_WINDOW).result[0]
+    return b.apply_fresh_noise_start(edit_model, inv, mask)[0]
+
+
 def _blend_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: BenchSpec, blend_kw: dict,
-                source_words: str = "", reweight: float = 1.0, fresh_words: str = ""):
+                source_words: str = "", reweight: float = 1.0, fresh_noise: bool = False):
     pack = _pack()
     fz = pack.nodes.fatezero
     apply_latent_blend = pack.nodes.blend.apply_latent_blend
     m = fz.TemporalSelfAttentionPatch.execute(model, mode=TEMPORAL_MODE, include_own_frame=False,
                                               min_channels=0).result[0]
     inv_model = m
-    if source_words or fresh_words:  # record the source's cross-attention for the mask of the old object
+    if source_words or fresh_noise:  # record the source's cross-attention for the mask of the old object
         inv_model = fz.AttentionStore.execute(m, record_window=SOURCE_WINDOW, skip_full_res=False,
                                               memory_budget_gb=0.0).result[0]
     z_T, inv = invert(inv_model, encode_frames(vae, frames), encode_text(clip, source_prompt), spec)
     if source_words:
         blend_kw = dict(blend_kw, mask_source="union", mask=pack.nodes.blend.SourceAttentionMask.execute(
             inv, blend_kw["prompts"], source_words, 0.3, SOURCE_WINDOW).result[0])
-    if fresh_words:  # Blended Latent Diffusion's start from fresh noise, inside the edited object's mask only
-        blend_kw = dict(blend_kw, fresh_noise_mask=pack.nodes.blend.SourceAttentionMask.execute(
-            inv, blend_kw["prompts"], fresh_words, 0.3, SOURCE_WINDOW).result[0])
     edit_model, _, _ = apply_latent_blend(m, inv, **blend_kw)
     if reweight != 1.0:  # Cross-Attention Reweight on the words the edit adds, over the first half of the steps
         from .methods_infusion import reweight_added
 
         edit_model = reweight_added(edit_model, blend_kw["prompts"], source_prompt, edit_prompt, reweight, REWEIGHT_END)
+    if fresh_noise:  # Blended Latent Diffusion's start from fresh noise, inside the edited object's mask only
+        edit_model = with_fresh_noise(edit_model, inv, blend_kw["prompts"], spec)
     pos, neg = encode_text(clip, edit_prompt), encode_text(clip, spec.negative_prompt)
     return decode(vae, sample_from(edit_model, z_T, pos, neg, spec))
 
@@ -127,14 +137,14 @@ def bld_attention(model, clip, vae, frames, source_prompt, edit_prompt, spec):
     # The words the edit adds are reweighted x4 over the first half of the steps (Cross-Attention Reweight; not in
     # Blended Latent Diffusion, which has no attention control: the P2P rows' reason, chosen on the dev split of
     # issue 20: 76.7% -> 85.0% edit ok, paired +8.3 [+1.2, +16.2], local background -0.6 dB; toy/RESULTS.md).
-    # Object edits start inside the edited object's Source Attention Mask from fresh noise (fresh_noise_mask; Blended
+    # Object edits start inside the edited object's Source Attention Mask from fresh noise (Fresh Noise Start; Blended
     # Latent Diffusion's start): chosen on the dev split of issue 20, 85.0% -> 88.3% edit ok (+3.3 [-2.5, +9.2];
     # colour swaps 88% -> 100%), local background -1.2 dB, still above the uncontrolled edit's (toy/RESULTS.md).
     kw = dict(mask_source="cross-attention", prompts=prompt_pair(clip, source_prompt, edit_prompt, spec.negative_prompt),
               words=edit_words(spec), threshold=0.3,
               dilation=3, temporal_radius=1)
     return _blend_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec, kw, source_words(spec),
-                       reweight=REWEIGHT, fresh_words=fresh_noise_words(spec))
+                       reweight=REWEIGHT, fresh_noise=True)
 
 
 @register("Blended latent (ground-truth mask)")
