@@ -204,11 +204,21 @@ FZ_STYLE_EDIT = "a red circle on blue stripes watercolor painting"
 FZ_LOCAL_EDIT = "a yellow circle on blue stripes"
 
 
-def _fatezero_edit(edit: str, blend: dict, prefix: str, latent_blend_words: str = "") -> list[dict]:
+def _fatezero_edit(edit: str, blend: dict, prefix: str, latent_blend_words: str = "", fresh_words: str = "") -> list[dict]:
     """The FateZero graph; with latent_blend_words, FateZero's latent blending (jeep_posche_local_latent_blend):
     Latent Blend With Inversion in [0.2, 0.8) under the union of Attention Blend's source-word mask and the
-    edit-time mask of these edited words (FateZero's prompt_choose 'both')."""
+    edit-time mask of these edited words (FateZero's prompt_choose 'both'); with fresh_words (an object edit), Fresh
+    Noise Start in the Source Attention Mask of these source words (the toy benchmark's rows)."""
     sampled = ("lblend", 0) if latent_blend_words else ("blend", 0)
+    fresh = [
+        {"id": "srcmask", "type": "SourceAttentionMask",
+         "widgets": {"words": fresh_words, "threshold": 0.3, "window": 0.5},
+         "links": {"inversion": ("invert", 1), "prompts": PAIR}, "title": "Where the old object was"},
+        {"id": "fresh", "type": "FreshNoiseStart",
+         "links": {"model": sampled, "inversion": ("invert", 1), "mask": ("srcmask", 0)},
+         "title": "Old object starts from fresh noise (object edits)"}] if fresh_words else []
+    if fresh_words:
+        sampled = ("fresh", 0)
     latent_blend = [{
         "id": "lblend", "type": "LatentBlendWithInversion",
         "widgets": {"mask_source": "union", "start": 0.2, "end": 0.8, "threshold": 0.3, "dilation": 3,
@@ -230,6 +240,7 @@ def _fatezero_edit(edit: str, blend: dict, prefix: str, latent_blend_words: str 
         {"id": "blend", "type": "AttentionBlend", "widgets": dict(blend),
          "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "prompts": PAIR}},
         *latent_blend,
+        *fresh,
         {"id": "sample", "type": "KSamplerAdvanced",
          "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
                      "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
@@ -250,9 +261,9 @@ FATEZERO_STYLE = _fatezero_edit(FZ_STYLE_EDIT, dict(
     reweight="watercolor:10", blend_words="", blend_threshold=0.3, only_cond=True), "zsve/fatezero_style")
 FZ_LOCAL_BLEND = dict(mode="replace", cross_replace=0.5, cross_replace_words="", self_replace_start=0.0,
                       self_replace_end=0.5, reweight="", blend_words="red circle", blend_threshold=0.3, only_cond=True)
-FATEZERO_LOCAL = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_attribute_edit")
+FATEZERO_LOCAL = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_attribute_edit", fresh_words="red circle")
 FATEZERO_LOCAL_LATENT_BLEND = _fatezero_edit(FZ_LOCAL_EDIT, FZ_LOCAL_BLEND, "zsve/fatezero_latent_blend_edit",
-                                             latent_blend_words="yellow circle")
+                                             latent_blend_words="yellow circle", fresh_words="red circle")
 
 
 # Composition with core ControlNet and a LoRA (issue 17): FateZero's local attribute edit on a LoRA-adapted model,
@@ -345,6 +356,10 @@ def workflow(card: str, title: str, nodes: list[dict], note: str, **stage_titles
             "stages": [(k, stage_titles.get(k, t)) for k, t in STAGE_TITLES.items()]}
 
 
+FRESH_NOTE = ("\n- *Old object starts from fresh noise* (Fresh Noise Start) with *Where the old object was* (Source "
+              "Attention Mask, `words` = the source words `red circle`): an object edit starts there from fresh "
+              "noise instead of the inverted video, so the old colour cannot hold; bypass both for a style or "
+              "background edit")
 FZ_INVERT = "2  Inversion, attention recorded (Attention Store)"
 FZ_EDIT = "3  Edit with the recorded attention fused (Attention Blend)"
 WORKFLOWS = {
@@ -416,7 +431,7 @@ WORKFLOWS = {
             "FateZero local edit: the recorded attention fused into the edit, the self-attention blended inside "
             "the mask of the source words, so only that object changes.",
             "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = the source words of the object "
-            "(`red circle`); `mode` replace (word swap) or refine", FZ_SETTINGS), invert=FZ_INVERT,
+            "(`red circle`); `mode` replace (word swap) or refine" + FRESH_NOTE, FZ_SETTINGS), invert=FZ_INVERT,
         edit=FZ_EDIT),
     "fatezero_latent_blend_edit": workflow(
         "FateZero: local + latent blend",
@@ -425,7 +440,8 @@ WORKFLOWS = {
             "FateZero local edit plus latent blending: outside the union of the source words' and edited words' "
             "masks the latents come from the inversion (steps 0.2-0.8): the cleanest background.",
             "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = source words (`red circle`)\n"
-            "- *Latent blend*: `words` = edited words (`yellow circle`)", FZ_SETTINGS), invert=FZ_INVERT,
+            "- *Latent blend*: `words` = edited words (`yellow circle`)" + FRESH_NOTE, FZ_SETTINGS),
+        invert=FZ_INVERT,
         edit="3  Edit: attention fused, latents blended with the inversion"),
     "fatezero_controlnet_lora": workflow(
         "FateZero: ControlNet + LoRA",
