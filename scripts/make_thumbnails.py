@@ -85,7 +85,7 @@ def main():
 
     import zsve.toy.model as tm
     import zsve.toy.scenes as sc
-    from zsve_harness import CAPTURED, OBJECTS, run_prompt, write_video
+    from zsve_harness import CAPTURED, OBJECTS, get_executor, run_prompt, write_video
     from zsve_workflows import load_ui, ui_to_api
 
     tmp = Path(tempfile.mkdtemp(prefix="zsve-thumbs-"))
@@ -135,7 +135,7 @@ def main():
         if previews:
             prompt["cap_mask"] = {"class_type": "ZSVETestCapture", "inputs": {"value": previews[0], "key": "mask"}}
         CAPTURED.pop("mask", None)
-        run_prompt(prompt)
+        run_prompt(prompt, get_executor(fresh=True))  # a fresh cache: a capture node cached from the workflow before
         rows = [CAPTURED["in"], CAPTURED["out"]]
         if previews:
             m = CAPTURED["mask"].float().cpu()
