@@ -553,21 +553,25 @@ def test_composes_with_fatezero_temporal_attention_and_attention_blend(tiny_mode
     assert torch.allclose(out2[lm == 0], src[lm == 0], atol=1e-5)
 
 
+def _two_stages(m, setup, seed):
+    """KSamplerAdvanced over steps 0..2 (return_with_leftover_noise), then a second one from step 2 to the end."""
+    import nodes
+
+    ksa = nodes.KSamplerAdvanced()
+    first = ksa.sample(m, "disable", seed, STEPS, 1.0, "ddim", "ddim_uniform", setup["pos"], setup["neg"],
+                       setup["z_T"], 0, 2, "enable")[0]
+    return ksa.sample(m, "disable", seed, STEPS, 1.0, "ddim", "ddim_uniform", setup["pos"], setup["neg"], first,
+                      2, 10000, "disable")[0]["samples"]
+
+
 def test_two_kSamplerAdvanced_stages_equal_one_run(tiny_model, tiny_clip, setup):
     """KSamplerAdvanced 0..2 (return_with_leftover_noise) then 2..end equals one run, and the mask record
     of the second stage continues the first's."""
-    import nodes
-
     m, state = _patch(tiny_model, setup, mask_source="cross-attention", prompts=_pair(tiny_clip), words="green",
                       threshold=0.5, dilation=1)
     one = _sample(m, setup)
     masks_one = {k: v.clone() for k, v in state.masks.items()}
-    ksa = nodes.KSamplerAdvanced()
-    first = ksa.sample(m, "disable", 0, STEPS, 1.0, "ddim", "ddim_uniform", setup["pos"], setup["neg"], setup["z_T"],
-                       0, 2, "enable")[0]
-    two = ksa.sample(m, "disable", 0, STEPS, 1.0, "ddim", "ddim_uniform", setup["pos"], setup["neg"], first,
-                     2, 10000, "disable")[0]
-    assert torch.allclose(two["samples"], one, atol=1e-5)
+    assert torch.allclose(_two_stages(m, setup, seed=0), one, atol=1e-5)
     assert sorted(state.masks) == list(range(STEPS))
     assert all(torch.equal(state.masks[k], masks_one[k]) for k in masks_one)
 
@@ -855,16 +859,9 @@ def test_fresh_noise_start_empty_mask_is_the_run_from_z_T_and_says_so(tiny_model
 
 
 def test_fresh_noise_start_two_kSamplerAdvanced_stages_equal_one_run(tiny_model, setup):
-    import nodes
-
     m = _fresh(tiny_model, setup, _box_mask())
     one = _sample_seed(m, setup, seed=3)
-    ksa = nodes.KSamplerAdvanced()
-    first = ksa.sample(m, "disable", 3, STEPS, 1.0, "ddim", "ddim_uniform", setup["pos"], setup["neg"], setup["z_T"],
-                       0, 2, "enable")[0]
-    two = ksa.sample(m, "disable", 3, STEPS, 1.0, "ddim", "ddim_uniform", setup["pos"], setup["neg"], first,
-                     2, 10000, "disable")[0]
-    assert torch.allclose(two["samples"], one, atol=1e-5)
+    assert torch.allclose(_two_stages(m, setup, seed=3), one, atol=1e-5)
 
 
 def test_fresh_noise_start_refuses_runs_off_the_contract(tiny_model, setup):
