@@ -95,14 +95,10 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
          "widgets": {"mask_source": "user mask" if user else "union", "start": 0.0, "end": 1.0, "threshold": 0.3,
                      "dilation": 3, "temporal_smoothing": 1, "words": "" if user else "yellow circle"},
          "links": blend_links},
-        # an object edit: the old object starts from fresh noise, so the inverted z_T cannot hold its old colour
-        *([] if user else [{"id": "fresh", "type": "FreshNoiseStart",
-                            "links": {"model": ("blend", 0), "inversion": ("invert", 1), "mask": ("srcmask", 0)},
-                            "title": "Old object starts from fresh noise (object edits)"}]),
         # the new word reweighted over the first half of the steps (Cross-Attention Reweight; the toy benchmark's row)
         *([] if user else [{"id": "reweight", "type": "CrossAttentionReweight",
                             "widgets": {"reweight": "yellow:4", "end": 0.5},
-                            "links": {"model": ("fresh", 0), "prompts": PAIR},
+                            "links": {"model": ("blend", 0), "prompts": PAIR},
                             "title": "New word reweighted (x4, first half of the steps)"}]),
         {"id": "sample", "type": "KSamplerAdvanced",
          "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
@@ -379,9 +375,8 @@ WORKFLOWS = {
             "", PROMPTS_FIRST + "\n- *Latent Blend With Inversion*: `words` = the edited words of the edit "
             "prompt (`yellow circle`); `threshold` (0.3) and `dilation` grow or shrink the region\n- *Where the old "
             "object was* (Source Attention Mask): `words` = the same thing in the source prompt (`red circle`); "
-            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one\n"
-            "- *Old object starts from fresh noise* (Fresh Noise Start, the same mask): for an object edit (a new "
-            "colour or shape); bypass it for a background edit\n"
+            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one; when the "
+            "old colour stays, add *Fresh Noise Start* with this mask before the sampler\n"
             "- *New word reweighted* (Cross-Attention Reweight): the words your edit adds (`yellow:4`), so that "
             "the new colour wins over what the inverted video holds"),
         edit="3  Edit, blended with the inversion outside the mask"),
