@@ -417,9 +417,7 @@ class FreshNoisePatch:
         x_in[t] = fresh_noise_start(x[t], inv.latents[0].to(x.device, x.dtype),
                                     self.mask.to(x.device, x.dtype).unsqueeze(1), sigma, seed)
         denoised = executor(x_in, timestep, model_options, seed, *args, **kwargs)
-        if first_row == 0:
-            return background_denoised(x, euler_step(x_in, denoised, sigma, sigma_next), sigma, sigma_next)
-        out = denoised.clone()  # the source rows as the guider gave them, bit for bit
+        out = denoised.clone()  # a Video-P2P source branch's rows as the guider gave them, bit for bit
         out[t] = background_denoised(x[t], euler_step(x_in[t], denoised[t], sigma, sigma_next), sigma, sigma_next)
         return out
 
