@@ -47,7 +47,7 @@ from ..attention.latent_blend import (
 )
 from ._attn_patch import add_processor, layer_name
 from ._comfy import CATEGORY, InversionType, ZSVEInputError, check_diffusion_model
-from .contract import check_choice, check_finite, install_contract, requested_steps, ui_warning
+from .contract import check_choice, check_finite, edit_rows, install_contract, requested_steps, ui_warning
 from .prompts import PromptPair, PromptPairType, check_inversion_prompt, check_pair
 
 NODE = "LatentBlendWithInversion"
@@ -402,17 +402,16 @@ class FreshNoisePatch:
             return executor(x, timestep, model_options, seed, *args, **kwargs)
         f = inv.frames
         guider = getattr(executor, "class_obj", None)
-        # the Video-P2P Guider's batch is [source branch; target branch] (it declares zsve_branches = 2): the fresh
-        # start is the target's; the source branch keeps reconstructing from z_T
-        first_row = f if int(getattr(guider, "zsve_branches", 1)) == 2 and x.shape[0] == 2 * f else 0
-        if x.shape[0] - first_row != f:
+        # the Video-P2P Guider's batch is [source branch; target branch]: the fresh start is the target's; the
+        # source branch keeps reconstructing from z_T
+        t = edit_rows(guider, x.shape[0])
+        if t.stop - t.start != f:
             raise ZSVEInputError(
                 f"{FRESH_NODE}: the guider evaluates {x.shape[0]} latent frames at once but the inversion has {f}: "
                 "sample with KSamplerAdvanced / SamplerCustomAdvanced from this inversion's z_T (or the Video-P2P "
                 "Guider, whose two branches it knows)."
             )
         sigma_next = next_sigma(ss, sigma, FRESH_NODE)
-        t = slice(first_row, first_row + f)
         x_in = x.clone()
         x_in[t] = fresh_noise_start(x[t], inv.latents[0].to(x.device, x.dtype),
                                     self.mask.to(x.device, x.dtype).unsqueeze(1), sigma, seed)

@@ -299,6 +299,15 @@ def _check_sigmas(entry: ContractEntry, sigmas, latent_image, guider, memory, wa
                                f"start_at_step {inv.steps - k_end} (add_noise disable, the same steps)."))
 
 
+def edit_rows(guider, rows: int) -> slice:
+    """The rows of a sampler batch of `rows` latent frames that are the edit: the second half where the guider
+    declares two branches (the Video-P2P Guider's [source branch; target branch] batch: class attribute
+    `zsve_branches = 2`), else all of them. The one place this rule is read (the edit contract, Fresh Noise Start)."""
+    if int(getattr(guider, "zsve_branches", 1)) == 2 and rows % 2 == 0:
+        return slice(rows // 2, rows)
+    return slice(0, rows)
+
+
 class EditContract:
     """The keyed OUTER_SAMPLE wrapper that checks a sampling run of the edit model (one per model; entries per
     edit node). Immutable apart from the run memory; shared by model clones."""
@@ -316,12 +325,11 @@ class EditContract:
         if internal or sigmas.numel() < 2 or float(sigmas[0]) <= float(sigmas[-1]):
             return executor(noise, latent_image, sampler, sigmas, denoise_mask, *args, **kwargs)
         lat, nz, dm = latent_image, noise, denoise_mask
-        two = int(getattr(guider, "zsve_branches", 1)) == 2 and latent_image.shape[0] % 2 == 0
-        if two:  # the Video-P2P Guider's [source branch; target branch] latent: the target branch is the edit
-            h = latent_image.shape[0] // 2
-            lat, nz = latent_image[h:], (None if noise is None else noise[h:])
+        t = edit_rows(guider, latent_image.shape[0])
+        if t.start:  # the Video-P2P Guider's [source branch; target branch] latent: the target branch is the edit
+            lat, nz = latent_image[t], (None if noise is None else noise[t])
             if dm is not None and dm.shape[0] == latent_image.shape[0]:
-                dm = dm[h:]
+                dm = dm[t]
         warnings = check_edit_run(self.entries, guider, nz, lat, sampler, sigmas, dm, self.memory)
         seen = set()
         for node, text in warnings:
@@ -332,7 +340,7 @@ class EditContract:
         inv = self.entries[0].inversion
         k_end = inv.index_of_sigma(float(sigmas[-1]))
         if k_end:
-            self.memory.partial = {k_end: (out[out.shape[0] // 2:] if two else out).detach().to("cpu", copy=True)}
+            self.memory.partial = {k_end: out[t].detach().to("cpu", copy=True)}
         return out
 
 

@@ -126,15 +126,25 @@ VIDEOP2P_WORD_SWAP = [
     *_prompts(VP2P_EDIT),
     {"id": "temporal", "type": "TemporalSelfAttentionPatch", "widgets": {"mode": "first"},
      "links": {"model": ("ckpt", 0)}, "title": "Frame attention (Video-P2P: first frame)"},
+    # Attention Store on the inversion only: the source's cross-attention, for the old object's mask (Fresh Noise Start)
+    {"id": "store", "type": "AttentionStore",
+     "widgets": {"record_window": 0.5, "skip_full_res": True, "memory_budget_gb": 0.0},
+     "links": {"model": ("temporal", 0)}, "title": "Attention Store (for the old object's mask)"},
     {"id": "invert", "type": "VideoDDIMInvert", "widgets": {"steps": 20, "cfg": 1.0},
-     "links": {"model": ("temporal", 0), "latent": ("encode", 0), "positive": SRC}},
+     "links": {"model": ("store", 0), "latent": ("encode", 0), "positive": SRC}},
     {"id": "nulltext", "type": "NullTextOptimize", "widgets": {"guidance": 7.5, "inner_steps": 10},
      "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "source": SRC, "empty": NEG}},
+    {"id": "srcmask", "type": "SourceAttentionMask",
+     "widgets": {"words": "red circle", "threshold": 0.3, "window": 0.5},
+     "links": {"inversion": ("invert", 1), "prompts": PAIR}, "title": "Where the old object was"},
+    {"id": "fresh", "type": "FreshNoiseStart",
+     "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "mask": ("srcmask", 0)},
+     "title": "Old object starts from fresh noise (edit branch)"},
     {"id": "guider", "type": "VideoP2PGuider",
      "widgets": {"cfg": 7.5, "mode": "replace",
                  "cross_replace": 0.2, "self_replace": 0.5, "reweight": "square:2", "blend_words": "circle",
                  "blend_words_edit": "square", "blend_start": 0.2, "blend_threshold": 0.3},
-     "links": {"model": ("temporal", 0), "inversion": ("invert", 1), "prompts": PAIR, "null_text": ("nulltext", 0)}},
+     "links": {"model": ("fresh", 0), "inversion": ("invert", 1), "prompts": PAIR, "null_text": ("nulltext", 0)}},
     {"id": "noise", "type": "DisableNoise", "col": 1},
     {"id": "ksampler", "type": "KSamplerSelect", "widgets": {"sampler_name": "ddim"}, "col": 1},
     {"id": "sigmas", "type": "BasicScheduler", "widgets": {"scheduler": "ddim_uniform", "steps": 20, "denoise": 1.0},
@@ -395,7 +405,8 @@ WORKFLOWS = {
             "(word swap circle -> square); null-text optimisation makes the source branch reconstruct the video, "
             "Local Blend keeps everything outside the edited words.",
             "", PROMPTS_FIRST + "\n- *Video-P2P Guider*: `blend_words` (source) and `blend_words_edit` (edit) "
-            "= the swapped words; `reweight` (e.g. `square:2`)",
+            "= the swapped words; `reweight` (e.g. `square:2`)" + FRESH_NOTE.replace(
+                "Fresh Noise Start)", "Fresh Noise Start, on the guider's model: the edit branch only)"),
             "- word swap: cross 0.2, self 0.5, Local Blend threshold 0.3, null text 10 inner steps, cfg 7.5\n"
             "- attribute / style (words added): mode `refine`, reweight the new words"),
         invert="2  Inversion + null-text optimisation", edit="3  Edit (source and edit branches together)"),
