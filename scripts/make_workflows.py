@@ -362,10 +362,14 @@ def workflow(card: str, title: str, nodes: list[dict], note: str, **stage_titles
             "stages": [(k, stage_titles.get(k, t)) for k, t in STAGE_TITLES.items()]}
 
 
-FRESH_NOTE = ("\n- *Old object starts from fresh noise* (Fresh Noise Start) with *Where the old object was* (Source "
-              "Attention Mask, `words` = the source words `red circle`): an object edit starts there from fresh "
-              "noise instead of the inverted video, so the old colour cannot hold; bypass both for a style or "
-              "background edit")
+def fresh_note(where: str = "") -> str:
+    """The note line on Fresh Noise Start and its Source Attention Mask; `where` says which model it patches."""
+    return ("\n- *Old object starts from fresh noise* (Fresh Noise Start" + where + ") with *Where the old object was* "
+            "(Source Attention Mask, `words` = the source words `red circle`): an object edit starts there from fresh "
+            "noise instead of the inverted video, so the old colour cannot hold; bypass both for a style or "
+            "background edit")
+
+
 FZ_INVERT = "2  Inversion, attention recorded (Attention Store)"
 FZ_EDIT = "3  Edit with the recorded attention fused (Attention Blend)"
 WORKFLOWS = {
@@ -405,8 +409,8 @@ WORKFLOWS = {
             "(word swap circle -> square); null-text optimisation makes the source branch reconstruct the video, "
             "Local Blend keeps everything outside the edited words.",
             "", PROMPTS_FIRST + "\n- *Video-P2P Guider*: `blend_words` (source) and `blend_words_edit` (edit) "
-            "= the swapped words; `reweight` (e.g. `square:2`)" + FRESH_NOTE.replace(
-                "Fresh Noise Start)", "Fresh Noise Start, on the guider's model: the edit branch only)"),
+            "= the swapped words; `reweight` (e.g. `square:2`)" + fresh_note(
+                ", on the guider's model: the edit branch only"),
             "- word swap: cross 0.2, self 0.5, Local Blend threshold 0.3, null text 10 inner steps, cfg 7.5\n"
             "- attribute / style (words added): mode `refine`, reweight the new words"),
         invert="2  Inversion + null-text optimisation", edit="3  Edit (source and edit branches together)"),
@@ -437,7 +441,7 @@ WORKFLOWS = {
             "FateZero local edit: the recorded attention fused into the edit, the self-attention blended inside "
             "the mask of the source words, so only that object changes.",
             "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = the source words of the object "
-            "(`red circle`); `mode` replace (word swap) or refine" + FRESH_NOTE, FZ_SETTINGS), invert=FZ_INVERT,
+            "(`red circle`); `mode` replace (word swap) or refine" + fresh_note(), FZ_SETTINGS), invert=FZ_INVERT,
         edit=FZ_EDIT),
     "fatezero_latent_blend_edit": workflow(
         "FateZero: local + latent blend",
@@ -446,7 +450,7 @@ WORKFLOWS = {
             "FateZero local edit plus latent blending: outside the union of the source words' and edited words' "
             "masks the latents come from the inversion (steps 0.2-0.8): the cleanest background.",
             "", PROMPTS_FIRST + "\n- *Attention Blend*: `blend_words` = source words (`red circle`)\n"
-            "- *Latent blend*: `words` = edited words (`yellow circle`)" + FRESH_NOTE, FZ_SETTINGS),
+            "- *Latent blend*: `words` = edited words (`yellow circle`)" + fresh_note(), FZ_SETTINGS),
         invert=FZ_INVERT,
         edit="3  Edit: attention fused, latents blended with the inversion"),
     "fatezero_controlnet_lora": workflow(

@@ -153,7 +153,8 @@ def test_fatezero_rows_beat_no_control_on_the_ci_subset_of_the_test_split():
     and FateZero (local blended) each edit >= 90% of the frames (measured on the committed 16500-step checkpoint:
     100% and 100%, the uncontrolled edit 79%; 92% and 94% over the whole split), keep more of the frame on the local
     edits (mean preservation PSNR, +4.1 dB measured) and flicker less (mean warp error, 0.44x and 0.51x of the
-    uncontrolled edit's measured) than the uncontrolled edit. (The split's report compares 95% bootstrap intervals; with six items only the means are compared.)"""
+    uncontrolled edit's measured) than the uncontrolled edit. (The split's report compares 95% bootstrap intervals;
+    with six items only the means are compared.)"""
     import zsve.toy.methods_fatezero  # noqa: F401  (registers the rows)
 
     assert [s.name for s in sc.split_set("test", 2)[:6]] == CI_ITEMS
