@@ -1,5 +1,6 @@
 """The toy benchmark: method registry, the first rows' plumbing (VideoDDIMInvert + KSamplerAdvanced), the table."""
 
+import numpy as np
 import torch
 
 import zsve.toy.benchmark as bench
@@ -74,6 +75,12 @@ def test_first_rows_run_on_the_toy_model():
         ref = bench.decode(vae, bench.encode_frames(vae, frames))
     # (28 dB measured on the committed checkpoint; a sample that ignored the source scores ~15 dB)
     assert tmetrics.masked_psnr(rec, ref) > 25
+    # "PSNR vs VAE": the reference is the same round trip, the toy VAE's 8x8 block mean
+    rt = bench.vae_round_trip(vae, frames)
+    assert np.allclose(rt, ref.numpy()) and "psnr_vae" in res[names[1]]["items"]["color_swap"]
+    f = frames.numpy()
+    block = f.reshape(2, 16, 8, 16, 8, 3).mean((2, 4)).repeat(8, 1).repeat(8, 2)
+    assert np.abs(rt - block).max() < 2e-3
 
 
 def test_fatezero_latent_blend_row_composes_attention_blend_and_latent_blend():
@@ -258,12 +265,26 @@ def test_split_tables_and_the_bar_on_made_up_results():
     res = {bench.BASELINE: row(0.9, 20.0, 0.02), "FateZero (style)": row(1.0, 30.0, 0.01),
            "InFusion": row(0.5, 30.0, 0.01), "Video-P2P (fast)": row(1.0, 20.5, 0.01)}
     bar = bench.bar_check(res)
-    assert bar["FateZero (style)"] == {"pass": True, "why": []}
+    assert bench.bar_psnr(res) == "PSNR bg (local)"  # results without the VAE measure: the bar reads the frames'
+    assert bar["FateZero (style)"] == {"pass": True, "why": [], "note": ""}
     assert not bar["InFusion"]["pass"] and "edit ok 50%" in bar["InFusion"]["why"][0]
     assert not bar["Video-P2P (fast)"]["pass"] and "PSNR bg (local)" in bar["Video-P2P (fast)"]["why"][0]
     # just under the bar: not printed as "90% < 90%"
     near = bench.bar_check({**res, "InFusion": row(0.899, 30.0, 0.01)})["InFusion"]
     assert not near["pass"] and near["why"] == ["edit ok 89.9% < 90%"]
+    # with "psnr_vae" in every row the bar reads it; the comparison against the frames is kept as a note
+    def with_vae(r, v):
+        return dict(r, items={n: dict(sc, psnr_vae=v + (n < "test06")) for n, sc in r["items"].items()})
+
+    vres = {bench.BASELINE: with_vae(res[bench.BASELINE], 22.0), "Video-P2P (fast)": with_vae(res["Video-P2P (fast)"], 40.0),
+            "FateZero (style)": with_vae(res["FateZero (style)"], 22.5)}
+    assert bench.bar_psnr(vres) == "PSNR vs VAE (local)"
+    vbar = bench.bar_check(vres)
+    assert vbar["Video-P2P (fast)"]["pass"] and "PSNR bg (local) interval" in vbar["Video-P2P (fast)"]["note"]
+    assert "not above" in vbar["Video-P2P (fast)"]["note"]  # against the frames it does not clear the baseline
+    assert not vbar["FateZero (style)"]["pass"] and vbar["FateZero (style)"]["why"][0].startswith("PSNR vs VAE (local)")
+    assert "PSNR vs VAE (local) and warp err intervals" in bench.split_report(vres, "t")
+    assert "(against the frames: PSNR bg (local) interval" in "\n".join(bench.bar_lines(vbar))
     kt = bench.kind_table(res).splitlines()
     assert kt[0] == "| method | color (6) | background (6) |" and kt[3] == "| FateZero (style) | 100% | 100% |"
     ci = bench.ci_table(res)

@@ -150,11 +150,21 @@ COLUMNS = [
     ("success", "edit ok", "{:.0%}"),
     ("others_kept", "kept", "{:.0%}"),
     ("psnr_bg", "PSNR bg", "{:.1f}"),
+    ("psnr_vae", "PSNR vs VAE", "{:.1f}"),
     ("ssim_bg", "SSIM bg", "{:.3f}"),
     ("leak", "leak", "{:.1%}"),
     ("warp_err", "warp err", "{:.4f}"),
     ("rel_change", "rel chg", "{:.2f}"),
 ]
+
+
+def vae_round_trip(vae, frames):
+    """[F, H, W, 3] numpy 0..1: the frames through the VAE and back (decode(encode(frames))): the reference of the
+    "PSNR vs VAE" preservation measure (toy/metrics.py)."""
+    import torch
+
+    with torch.inference_mode():
+        return decode(vae, encode_frames(vae, torch.as_tensor(frames))).detach().cpu().float().numpy()
 
 
 def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg: float = 5.0, frames: int = 8,
@@ -184,8 +194,9 @@ def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg
             src = torch.from_numpy(clip_.frames)
             with torch.inference_mode():
                 edited = fn(model, clip, vae, src, es.source_prompt, es.edit_prompt, bs)
+                latent_ref = None if vae is None else vae_round_trip(vae, src)
             edited = edited.detach().cpu().float().numpy()
-            per[es.name] = metrics.toy_scores(edited, clip_, es)
+            per[es.name] = metrics.toy_scores(edited, clip_, es, latent_ref=latent_ref)
             per[es.name].update(kind=item_kind(es), local=es.local, _frames=edited)
             if frames_dir is not None:  # uint8 frames, to score again without running the row again
                 import numpy as np
@@ -222,7 +233,8 @@ def mean_scores(per: dict) -> dict:
 
     mean = {}
     for k, _, _ in COLUMNS:
-        vals = [per[n][k] for n in per if not (isinstance(per[n][k], float) and math.isnan(per[n][k]))]
+        vals = [per[n].get(k, math.nan) for n in per]
+        vals = [v for v in vals if not (isinstance(v, float) and math.isnan(v))]
         finite = [v for v in vals if math.isfinite(v)]
         mean[k] = float(np.mean(finite)) if finite else (float("inf") if vals else float("nan"))
     return mean
@@ -256,7 +268,7 @@ def table(results: dict) -> str:
     sep = "|---|" + "---|" * (len(COLUMNS) + 1)
     lines = [head, sep]
     for m, r in results.items():
-        cells = [_cell(r["mean"][k], fmt) for k, _, fmt in COLUMNS]
+        cells = [_cell(r["mean"].get(k, math.nan), fmt) for k, _, fmt in COLUMNS]
         lines.append(f"| {label(m)} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -357,6 +369,7 @@ SPLIT_COLUMNS = [
     ("success", "edit ok", "{:.0%}", "all"),
     ("others_kept", "kept", "{:.0%}", "all"),
     ("psnr_bg", "PSNR bg (local)", "{:.1f}", "local"),
+    ("psnr_vae", "PSNR vs VAE (local)", "{:.1f}", "local"),
     ("psnr_bg", "PSNR bg (global)", "{:.1f}", "global"),
     ("ssim_bg", "SSIM bg (local)", "{:.3f}", "local"),
     ("leak", "leak (local)", "{:.1%}", "local"),
@@ -429,14 +442,27 @@ def kind_table(res: dict, key: str = "success", fmt: str = "{:.0%}") -> str:
     return "\n".join(lines)
 
 
+def bar_psnr(res: dict) -> str:
+    """The preservation column the bar reads: "PSNR vs VAE (local)" (against the source's VAE round trip) when every
+    row of `res` has it, else "PSNR bg (local)" (against the frames: results saved before the measure existed).
+    Why the round trip: the toy VAE (an 8x8 block mean) cannot hold striped or dotted backgrounds, so against the
+    frames a perfectly kept background scores what the VAE keeps of it (18-20 dB on most test items); that loss is
+    the same for every row and hides the rows' own (toy/metrics.py, toy/RESULTS.md "Preservation against the VAE
+    round trip")."""
+    has = all(any("psnr_vae" in sc for sc in r["items"].values()) for r in res.values())
+    return "PSNR vs VAE (local)" if has else "PSNR bg (local)"
+
+
 def bar_check(res: dict, rows: list[str] | None = None, baseline: str = BASELINE) -> dict:
-    """Issue 20's bar per editing row present in `res`: {row: {"pass": bool, "why": [failed conditions]}}.
-    A row passes with mean edit success >= BAR_SUCCESS, its local-edit background PSNR interval above the
-    baseline's and its warp-error interval below the baseline's (95% bootstrap intervals, no overlap), the baseline
-    taken on the row's items."""
+    """Issue 20's bar per editing row present in `res`: {row: {"pass": bool, "why": [failed conditions],
+    "note": the PSNR-against-the-frames comparison when the bar reads the VAE one}}.
+    A row passes with mean edit success >= BAR_SUCCESS, its local-edit preservation PSNR interval (`bar_psnr`)
+    above the baseline's and its warp-error interval below the baseline's (95% bootstrap intervals, no overlap), the
+    baseline taken on the row's items."""
     if baseline not in res:
         return {}
     summ = summary(res)
+    psnr = bar_psnr(res)
     out = {}
     for m in rows or BAR_ROWS:
         if m not in res:
@@ -449,13 +475,19 @@ def bar_check(res: dict, rows: list[str] | None = None, baseline: str = BASELINE
             ok = s["edit ok"][0]  # one decimal where whole percents would round up to the bar (89.9% -> "90%")
             why.append(f"edit ok {ok:.0%} < {BAR_SUCCESS:.0%}" if round(ok * 100) < BAR_SUCCESS * 100
                        else f"edit ok {ok:.1%} < {BAR_SUCCESS:.0%}")
-        if not s["PSNR bg (local)"][1] > b["PSNR bg (local)"][2]:
-            why.append(f"PSNR bg (local) interval [{s['PSNR bg (local)'][1]:.1f}, {s['PSNR bg (local)'][2]:.1f}] not "
-                       f"above the baseline's [{b['PSNR bg (local)'][1]:.1f}, {b['PSNR bg (local)'][2]:.1f}]")
+        notes = []
+        for col in dict.fromkeys([psnr, "PSNR bg (local)"]):
+            if not s[col][1] > b[col][2]:
+                (why if col == psnr else notes).append(
+                    f"{col} interval [{s[col][1]:.1f}, {s[col][2]:.1f}] not above the baseline's "
+                    f"[{b[col][1]:.1f}, {b[col][2]:.1f}]")
+            elif col != psnr:
+                notes.append(f"{col} interval [{s[col][1]:.1f}, {s[col][2]:.1f}] above the baseline's "
+                             f"[{b[col][1]:.1f}, {b[col][2]:.1f}]")
         if not s["warp err"][2] < b["warp err"][1]:
             why.append(f"warp err interval [{s['warp err'][1]:.4f}, {s['warp err'][2]:.4f}] not below the "
                        f"baseline's [{b['warp err'][1]:.4f}, {b['warp err'][2]:.4f}]")
-        out[m] = {"pass": not why, "why": why}
+        out[m] = {"pass": not why, "why": why, "note": "; ".join(notes)}
     return out
 
 
@@ -480,7 +512,7 @@ def paired_table(before: dict, after: dict) -> str:
     ok, local-edit preservation PSNR and warp error; then edit ok per edit kind, before -> after. The way to compare
     two settings or checkpoints run on the same items: the items' own difficulty cancels."""
     cols = [("success", "edit ok", "{:+.1f}", 100.0, "all"), ("psnr_bg", "PSNR bg (local)", "{:+.2f}", 1.0, "local"),
-            ("warp_err", "warp err", "{:+.4f}", 1.0, "all")]
+            ("psnr_vae", "PSNR vs VAE (local)", "{:+.2f}", 1.0, "local"), ("warp_err", "warp err", "{:+.4f}", 1.0, "all")]
     lines = ["| row (after vs before) | items | " + " | ".join(f"{h}: before, after, difference [95%]"
                                                            for _, h, _, _, _ in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
@@ -517,7 +549,8 @@ def paired_table(before: dict, after: dict) -> str:
 
 def bar_lines(bar: dict) -> list[str]:
     """`bar_check`'s verdicts as markdown list lines, one per row."""
-    return [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}" for m, v in bar.items()]
+    return [f"- {m}: {'PASS' if v['pass'] else 'FAIL: ' + '; '.join(v['why'])}"
+            + (f" (against the frames: {v['note']})" if v.get("note") else "") for m, v in bar.items()]
 
 
 def baseline_pairs(res: dict) -> str:
@@ -596,6 +629,7 @@ def split_report(res: dict, title: str, drawn: dict | None = None) -> str:
     lines = [title, "", "means over the items with 95% bootstrap intervals (items resampled, "
              f"{BOOTSTRAP_SAMPLES} draws, seed {BOOTSTRAP_SEED}):", ci_table(res), ""]
     for key, name, fmt in (("success", "edit ok", "{:.0%}"), ("psnr_bg", "PSNR bg (dB)", "{:.1f}"),
+                           ("psnr_vae", "PSNR vs VAE (dB)", "{:.1f}"),
                            ("warp_err", "warp err", "{:.4f}"), ("others_kept", "kept", "{:.0%}")):
         lines += [f"{name} per edit kind (items):", kind_table(res, key, fmt), ""]
     if BASELINE in res and split_of(res):
@@ -603,7 +637,7 @@ def split_report(res: dict, title: str, drawn: dict | None = None) -> str:
                   class_table(res, BASELINE, split_of(res))]
     bar = bar_check(res)
     if bar:
-        lines.append(f"the bar (edit ok >= {BAR_SUCCESS:.0%}; PSNR bg (local) and warp err intervals separated from "
+        lines.append(f"the bar (edit ok >= {BAR_SUCCESS:.0%}; {bar_psnr(res)} and warp err intervals separated from "
                      f"{BASELINE!r}, better):")
         lines += bar_lines(bar)
     if BASELINE in res and any(m in res for m in BAR_ROWS):
@@ -678,8 +712,9 @@ def list_split(split: str, frames: int = 8) -> str:
     return "\n".join(lines)
 
 
-def rescore(frames_dir: Path, split: str, frames: int, methods: list[str] | None = None) -> dict:
-    """Results from the clips a `--frames-dir` run saved, scored with the current metrics (seconds: 0)."""
+def rescore(frames_dir: Path, split: str, frames: int, methods: list[str] | None = None, vae=None) -> dict:
+    """Results from the clips a `--frames-dir` run saved, scored with the current metrics (seconds: 0); with the
+    toy VAE `vae`, also "PSNR vs VAE"."""
     import numpy as np
 
     from . import metrics, scenes
@@ -694,7 +729,9 @@ def rescore(frames_dir: Path, split: str, frames: int, methods: list[str] | None
             if not f.exists():
                 continue
             edited = np.load(f)["frames"].astype(np.float32) / 255.0
-            per[es.name] = metrics.toy_scores(edited, es.clip(), es)
+            clip_ = es.clip()
+            ref = None if vae is None else vae_round_trip(vae, clip_.frames)
+            per[es.name] = metrics.toy_scores(edited, clip_, es, latent_ref=ref)
             per[es.name].update(kind=item_kind(es), local=es.local)
         if per:
             res[m] = {"items": per, "mean": mean_scores(per), "seconds": 0.0}
@@ -790,7 +827,11 @@ def main():
             a.json.write_text(json.dumps(res, indent=1))
         return
     if a.rescore:
-        res = rescore(a.rescore, a.split, a.frames, parse_methods(a.methods) if a.methods else None)
+        boot.boot(threads=a.threads)
+        from . import model as tm
+
+        vae = tm.load(a.weights or tm.WEIGHTS)[2]
+        res = rescore(a.rescore, a.split, a.frames, parse_methods(a.methods) if a.methods else None, vae=vae)
         print(rep(res, f"toy benchmark ({a.split} split): rescored from {a.rescore}"))
         if a.json:
             a.json.write_text(json.dumps(to_json(res), indent=1))
