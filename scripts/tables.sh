@@ -18,6 +18,8 @@
 #   dev_split.json           toy.benchmark --split dev, every row of toy/results/dev_split.json (4 frames)
 #   public.json              toy.benchmark (the six public items, every row, 8 frames)
 #   *.txt                    each job's printed tables; compare.txt: the splits paired against the committed results
+#   frames/test, frames/dev  every edited clip of the splits (uint8 .npz): `toy.benchmark --split S --rescore DIR`
+#                            scores them again with changed metrics without running the rows again
 # The benchmark splits run in halves (items) so that JOBS processes share them; the halves are joined with --merge.
 # CPU time on this project's machines (committed checkpoint, one thread per job): about 80 minutes for the test
 # split (47 of them Video-P2P (null-text)), 35 for the dev split, 35 for the quality runs.
@@ -50,11 +52,11 @@ rm -f "$OUT"/parts/job_*.sh
 n=0
 job() { n=$((n + 1)); printf '%s\n' "$*" > "$OUT/parts/job_$(printf %02d $n).sh"; }
 for h in 0 1; do  # the longest first: null-text, then the splits' halves
-  job "$RUN toy.benchmark --weights '$W' --split test --items '$(items test $h)' --frames 4 --methods '$NULL_TEXT' --json '$OUT/parts/test_nt$h.json' > '$OUT/parts/test_nt$h.txt' 2>&1"
+  job "$RUN toy.benchmark --weights '$W' --split test --items '$(items test $h)' --frames 4 --methods '$NULL_TEXT' --frames-dir '$OUT/frames/test' --json '$OUT/parts/test_nt$h.json' > '$OUT/parts/test_nt$h.txt' 2>&1"
 done
 for h in 0 1; do
-  job "$RUN toy.benchmark --weights '$W' --split test --items '$(items test $h)' --frames 4 --methods '$TEST_FAST' --json '$OUT/parts/test$h.json' > '$OUT/parts/test$h.txt' 2>&1"
-  job "$RUN toy.benchmark --weights '$W' --split dev --items '$(items dev $h)' --frames 4 --methods '$DEV_ROWS' --json '$OUT/parts/dev$h.json' > '$OUT/parts/dev$h.txt' 2>&1"
+  job "$RUN toy.benchmark --weights '$W' --split test --items '$(items test $h)' --frames 4 --methods '$TEST_FAST' --frames-dir '$OUT/frames/test' --json '$OUT/parts/test$h.json' > '$OUT/parts/test$h.txt' 2>&1"
+  job "$RUN toy.benchmark --weights '$W' --split dev --items '$(items dev $h)' --frames 4 --methods '$DEV_ROWS' --frames-dir '$OUT/frames/dev' --json '$OUT/parts/dev$h.json' > '$OUT/parts/dev$h.txt' 2>&1"
 done
 job "$RUN toy.benchmark --weights '$W' $PUBLIC --json '$OUT/public.json' > '$OUT/public.txt' 2>&1"
 job "$RUN toy.quality --weights '$W' --all-prompts --per-class --per-prompt $Q8 > '$OUT/quality_classes.txt' 2>&1"
