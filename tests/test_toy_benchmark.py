@@ -460,3 +460,27 @@ def test_blended_latent_row_reweights_the_words_the_edit_adds(monkeypatch):
     assert len(procs) == 1 and procs[0].end == methods_bld.REWEIGHT_END == 0.5 and methods_bld.REWEIGHT == 4
     assert sorted(set(procs[0].equalizer.tolist())) == [1.0, 4.0] and int((procs[0].equalizer == 4).sum()) == 1
     assert len(seen) > 1  # the latent blend's own attention reader is there too
+
+
+def test_saved_clips_score_again_with_the_vae_measure(tmp_path):
+    """`--frames-dir` saves every edited clip and `--rescore` scores them again (with the toy VAE: "PSNR vs VAE"
+    too) without running the row: the same scores up to the clips' 8-bit rounding."""
+    _, _, vae, _ = toy_model.load()
+
+    @bench.register("test: half the source")
+    def half(model, clip, vae_, frames, source_prompt, edit_prompt, spec):
+        return frames * 0.5 + 0.25
+
+    item = next(s.name for s in sc.split_set("test", 2) if s.local and "stripes" in s.background.caption())
+    try:
+        res = bench.run(None, None, vae, ["test: half the source"], frames=2, items=[item], split="test",
+                        verbose=False, frames_dir=tmp_path)
+        again = bench.rescore(tmp_path, "test", 2, ["test: half the source"], vae=vae)
+        plain = bench.rescore(tmp_path, "test", 2, ["test: half the source"])
+    finally:
+        bench.METHODS.pop("test: half the source")
+    a, b = res["test: half the source"]["items"][item], again["test: half the source"]["items"][item]
+    assert set(a) - {"_frames"} == set(b) and abs(a["psnr_vae"] - b["psnr_vae"]) < 0.1
+    assert abs(a["psnr_bg"] - b["psnr_bg"]) < 0.1 and a["success"] == b["success"]
+    assert a["psnr_vae"] != a["psnr_bg"]  # a striped or dotted background: the references differ
+    assert "psnr_vae" not in plain["test: half the source"]["items"][item]
