@@ -246,7 +246,11 @@ def main(argv=None) -> int:
         "executed_nodes": sorted(result["executed"]),
     }
     if spec is not None and args.workflow != "invert_reconstruct_video":
-        metrics["toy"] = M.toy_scores(res_frames.numpy(), spec.clip(), spec)
+        from zsve.toy import benchmark as B, model as TM
+
+        clip_ = spec.clip()  # preservation also against the clip's toy-VAE round trip ("psnr_vae", toy/metrics.py)
+        metrics["toy"] = M.toy_scores(res_frames.numpy(), clip_, spec,
+                                      latent_ref=B.vae_round_trip(TM.load()[2], clip_.frames))
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, default=float) + "\n")
     print(f"[zsve demo] result video:  {result_video}")
