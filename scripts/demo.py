@@ -246,7 +246,8 @@ def main(argv=None) -> int:
         "executed_nodes": sorted(result["executed"]),
     }
     if spec is not None and args.workflow != "invert_reconstruct_video":
-        from zsve.toy import benchmark as B, model as TM
+        from zsve.toy import benchmark as B
+        from zsve.toy import model as TM
 
         clip_ = spec.clip()  # preservation also against the clip's toy-VAE round trip ("psnr_vae", toy/metrics.py)
         metrics["toy"] = M.toy_scores(res_frames.numpy(), clip_, spec,
