@@ -284,12 +284,17 @@ def test_split_tables_and_the_bar_on_made_up_results():
     vres = {bench.BASELINE: with_vae(res[bench.BASELINE], 22.0), "Video-P2P (fast)": with_vae(res["Video-P2P (fast)"], 40.0),
             "FateZero (style)": with_vae(res["FateZero (style)"], 22.5)}
     assert bench.bar_psnr(vres) == "PSNR vs VAE (local)"
+    # a reference row without it does not count; a bar row with it on part of its items does
+    assert bench.bar_psnr({**vres, "reconstruction (source prompt)": res[bench.BASELINE]}) == "PSNR vs VAE (local)"
+    part = dict(vres["FateZero (style)"], items=dict(vres["FateZero (style)"]["items"]))
+    part["items"]["test00_color"] = res["FateZero (style)"]["items"]["test00_color"]
+    assert bench.bar_psnr({**vres, "FateZero (style)": part}) == "PSNR bg (local)"
     vbar = bench.bar_check(vres)
     assert vbar["Video-P2P (fast)"]["pass"] and "PSNR bg (local) interval" in vbar["Video-P2P (fast)"]["note"]
     assert "not above" in vbar["Video-P2P (fast)"]["note"]  # against the frames it does not clear the baseline
     assert not vbar["FateZero (style)"]["pass"] and vbar["FateZero (style)"]["why"][0].startswith("PSNR vs VAE (local)")
     assert "PSNR vs VAE (local) and warp err intervals" in bench.split_report(vres, "t")
-    assert "(against the frames: PSNR bg (local) interval" in "\n".join(bench.bar_lines(vbar))
+    assert "(for reference, against the frames: PSNR bg (local) interval" in "\n".join(bench.bar_lines(vbar))
     kt = bench.kind_table(res).splitlines()
     assert kt[0] == "| method | color (6) | background (6) |" and kt[3] == "| FateZero (style) | 100% | 100% |"
     ci = bench.ci_table(res)
