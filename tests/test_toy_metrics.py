@@ -121,3 +121,21 @@ def test_preservation_against_the_vae_round_trip_on_a_striped_background():
     r2 = c2.frames.reshape(2, 16, 8, 16, 8, 3).mean((2, 4)).repeat(8, 1).repeat(8, 2)
     v = tm.toy_scores(r2, c2, ob, latent_ref=r2)["psnr_vae"]
     assert (math.isnan(v) and len(ob.motions) == 1) or v == tm.PSNR_CAP
+
+
+def test_warp_error_parts_find_a_flickering_object():
+    """warp_error_parts: the shares of the warp error inside and outside the edited region add up to the whole, the
+    source itself scores 0 on both, and an object that flickers is found inside."""
+    spec = next(s for s in sc.benchmark_set(4) if s.name == "color_swap")
+    clip = spec.clip()
+    src = clip.frames
+    reg = tm.edited_region(clip, spec)
+    flows = tm.source_flows(src)
+    flicker = src.copy()
+    flicker[1::2][clip.masks[1::2, spec.target]] *= 0.5  # the object darkens every other frame
+    whole = tm.warp_error(flicker, src, flows)
+    assert abs(tm.warp_error(flicker, src, flows, reg) + tm.warp_error(flicker, src, flows, ~reg) - whole) < 1e-7
+    same = tm.warp_error_parts(src, clip, spec)
+    assert abs(same["inside"]) < 1e-9 and abs(same["outside"]) < 1e-9
+    p = tm.warp_error_parts(flicker, clip, spec)
+    assert p["inside"] > 0.005 and abs(p["outside"]) < 0.25 * p["inside"], p  # (flow errors at the outline move)

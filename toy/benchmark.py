@@ -740,6 +740,35 @@ def rescore(frames_dir: Path, split: str, frames: int, methods: list[str] | None
     return res
 
 
+def warp_parts_table(frames_dir: Path, split: str, frames: int, methods: list[str] | None = None) -> str:
+    """Where each row's warp error is, from the clips a `--frames-dir` run saved: per row, the mean over the local and
+    over the other items of `metrics.warp_error_parts` (inside / outside the edited region, each minus the source's
+    own warp error there)."""
+    import numpy as np
+
+    from . import metrics, scenes
+
+    specs = scenes.split_set(split, frames)
+    lines = ["| method | local: inside | local: outside | others: inside | others: outside | items |",
+             "|---|---|---|---|---|---|"]
+    for m in methods or list(METHODS):
+        parts: dict = {True: [], False: []}
+        for es in specs:
+            f = Path(frames_dir) / f"{_slug(m)}__{es.name}.npz"
+            if f.exists():
+                edited = np.load(f)["frames"].astype(np.float32) / 255.0
+                parts[bool(es.local)].append(metrics.warp_error_parts(edited, es.clip(), es))
+        if not parts[True] and not parts[False]:
+            continue
+        cells = []
+        for loc in (True, False):
+            for k in ("inside", "outside"):
+                v = [p[k] for p in parts[loc]]
+                cells.append(f"{np.mean(v):.4f}" if v else "-")
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + f" | {len(parts[True])} + {len(parts[False])} |")
+    return "\n".join(lines)
+
+
 def _has_kinds(r: dict) -> bool:
     return bool(r.get("items")) and all("kind" in sc for sc in r["items"].values())
 
@@ -799,6 +828,9 @@ def main():
     p.add_argument("--rescore", type=Path, default=None,
                    help="score the clips of an earlier --frames-dir run again with the current metrics (nothing is "
                         "run; rows from --methods, default all rows found) and write --json")
+    p.add_argument("--warp-parts", type=Path, default=None,
+                   help="print where each row's warp error is (inside / outside the edited region, minus the source's "
+                        "own) from the clips of an earlier --frames-dir run (nothing is run)")
     p.add_argument("--drawn", type=Path, default=None,
                    help="`python -m toy.quality --split <split> --json` output: also print each row's edit ok on the "
                         "items whose edit prompt the model draws from noise and on the others")
@@ -827,6 +859,11 @@ def main():
         print(rep(res, f"toy benchmark ({a.split} split): merged from {', '.join(str(f) for f in a.merge)}"))
         if a.json:
             a.json.write_text(json.dumps(res, indent=1))
+        return
+    if a.warp_parts:
+        print(f"warp error inside / outside the edited region, minus the source's own ({a.split} split, clips in "
+              f"{a.warp_parts}):")
+        print(warp_parts_table(a.warp_parts, a.split, a.frames, parse_methods(a.methods) if a.methods else None))
         return
     if a.rescore:
         boot.boot(threads=a.threads)

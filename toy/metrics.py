@@ -95,10 +95,12 @@ def source_flows(source) -> list[np.ndarray]:
     ]
 
 
-def warp_error(edited, source, flows: list[np.ndarray] | None = None) -> float:
+def warp_error(edited, source, flows: list[np.ndarray] | None = None, region=None) -> float:
     """Mean over consecutive pairs of the mean squared difference between edited frame t and edited frame t+1
     warped back to t with the source flow t->t+1 (pixels whose flow leaves the image are ignored).
-    0 for a static video; small when the edit moves the way the source moves."""
+    0 for a static video; small when the edit moves the way the source moves.
+    `region` ([F, H, W] bool, frame t's pixels): only those pixels' share of the error (still divided by all valid
+    pixels), so that the shares of a region and of its complement add up to the whole."""
     import cv2
 
     e = _np(edited)
@@ -114,8 +116,35 @@ def warp_error(edited, source, flows: list[np.ndarray] | None = None) -> float:
         valid = (mx >= 0) & (mx <= w - 1) & (my >= 0) & (my <= h - 1)
         if valid.sum() == 0:
             continue
-        errs.append(float((((warped - e[t]) ** 2).mean(-1) * valid).sum() / valid.sum()))
+        d = ((warped - e[t]) ** 2).mean(-1) * valid
+        if region is not None:
+            d = d * np.asarray(region[t], bool)
+        errs.append(float(d.sum() / valid.sum()))
     return float(np.mean(errs)) if errs else float("nan")
+
+
+def edited_region(clip, spec, dilate_px: int = 8) -> np.ndarray:
+    """[F, H, W] bool: what the edit may change, as the preservation measures leave it out: the edited object's
+    region dilated by dilate_px (`target_region`), or for a background edit the background with a dilate_px band
+    over the objects' outline; the whole frame for an edit of an object and the background together."""
+    if spec.target is not None and spec.edit_background != spec.background:
+        return np.ones(clip.masks[:, 0].shape, bool)
+    if spec.target is None:
+        return dilate(~clip.masks.any(1), dilate_px)
+    return dilate(target_region(clip, spec), dilate_px)
+
+
+def warp_error_parts(edited, clip, spec, dilate_px: int = 8) -> dict:
+    """Where the warp error is: {"inside", "outside"} = the shares of `warp_error` on the edited region
+    (`edited_region`) and on the rest, each minus the source's own share there (flow errors: what an edit that
+    changed nothing would score), so that 0 is "as steady as the source"."""
+    src = clip.frames
+    flows = source_flows(src)
+    reg = edited_region(clip, spec, dilate_px)
+    out = {}
+    for key, r in (("inside", reg), ("outside", ~reg)):
+        out[key] = warp_error(edited, src, flows, r) - warp_error(src, src, flows, r)
+    return out
 
 
 def frame_change(frames) -> float:
