@@ -184,6 +184,7 @@ def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg
         raise SystemExit(f"unknown item(s) of split {split!r}: {sorted(set(items) - known)}")
     names = methods or list(METHODS)
     results = {}
+    refs: dict = {}  # item -> its clip's VAE round trip (the "PSNR vs VAE" reference), once for every row
     for mname in names:
         fn = METHODS[mname]
         per = {}
@@ -194,9 +195,10 @@ def run(model, clip, vae, methods: list[str] | None = None, steps: int = 20, cfg
             src = torch.from_numpy(clip_.frames)
             with torch.inference_mode():
                 edited = fn(model, clip, vae, src, es.source_prompt, es.edit_prompt, bs)
-                latent_ref = None if vae is None else vae_round_trip(vae, src)
+            if vae is not None and es.name not in refs:
+                refs[es.name] = vae_round_trip(vae, src)
             edited = edited.detach().cpu().float().numpy()
-            per[es.name] = metrics.toy_scores(edited, clip_, es, latent_ref=latent_ref)
+            per[es.name] = metrics.toy_scores(edited, clip_, es, latent_ref=refs.get(es.name))
             per[es.name].update(kind=item_kind(es), local=es.local, _frames=edited)
             if frames_dir is not None:  # uint8 frames, to score again without running the row again
                 import numpy as np

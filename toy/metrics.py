@@ -124,11 +124,13 @@ def warp_error(edited, source, flows: list[np.ndarray] | None = None, region=Non
 
 
 def edited_region(clip, spec, dilate_px: int = 8) -> np.ndarray:
-    """[F, H, W] bool: what the edit may change, as the preservation measures leave it out: the edited object's
-    region dilated by dilate_px (`target_region`), or for a background edit the background with a dilate_px band
-    over the objects' outline; the whole frame for an edit of an object and the background together."""
+    """[F, H, W] bool: what the edit may change, the pixels the preservation measures leave out: the edited object's
+    region dilated by dilate_px (`target_region`); for a background edit the background with a dilate_px band over
+    the objects' outline; for an edit of an object and the background together all but the other objects (shrunk by
+    dilate_px), the whole frame when there are none."""
     if spec.target is not None and spec.edit_background != spec.background:
-        return np.ones(clip.masks[:, 0].shape, bool)
+        keep = _others_kept_region(clip, spec, dilate_px)
+        return np.ones(clip.masks[:, 0].shape, bool) if keep is None else ~keep
     if spec.target is None:
         return dilate(~clip.masks.any(1), dilate_px)
     return dilate(target_region(clip, spec), dilate_px)
@@ -266,15 +268,11 @@ def toy_scores(edited, clip, spec, dilate_px: int = 8, latent_ref=None) -> dict:
     src = clip.frames
     masks = clip.masks  # [F, n, H, W]
     all_obj = masks.any(1)
-    if spec.target is None:  # global edit: background changes, objects must stay
-        # preservation is measured on the objects shrunk by dilate_px: the band along their outline mixes
-        # object and (changing) background, just as the band around an edited object does in a local edit
-        edit_region = dilate(~all_obj, dilate_px)
-        keep_region = dilate(all_obj, 0)
-    else:
-        target = target_region(clip, spec)
-        edit_region = dilate(target, dilate_px)
-        keep_region = ~edit_region
+    # a global edit (the background changes, objects must stay) is measured on the objects shrunk by dilate_px: the
+    # band along their outline mixes object and (changing) background, as the band around an edited object does
+    edit_region = edited_region(clip, spec, dilate_px)
+    keep_region = all_obj.copy() if spec.target is None else ~edit_region
+    target = None if spec.target is None else target_region(clip, spec)
     out = {
         "psnr_bg": min(masked_psnr(edited, src, edit_region), PSNR_CAP),
         "ssim_bg": masked_ssim(edited, src, edit_region),
