@@ -726,6 +726,7 @@ def rescore(frames_dir: Path, split: str, frames: int, methods: list[str] | None
     specs = scenes.split_set(split, frames)
     names = methods or list(METHODS)
     res = {}
+    refs: dict = {}  # item -> its clip's VAE round trip, once for every row
     for m in names:
         per = {}
         for es in specs:
@@ -734,8 +735,9 @@ def rescore(frames_dir: Path, split: str, frames: int, methods: list[str] | None
                 continue
             edited = np.load(f)["frames"].astype(np.float32) / 255.0
             clip_ = es.clip()
-            ref = None if vae is None else vae_round_trip(vae, clip_.frames)
-            per[es.name] = metrics.toy_scores(edited, clip_, es, latent_ref=ref)
+            if vae is not None and es.name not in refs:
+                refs[es.name] = vae_round_trip(vae, clip_.frames)
+            per[es.name] = metrics.toy_scores(edited, clip_, es, latent_ref=refs.get(es.name))
             per[es.name].update(kind=item_kind(es), local=es.local)
         if per:
             res[m] = {"items": per, "mean": mean_scores(per), "seconds": 0.0}

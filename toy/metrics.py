@@ -259,11 +259,9 @@ def toy_scores(edited, clip, spec, dilate_px: int = 8, latent_ref=None) -> dict:
     PSNR against it instead of the frames; left out when None)."""
     if spec.target is not None and spec.edit_background != spec.background:
         out = _object_and_background_scores(edited, clip, spec, dilate_px)
-        if latent_ref is not None:
-            out["psnr_vae"] = float("nan")
-            keep = _others_kept_region(clip, spec, dilate_px)
-            if keep is not None and keep.any():
-                out["psnr_vae"] = min(masked_psnr(edited, latent_ref, ~keep), PSNR_CAP)
+        if latent_ref is not None:  # on the same pixels as its psnr_bg: the other objects, nan without any
+            reg = edited_region(clip, spec, dilate_px)
+            out["psnr_vae"] = min(masked_psnr(edited, latent_ref, reg), PSNR_CAP) if (~reg).any() else float("nan")
         return out
     src = clip.frames
     masks = clip.masks  # [F, n, H, W]
