@@ -52,8 +52,12 @@ from torch.overrides import TorchFunctionMode
 
 from . import p2p
 from .masks import cross_attention_mask, phrases_of, union
+from .store import FATEZERO_MAX_QUERIES
 
 BRANCHES_KEY = "zsve_branches"  # transformer_options: rows of a chunk are [branch][frame]
+# Video-P2P replaces the self-attention of maps with at most 32x32 queries (run_videop2p.py, AttentionControlEdit),
+# FateZero's query-length rule for what it stores and fuses
+P2P_SELF_MAX_QUERIES = FATEZERO_MAX_QUERIES
 
 
 # --- schedules ---------------------------------------------------------------------------------------
@@ -304,7 +308,10 @@ class BranchPlan:
     blend_threshold: float = 0.3
     blend_start: float = 0.2
     mask_factor: int = 4
-    self_min_factor: int = 2  # self-attention replacement only on layers at least this much below the latent
+    # self-attention replacement only on layers whose query map has at most this many positions: the reference's
+    # rule on the map at hand (Video-P2P run_videop2p.py, AttentionControlEdit: `attn.shape[2] <= 32 ** 2`), so that
+    # SD1.5 at 512 px leaves out its 64x64 level and a 128-px clip (16x16 latent) has every level replaced
+    self_max_queries: int = P2P_SELF_MAX_QUERIES
     record_min_factor: int = 2  # blend-word attention is recorded on these layers only (the mask uses ~1/4)
 
     def __deepcopy__(self, memo):
@@ -358,7 +365,7 @@ class VideoP2PController:
         if call.kind == "cross":
             return self._records(call) or bool(self.plan.cross_alphas[i].any())
         a, b = self.plan.self_steps
-        return a <= i < b and self.factor(call.hw) >= self.branch.self_min_factor
+        return a <= i < b and call.hw[0] * call.hw[1] <= self.branch.self_max_queries
 
     # dispatcher protocol extensions (attention/processor.py) --------------------------------------------
     def kinds(self, call) -> set[int]:

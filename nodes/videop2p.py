@@ -337,7 +337,7 @@ class VideoP2PGuider(comfy.samplers.CFGGuider):
         branch = BranchPlan(blend_source=run.plan.blend_phrases or run.plan.blend_indices,
                             blend_target=s["blend_target"],
                             blend_threshold=s["blend_threshold"], blend_start=s["blend_start"],
-                            self_min_factor=s["min_factor"], record_min_factor=s["min_factor"])
+                            record_min_factor=s["min_factor"])
         run.controller = VideoP2PController(run.plan, branch, run.frames, run.hw)
 
     def predict_noise(self, x, timestep, model_options=None, seed=None, *args, **kwargs):
@@ -538,8 +538,8 @@ class VideoP2PGuiderNode(io.ComfyNode):
                 "optimised null text of each step, its guidance; without null text the 'fast' mode: conditional "
                 "prediction only) and the target branch (edit prompt, the empty prompt, cfg) are denoised together "
                 "from z_T, frames as the batch. In every step the target's cross-attention follows the source's "
-                "(Prompt-to-Prompt word swap / refinement / reweighting inside the cross window), the coarse "
-                "layers' self-attention is copied inside the self window, and with blend words Local Blend keeps "
+                "(Prompt-to-Prompt word swap / refinement / reweighting inside the cross window), the "
+                "self-attention of the layers with at most 32x32 positions is copied inside the self window, and with blend words Local Blend keeps "
                 "everything outside the words' running attention mask equal to the source branch. Sample with "
                 "DisableNoise, sampler ddim or euler, BasicScheduler ddim_uniform with the inversion's steps, latent "
                 "= z_T. The sampler's output is the edited video; 'Video-P2P Branch Outputs' gives the source "
@@ -569,9 +569,9 @@ class VideoP2PGuiderNode(io.ComfyNode):
                                 "'word:0.2-0.6', comma separated."),
                 io.Float.Input("self_replace", default=0.5, min=0.0, max=1.0, step=0.05,
                                tooltip="Fraction of the steps in which the target's self-attention is replaced by the "
-                               "source's (Video-P2P default 0.5), in the layers Prompt-to-Prompt replaces: all but "
-                               "the model's finest attention level (SD1.5: half the latent resolution or coarser; "
-                               "SDXL: a quarter)."),
+                               "source's (Video-P2P default 0.5), in the layers Video-P2P replaces: those whose map has "
+                               "at most 32x32 positions at this video's size (SD1.5 at 512 px: all but the finest "
+                               "level; at 256 px every level)."),
                 io.String.Input("reweight", default="",
                                 tooltip="Reweight words of the edit prompt: 'origami:2' (Video-P2P's eq_params)."),
                 io.String.Input("blend_words", default="",
@@ -670,8 +670,9 @@ class VideoP2PGuiderNode(io.ComfyNode):
             "blend_target": blend_target or None, "blend_start": float(blend_start),
             "blend_threshold": float(blend_threshold), "target_uncond": target_uncond, "null_text": null_text,
             "inversion": inversion, "end_of_text_maps": end_of_text_maps,
-            # P2P replaces self-attention of maps of at most 32x32 queries (SD1.5 at 512 px: all but the finest
-            # level); the same level rule for the model at hand (SDXL: its 32x32 level at 1024 px)
+            # Local Blend records the blend words' attention on all but the finest attention level (the mask uses
+            # the level nearest 1/4 of the latent); self-attention replacement follows the reference's query-length
+            # rule on the map at hand (attention/videop2p.py, BranchPlan.self_max_queries)
             "min_factor": arch.store_min_factor(unet_config(model)),
         }
         guider = VideoP2PGuider(m, settings)

@@ -294,7 +294,27 @@ def test_split_tables_and_the_bar_on_made_up_results():
     assert "not above" in vbar["Video-P2P (fast)"]["note"]  # against the frames it does not clear the baseline
     assert not vbar["FateZero (style)"]["pass"] and vbar["FateZero (style)"]["why"][0].startswith("PSNR vs VAE (local)")
     assert "PSNR vs VAE (local) and warp err intervals" in bench.split_report(vres, "t")
-    assert "(for reference, against the frames: PSNR bg (local) interval" in "\n".join(bench.bar_lines(vbar))
+    assert "(for reference: PSNR bg (local) interval" in "\n".join(bench.bar_lines(vbar))
+    assert bench.bar_warp(vres) == "warp err"  # results without the round trip's warp error
+
+    # with "warp_vae" in every row the bar reads it: a flow error of the item common to every row (here 0 to 0.05)
+    # widens the plain warp error's intervals until they overlap; the warp error over the round trip's separates them
+    def with_floor(r, excess):
+        items = {}
+        for i, (n, sc_) in enumerate(r["items"].items()):
+            w = excess * (1 + 0.1 * (i % 3))
+            items[n] = dict(sc_, warp_err=0.05 * (i % 4) / 3 + w, warp_vae=w)
+        return dict(r, items=items)
+
+    wres = {bench.BASELINE: with_floor(vres[bench.BASELINE], 0.02),
+            "Video-P2P (fast)": with_floor(vres["Video-P2P (fast)"], 0.01)}
+    assert bench.bar_warp(wres) == "warp over VAE"
+    wbar = bench.bar_check(wres)["Video-P2P (fast)"]
+    assert wbar["pass"], wbar
+    assert "warp err interval" in wbar["note"].split("; ")[-1] and "not below" in wbar["note"].split("; ")[-1]
+    assert "PSNR vs VAE (local) and warp over VAE intervals" in bench.split_report(wres, "t")
+    wres["Video-P2P (fast)"] = with_floor(vres["Video-P2P (fast)"], 0.02)  # as unsteady as the baseline: caught
+    assert bench.bar_check(wres)["Video-P2P (fast)"]["why"][0].startswith("warp over VAE interval")
     kt = bench.kind_table(res).splitlines()
     assert kt[0] == "| method | color (6) | background (6) |" and kt[3] == "| FateZero (style) | 100% | 100% |"
     ci = bench.ci_table(res)
@@ -486,6 +506,7 @@ def test_saved_clips_score_again_with_the_vae_measure(tmp_path):
         bench.METHODS.pop("test: half the source")
     a, b = res["test: half the source"]["items"][item], again["test: half the source"]["items"][item]
     assert set(a) - {"_frames"} == set(b) and abs(a["psnr_vae"] - b["psnr_vae"]) < 0.1
+    assert abs(a["warp_vae"] - b["warp_vae"]) < 2e-3 and "warp_vae" not in plain["test: half the source"]["items"][item]
     assert abs(a["psnr_bg"] - b["psnr_bg"]) < 0.1 and a["success"] == b["success"]
     assert a["psnr_vae"] != a["psnr_bg"]  # a striped or dotted background: the references differ
     assert "psnr_vae" not in plain["test: half the source"]["items"][item]

@@ -139,3 +139,22 @@ def test_warp_error_parts_find_a_flickering_object():
     assert abs(same["inside"]) < 1e-9 and abs(same["outside"]) < 1e-9
     p = tm.warp_error_parts(flicker, clip, spec)
     assert p["inside"] > 0.005 and abs(p["outside"]) < 0.25 * p["inside"], p  # (flow errors at the outline move)
+
+
+def test_warp_error_over_the_vae_round_trip():
+    """warp_vae (toy_scores with a round trip): 0 for the round trip itself, the warp error minus the round trip's
+    for any edit (so row-to-row differences are the warp error's), and a flickering object scores above 0 by what
+    the flicker adds, however large the item's own flow error."""
+    spec = next(s for s in sc.benchmark_set(4) if s.name == "color_swap")
+    clip = spec.clip()
+    src = clip.frames
+    rt = src.reshape(4, 16, 8, 16, 8, 3).mean((2, 4)).repeat(8, 1).repeat(8, 2)
+    assert tm.toy_scores(rt, clip, spec, latent_ref=rt)["warp_vae"] == 0.0
+    assert "warp_vae" not in tm.toy_scores(rt, clip, spec)
+    flicker = rt.copy()
+    flicker[1::2][clip.masks[1::2, spec.target]] *= 0.5
+    s = tm.toy_scores(flicker, clip, spec, latent_ref=rt)
+    floor = tm.warp_error(rt, src)
+    assert floor > 0 and abs(s["warp_vae"] - (s["warp_err"] - floor)) < 1e-12
+    assert s["warp_vae"] > 0.005, s
+    assert tm.warp_error_over(flicker, rt, src) == s["warp_vae"]

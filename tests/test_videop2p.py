@@ -155,7 +155,11 @@ def test_controller_row_layout_and_p2p_control():
     assert torch.allclose(out[3 * f:, ..., 4], src[..., 3])
     # outside the cross window only the blend attention is recorded (factor 2 layer), nothing changes
     assert ctl(call("cross", 100), probs) is None and ctl.mask() is not None
-    assert not ctl.active(call("self", 100)) and not ctl.active(call("self", 900, hw=(8, 8)))
+    assert not ctl.active(call("self", 100))  # outside the self window
+    # self-attention is replaced where the map has at most 32x32 queries (Video-P2P's rule on the map at hand): this
+    # small latent's full-resolution level too, not SD1.5's 64x64 level at 512 px
+    assert ctl.active(call("self", 900, hw=(8, 8))) and ctl.active(call("self", 900, hw=(32, 32)))
+    assert not ctl.active(call("self", 900, hw=(64, 64))) and not ctl.active(call("self", 900, hw=(33, 32)))
     s_out = ctl(call("self", 900), probs[..., :nq])
     assert torch.equal(s_out[3 * f:], probs[2 * f:3 * f, ..., :nq])
     # calls of other runs (no branches key) are left alone

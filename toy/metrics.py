@@ -123,6 +123,16 @@ def warp_error(edited, source, flows: list[np.ndarray] | None = None, region=Non
     return float(np.mean(errs)) if errs else float("nan")
 
 
+def warp_error_over(edited, reference, source, flows: list[np.ndarray] | None = None) -> float:
+    """`warp_error` of `edited` minus that of `reference` ([F, H, W, 3] 0..1 both; the source's flows): how much more
+    the edit flickers than a clip that changed nothing. With the source's VAE round trip as the reference ("warp_vae"
+    of `toy_scores`) it leaves out what every edit of the item scores alike: the flow's errors at occlusions and on
+    fine stripes and dots, as the VAE keeps them (0.0005-0.07 per test item, mean 0.010: 40-75% of every row's warp
+    error; toy/RESULTS.md, "Warp error over the VAE round trip"). Row minus row differences per item are unchanged."""
+    flows = flows if flows is not None else source_flows(source)
+    return warp_error(edited, source, flows) - warp_error(reference, source, flows)
+
+
 def edited_region(clip, spec, dilate_px: int = 8) -> np.ndarray:
     """[F, H, W] bool: what the edit may change, the pixels the preservation measures leave out: the edited object's
     region dilated by dilate_px (`target_region`); for a background edit the background with a dilate_px band over
@@ -256,12 +266,13 @@ def target_region(clip, spec) -> np.ndarray:
 def toy_scores(edited, clip, spec, dilate_px: int = 8, latent_ref=None) -> dict:
     """All metrics of one toy benchmark item. `clip` is a toy Clip (source frames + masks), `spec` an
     EditSpec; `latent_ref` [F, H, W, 3] 0..1: the source frames' VAE round trip, for "psnr_vae" (the preservation
-    PSNR against it instead of the frames; left out when None)."""
+    PSNR against it instead of the frames) and "warp_vae" (`warp_error_over`); both left out when None."""
     if spec.target is not None and spec.edit_background != spec.background:
         out = _object_and_background_scores(edited, clip, spec, dilate_px)
         if latent_ref is not None:  # on the same pixels as its psnr_bg: the other objects, nan without any
             reg = edited_region(clip, spec, dilate_px)
             out["psnr_vae"] = min(masked_psnr(edited, latent_ref, reg), PSNR_CAP) if (~reg).any() else float("nan")
+            out["warp_vae"] = warp_error_over(edited, latent_ref, clip.frames)
         return out
     src = clip.frames
     masks = clip.masks  # [F, n, H, W]
@@ -280,6 +291,7 @@ def toy_scores(edited, clip, spec, dilate_px: int = 8, latent_ref=None) -> dict:
     }
     if latent_ref is not None:
         out["psnr_vae"] = min(masked_psnr(edited, latent_ref, edit_region), PSNR_CAP)
+        out["warp_vae"] = warp_error_over(edited, latent_ref, src)
     if spec.target is None:
         out["success"] = background_success(edited, all_obj, spec.edit_background, dilate_px)
         kept = [object_success(edited, masks[:, i], m.shape, m.color, dilate_px)["both"]
