@@ -467,8 +467,8 @@ def bar_warp(res: dict) -> str:
     """The steadiness column the bar reads: "warp over VAE" (the warp error minus the source's VAE round trip's,
     `metrics.warp_error_over`) when every item of the baseline and of the bar's rows has it, else "warp err".
     Why: the round trip's own warp error (the flow's errors at occlusions and on stripes and dots, what an edit that
-    changed nothing scores) is 40-75% of every row's and varies 100-fold between items, the same for every row on an
-    item; it widens every row's interval without telling rows apart (toy/RESULTS.md, "Warp error over the VAE round
+    changed nothing scores) is 42-75% of each row's mean on the test split and varies 30-fold between its items, the
+    same for every row on an item; it widens every row's interval without telling rows apart (toy/RESULTS.md, "Warp error over the VAE round
     trip"). The difference of two rows' means is the same in both columns."""
     return "warp over VAE" if _all_items_have(res, "warp_vae") else "warp err"
 

@@ -1,9 +1,9 @@
 """Benchmark rows for Video-P2P (issue 5), built from the pack's nodes as a graph wires them:
 
     TemporalSelfAttentionPatch(first) -> VideoDDIMInvert(source prompt) -> [NullTextOptimize] ->
-    VideoP2PGuider(source, edit, empty; refinement, cross 0.2, self 0.5, Local Blend on the source words of
-    the edited object from 0.2, threshold 0.3) -> SamplerCustomAdvanced (DisableNoise, ddim, ddim_uniform, same
-    steps, from z_T)
+    VideoP2PGuider(source, edit, empty; refinement, cross 0.2, self 0.5, Local Blend from 0.2, threshold 0.3, on
+    the source prompt's words of what the edit changes and the edit prompt's words for them) -> SamplerCustomAdvanced
+    (DisableNoise, ddim, ddim_uniform, same steps, from z_T)
 
 Refinement rather than the word swap Video-P2P's code picks for prompts of equal word count: on the toy model a
 word swap hands the new colour word the old colour word's maps, which keep the old colour (the fast row with a
@@ -18,6 +18,14 @@ branch inside the edited object's Source Attention Mask from fresh noise (Fresh 
 in Video-P2P): chosen on the dev split of issue 20, the fast row 78.8% -> 84.2% (+5.4 [-0.8, +12.5]; colour swaps
 88% -> 100%), local background -0.2 dB; the null-text row follows the same rule.
 
+Local Blend on both prompts' words, as Video-P2P's configs pair them (blend_word `road`/`railway`, `man`/`Spider-Man`;
+the reference unites the two prompts' masks): `blend_words` = the source words of what the edit changes (the
+edited object's phrase, the background's, or both), `blend_words_edit` = the edit prompt's words for the same
+(`methods_bld.edit_words`). Until 2026-12-02 the row left `blend_words_edit` empty, and where the source words'
+mask missed part of what changes (a plain gray background's word attends to part of it) the target branch was put
+back on the source there (a gray block left in a new striped background): on the 60 dev items of issue 20 the fast
+row with both words edits +X points (toy/RESULTS.md).
+
 - "Video-P2P (fast)": without null text (the source branch uses its conditional prediction), as `--fast`.
 - "Video-P2P (null-text)": with the shared null-text optimisation (10 inner steps, epsilon 1e-5).
 """
@@ -27,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from .benchmark import BenchSpec, _pack, decode, encode_frames, invert, prompt_pair, register
-from .methods_bld import SOURCE_WINDOW, source_words, with_fresh_noise
+from .methods_bld import SOURCE_WINDOW, edit_words, source_words, with_fresh_noise
 from .methods_fatezero import added_words
 
 REWEIGHT = 4  # Video-P2P configs: x2-x5 on the new word
@@ -49,7 +57,7 @@ def videop2p_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     reweight = ", ".join(f"{w}:{REWEIGHT}" for w in added_words(spec))
     guider = vp.VideoP2PGuiderNode.execute(
         with_fresh_noise(m, inv, pair, spec), inv, pair, spec.cfg, "refine", 0.2, "", 0.5, reweight,
-        source_words(spec), "", 0.2, 0.3, vp.TARGET_UNCOND[0], null_text=nt).result[0]
+        source_words(spec), edit_words(spec), 0.2, 0.3, vp.TARGET_UNCOND[0], null_text=nt).result[0]
     ms = m.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, spec.scheduler, spec.steps).cpu()
     x = z_T["samples"]

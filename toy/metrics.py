@@ -127,8 +127,9 @@ def warp_error_over(edited, reference, source, flows: list[np.ndarray] | None = 
     """`warp_error` of `edited` minus that of `reference` ([F, H, W, 3] 0..1 both; the source's flows): how much more
     the edit flickers than a clip that changed nothing. With the source's VAE round trip as the reference ("warp_vae"
     of `toy_scores`) it leaves out what every edit of the item scores alike: the flow's errors at occlusions and on
-    fine stripes and dots, as the VAE keeps them (0.0005-0.07 per test item, mean 0.010: 40-75% of every row's warp
-    error; toy/RESULTS.md, "Warp error over the VAE round trip"). Row minus row differences per item are unchanged."""
+    fine stripes and dots, as the VAE keeps them (0.002-0.060 per test item, mean 0.010: 42-75% of each row's mean
+    warp error; toy/RESULTS.md, "Warp error over the VAE round trip"). Row minus row differences per item are
+    unchanged."""
     flows = flows if flows is not None else source_flows(source)
     return warp_error(edited, source, flows) - warp_error(reference, source, flows)
 
