@@ -229,6 +229,15 @@ def test_bootstrap_intervals_are_seeded_and_cover_the_mean():
     assert bench.bootstrap_ci(vals) == (m, lo, hi)  # seeded
     assert bench.bootstrap_ci([3.0] * 5) == (3.0, 3.0, 3.0)
     assert all(v != v for v in bench.bootstrap_ci([]))
+    # a row's intervals do not depend on the order its items were run or merged in
+    items = {f"test{i:02d}_color": {"success": float(i % 3 == 0), "warp_err": 0.01 * (i % 5), "kind": "color",
+                                    "local": True} for i in range(12)}
+    shuffled = dict(reversed(list(items.items())))
+    a = bench.summary({"r": {"items": items}})["r"]
+    b = bench.summary({"r": {"items": shuffled}})["r"]
+    assert a["edit ok"] == b["edit ok"] and a["warp err"] == b["warp err"]
+    assert bench.paired_table({"r": {"items": items}}, {"r": {"items": items}}) == \
+        bench.paired_table({"r": {"items": shuffled}}, {"r": {"items": shuffled}})
 
 
 def test_paired_comparison_on_made_up_results(tmp_path):

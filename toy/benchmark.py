@@ -383,9 +383,11 @@ SPLIT_COLUMNS = [
 
 
 def _values(r: dict, key: str, which: str) -> list[float]:
+    """The items' values of `key` in the order of the item names (so that an interval does not depend on the order in
+    which the items were run or merged: `bootstrap_ci` resamples positions)."""
     items = r["items"]
     loc = set(local_items({"_": r}))
-    names = [n for n in items if which == "all" or (which == "local") == (n in loc)]
+    names = [n for n in sorted(items) if which == "all" or (which == "local") == (n in loc)]
     return [items[n][key] for n in names if key in items[n]]
 
 
@@ -547,7 +549,7 @@ def paired_table(before: dict, after: dict) -> str:
     kind_lines = []
     for m, b in match_rows(before, after).items():
         bi, ai = before[b]["items"], after[m]["items"]
-        names = [n for n in ai if n in bi]
+        names = sorted(n for n in ai if n in bi)  # item order: as `_values`
         if not names:
             continue
         loc = set(local_items({"_": {"items": {n: ai[n] for n in names}}}))
@@ -607,7 +609,7 @@ def drawn_items(res: dict, drawn: dict, bar: float | None = None) -> tuple[list[
     from .quality import DRAWN_BAR
 
     bar = DRAWN_BAR if bar is None else bar
-    names = list(next(iter(res.values()))["items"]) if res else []
+    names = sorted(next(iter(res.values()))["items"]) if res else []  # item order: as `_values`
     missing = [n for n in names if n not in drawn]
     if missing:
         raise ValueError(f"--drawn has no entry for {missing[:3]}{'...' if len(missing) > 3 else ''}: run "
