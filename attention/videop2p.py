@@ -34,7 +34,7 @@ target branch (edit prompt, the ordinary empty prompt, guidance) are denoised in
 batch. Rows of a call are `chunk * 2F + branch * F + frame` (branch 0 = source, 1 = target); the
 controller replaces the target's conditional cross-attention with Prompt-to-Prompt's word swap /
 refinement / reweighting of the source's (p2p.cross_control), replaces the target's self-attention of
-the coarse layers by the source's inside the self window, and keeps a running sum of both branches'
+the layers with at most 32x32 queries (BranchPlan.self_max_queries) by the source's inside the self window, and keeps a running sum of both branches'
 cross-attention of the blend words for Local Blend (masks.cross_attention_mask per branch, union):
 after every step from `blend_start` on, x_tgt = x_src + M * (x_tgt - x_src).
 
