@@ -244,6 +244,27 @@ def check_edit_run(entries, guider, noise, latent_image, sampler, sigmas, denois
     return warnings
 
 
+def exact_ddim_uniform_steps(steps: int, train_steps: int = 1000) -> bool:
+    """Whether ComfyUI's ddim_uniform schedule (comfy/samplers.py `ddim_scheduler`: every (train_steps // steps)-th
+    of the timesteps 1..train_steps-1) has exactly `steps` steps; for 12 it has 13 (10, 20, 25, 40, 50 are exact)."""
+    stride = max(train_steps // steps, 1)
+    return -(-(train_steps - 1) // stride) == steps
+
+
+def _ddim_uniform_extra_step(inv_steps: int, steps: int, guider_only: bool) -> str:
+    """The message for a BasicScheduler that kept the last `steps` of the `inv_steps` steps ddim_uniform gave."""
+    lower = next((n for n in range(steps - 1, 0, -1) if exact_ddim_uniform_steps(n)), None)
+    upper = next(n for n in range(steps + 1, 1001) if exact_ddim_uniform_steps(n))
+    counts = f"{lower} or {upper}" if lower else str(upper)
+    text = (f"ComfyUI's ddim_uniform schedule has {inv_steps} steps for steps={steps} (its 1000 timesteps do not "
+            f"divide into {steps} evenly) and Video DDIM Invert inverted all {inv_steps}, but BasicScheduler keeps only "
+            f"the last {steps}, so the edit would start one step below z_T: set 'steps' to {counts} (a count "
+            "ddim_uniform keeps exact) in both Video DDIM Invert and BasicScheduler")
+    if not guider_only:
+        text += f", or sample with KSamplerAdvanced (steps {steps}: its ddim_uniform has the same {inv_steps} steps)"
+    return text + "."
+
+
 def _check_sigmas(entry: ContractEntry, sigmas, latent_image, guider, memory, warnings, allow_partial=True) -> None:
     inv, node = entry.inversion, entry.node
     steps = requested_steps(inv)
@@ -273,6 +294,8 @@ def _check_sigmas(entry: ContractEntry, sigmas, latent_image, guider, memory, wa
                 "end_at_step 10000; " + hint + "."
             )
     k0, k_end = idx[0], idx[-1]
+    if steps != inv.steps and len(sig) - 1 == steps and k0 == steps and k_end == 0:
+        raise ZSVEInputError(f"{node}: " + _ddim_uniform_extra_step(inv.steps, steps, guider_only=not allow_partial))
     if not allow_partial and (k0 != inv.steps or k_end != 0):
         raise ZSVEInputError(
             f"{node}: the sampler runs steps {inv.steps - k0}..{inv.steps - k_end} of {inv.steps}; this edit samples "

@@ -283,3 +283,29 @@ def test_a_word_that_is_only_part_of_a_longer_word_is_named():
         "model": ["model", 0], "inversion": ["inv", 1], "mask_source": "cross-attention", "start": 0.0, "end": 1.0,
         "threshold": 0.3, "dilation": 1, "temporal_smoothing": 0, "prompts": ["pp", 3], "words": "squ"}}}, "'squ' is only part of the word 'square'")
     assert "give 'square'" in msg
+
+
+def test_ddim_uniform_step_counts_follow_comfyuis_scheduler(tiny_model):
+    """exact_ddim_uniform_steps says for which step counts ComfyUI's ddim_uniform schedule has exactly that many steps
+    (checked against comfy.samplers.ddim_scheduler on the model's own 1000-step schedule)."""
+    import comfy.samplers
+
+    from zsve.nodes.contract import exact_ddim_uniform_steps
+
+    ms = tiny_model.get_model_object("model_sampling")
+    for n in range(1, 61):
+        assert exact_ddim_uniform_steps(n) == (len(comfy.samplers.ddim_scheduler(ms, n)) - 1 == n), n
+    assert not exact_ddim_uniform_steps(12) and exact_ddim_uniform_steps(10) and exact_ddim_uniform_steps(20)
+
+
+def test_a_step_count_that_ddim_uniform_lengthens_is_explained():
+    """ddim_uniform has 13 steps for steps=12: Video DDIM Invert inverts all 13, BasicScheduler keeps the last 12. The
+    run is refused with the step counts that work (and, where the sampler may be KSamplerAdvanced, that one: its
+    ddim_uniform has the same 13 steps, and it runs)."""
+    msg = _refused(_graph("videop2p", inv_steps=12, steps=12), "VideoP2PGuider", "has 13 steps for steps=12",
+                   "set 'steps' to 10 or 20 (a count ddim_uniform keeps exact) in both Video DDIM Invert and "
+                   "BasicScheduler")
+    assert "KSamplerAdvanced" not in msg  # the guider samples with SamplerCustomAdvanced only
+    _refused(_graph("blend", inv_steps=12, sampler="custom", steps=12), NODE_OF["blend"],
+             "or sample with KSamplerAdvanced (steps 12: its ddim_uniform has the same 13 steps)")
+    run_prompt(_graph("blend", inv_steps=12, steps=12))
