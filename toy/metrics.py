@@ -123,15 +123,15 @@ def warp_error(edited, source, flows: list[np.ndarray] | None = None, region=Non
     return float(np.mean(errs)) if errs else float("nan")
 
 
-def warp_error_over(edited, reference, source, flows: list[np.ndarray] | None = None) -> float:
+def warp_error_over(edited, reference, source, flows: list[np.ndarray] | None = None, region=None) -> float:
     """`warp_error` of `edited` minus that of `reference` ([F, H, W, 3] 0..1 both; the source's flows): how much more
     the edit flickers than a clip that changed nothing. With the source's VAE round trip as the reference ("warp_vae"
     of `toy_scores`) it leaves out what every edit of the item scores alike: the flow's errors at occlusions and on
     fine stripes and dots, as the VAE keeps them (0.002-0.060 per test item, mean 0.010: 42-75% of each row's mean
     warp error; toy/RESULTS.md, "Warp error over the VAE round trip"). Row minus row differences per item are
-    unchanged."""
+    unchanged. `region`: both shares on those pixels only (`warp_error`)."""
     flows = flows if flows is not None else source_flows(source)
-    return warp_error(edited, source, flows) - warp_error(reference, source, flows)
+    return warp_error(edited, source, flows, region) - warp_error(reference, source, flows, region)
 
 
 def edited_region(clip, spec, dilate_px: int = 8) -> np.ndarray:
@@ -154,10 +154,7 @@ def warp_error_parts(edited, clip, spec, dilate_px: int = 8) -> dict:
     src = clip.frames
     flows = source_flows(src)
     reg = edited_region(clip, spec, dilate_px)
-    out = {}
-    for key, r in (("inside", reg), ("outside", ~reg)):
-        out[key] = warp_error(edited, src, flows, r) - warp_error(src, src, flows, r)
-    return out
+    return {key: warp_error_over(edited, src, src, flows, r) for key, r in (("inside", reg), ("outside", ~reg))}
 
 
 def frame_change(frames) -> float:
@@ -268,14 +265,15 @@ def toy_scores(edited, clip, spec, dilate_px: int = 8, latent_ref=None) -> dict:
     """All metrics of one toy benchmark item. `clip` is a toy Clip (source frames + masks), `spec` an
     EditSpec; `latent_ref` [F, H, W, 3] 0..1: the source frames' VAE round trip, for "psnr_vae" (the preservation
     PSNR against it instead of the frames) and "warp_vae" (`warp_error_over`); both left out when None."""
+    src = clip.frames
+    flows = source_flows(src)  # once per item: the warp error and the round trip's use the same
     if spec.target is not None and spec.edit_background != spec.background:
-        out = _object_and_background_scores(edited, clip, spec, dilate_px)
+        out = _object_and_background_scores(edited, clip, spec, dilate_px, flows)
         if latent_ref is not None:  # on the same pixels as its psnr_bg: the other objects, nan without any
             reg = edited_region(clip, spec, dilate_px)
             out["psnr_vae"] = min(masked_psnr(edited, latent_ref, reg), PSNR_CAP) if (~reg).any() else float("nan")
-            out["warp_vae"] = warp_error_over(edited, latent_ref, clip.frames)
+            out["warp_vae"] = warp_error_over(edited, latent_ref, src, flows)
         return out
-    src = clip.frames
     masks = clip.masks  # [F, n, H, W]
     all_obj = masks.any(1)
     # a global edit (the background changes, objects must stay) is measured on the objects shrunk by dilate_px: the
@@ -286,13 +284,13 @@ def toy_scores(edited, clip, spec, dilate_px: int = 8, latent_ref=None) -> dict:
     out = {
         "psnr_bg": min(masked_psnr(edited, src, edit_region), PSNR_CAP),
         "ssim_bg": masked_ssim(edited, src, edit_region),
-        "warp_err": warp_error(edited, src),
+        "warp_err": warp_error(edited, src, flows),
         "rel_change": relative_frame_change(edited, src),
         "leak": changed_fraction(edited, src, keep_region),
     }
     if latent_ref is not None:
         out["psnr_vae"] = min(masked_psnr(edited, latent_ref, edit_region), PSNR_CAP)
-        out["warp_vae"] = warp_error_over(edited, latent_ref, src)
+        out["warp_vae"] = warp_error_over(edited, latent_ref, src, flows)
     if spec.target is None:
         out["success"] = background_success(edited, all_obj, spec.edit_background, dilate_px)
         kept = [object_success(edited, masks[:, i], m.shape, m.color, dilate_px)["both"]
@@ -320,7 +318,7 @@ def _others_kept_region(clip, spec, dilate_px: int):
     return m & ~dilate(~m, dilate_px)
 
 
-def _object_and_background_scores(edited, clip, spec, dilate_px: int) -> dict:
+def _object_and_background_scores(edited, clip, spec, dilate_px: int, flows=None) -> dict:
     """An edit of one object and of the background together: success when a frame shows both the requested
     object and the requested background; preservation only on the other objects (shrunk by dilate_px), nan when
     there are none."""
@@ -340,7 +338,7 @@ def _object_and_background_scores(edited, clip, spec, dilate_px: int) -> dict:
     keep = _others_kept_region(clip, spec, dilate_px)
     pc, ps, pb = (float(np.mean([p[j] for p in parts])) for j in range(3))
     out = {"success": float(np.mean(ok)), "success_color": pc, "success_shape": ps, "success_background": pb,
-           "warp_err": warp_error(edited, src),
+           "warp_err": warp_error(edited, src, flows),
            "rel_change": relative_frame_change(edited, src)}
     if keep is not None and keep.any():
         out["psnr_bg"] = min(masked_psnr(edited, src, ~keep), PSNR_CAP)
