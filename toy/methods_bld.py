@@ -28,6 +28,15 @@ from .benchmark import (
 )
 
 TEMPORAL_MODE = "middle"
+# Temporal Self-Attention's min_channels for the Blended latent, FateZero and InFusion rows: -1 (the node's default,
+# "auto", as every shipped workflow has it): the model's finest attention level stays per-frame, as FateZero's
+# least_sc_channel (640 on SD1.5) keeps its 64x64 level; on the toy's 128-px clips the 16x16 level. Until 2026-12-02
+# the rows made every level temporal (0): every frame's finest level then read the middle frame's keys and values
+# only, and where the object moves or zooms the new object was placed anew in each frame (InFusion's shape swaps:
+# warp error twice the uncontrolled edit's). Chosen on the 60 dev items of issue 20, paired (toy/RESULTS.md,
+# "The finest level's self-attention per-frame"). Video-P2P's rows keep 0: its reference's frame attention (keys and
+# values of the first frame) is in every transformer block.
+TEMPORAL_MIN_CHANNELS = -1
 SOURCE_WINDOW = 0.5  # Source Attention Mask's default: the first half of the steps vote
 REWEIGHT = 4  # the words the edit adds, in the attention-mask row (Cross-Attention Reweight; chosen on dev)
 REWEIGHT_END = 0.5  # over the first half of the steps
@@ -106,7 +115,7 @@ def _blend_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Benc
     fz = pack.nodes.fatezero
     apply_latent_blend = pack.nodes.blend.apply_latent_blend
     m = fz.TemporalSelfAttentionPatch.execute(model, mode=TEMPORAL_MODE, include_own_frame=False,
-                                              min_channels=0).result[0]
+                                              min_channels=TEMPORAL_MIN_CHANNELS).result[0]
     inv_model = m
     if source_words or fresh_noise:  # record the source's cross-attention for the mask of the old object
         inv_model = fz.AttentionStore.execute(m, record_window=SOURCE_WINDOW, skip_full_res=False,

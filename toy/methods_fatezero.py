@@ -47,7 +47,7 @@ from .benchmark import (
     register,
     sample_from,
 )
-from .methods_bld import edit_words, source_words, with_fresh_noise
+from .methods_bld import TEMPORAL_MIN_CHANNELS, edit_words, source_words, with_fresh_noise
 
 TEMPORAL_MODE = "middle"
 
@@ -69,7 +69,7 @@ def words_added(source_prompt: str, edit_prompt: str) -> list[str]:
 def fatezero_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: BenchSpec, blend: dict):
     fz = _pack().nodes.fatezero
     m = fz.TemporalSelfAttentionPatch.execute(model, mode=TEMPORAL_MODE, include_own_frame=False,
-                                              min_channels=0).result[0]
+                                              min_channels=TEMPORAL_MIN_CHANNELS).result[0]
     latent = encode_frames(vae, frames)
     skip = _pack().attention.store.fatezero_skips_full_res(latent["samples"].shape[-2:])
     store_model = fz.AttentionStore.execute(m, record_window=max(blend["cross"], blend["self"]), skip_full_res=skip,

@@ -32,7 +32,7 @@ from .benchmark import (
     register,
     sample_from,
 )
-from .methods_bld import SOURCE_WINDOW, with_fresh_noise
+from .methods_bld import SOURCE_WINDOW, TEMPORAL_MIN_CHANNELS, with_fresh_noise
 from .methods_fatezero import words_added
 
 TEMPORAL_MODE = "middle"
@@ -96,7 +96,8 @@ def infusion_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
     nodes_inf = pack.nodes.infusion
     layers = dict(TOY_LAYERS)
     layers.update({k: v for k, v in overrides.items() if k in layers})
-    m = temporal.execute(model, mode=TEMPORAL_MODE, include_own_frame=False, min_channels=0).result[0]
+    m = temporal.execute(model, mode=TEMPORAL_MODE, include_own_frame=False,
+                         min_channels=TEMPORAL_MIN_CHANNELS).result[0]
     src_model = nodes_inf.InFusionSource.execute(m, skip_full_res=True, memory_budget_gb=0.0, **layers).result[0]
     fresh = overrides.get("fresh_noise", True)
     if fresh:  # the source's cross-attention, for the edited object's mask (Fresh Noise Start)
