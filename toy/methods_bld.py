@@ -1,7 +1,7 @@
 """Benchmark rows for Blended Latent Diffusion under attention control (issue 7).
 
 - "Blended latent (attention mask)": the clip is DDIM-inverted with the source prompt on a model with
-  temporal self-attention (and Attention Store for the first half of the steps); the edit samples from z_T with the
+  temporal self-attention ("middle", the finest level per-frame: `TEMPORAL_MIN_CHANNELS`) (and Attention Store for the first half of the steps); the edit samples from z_T with the
   edit prompt on the same model patched by LatentBlendWithInversion (mask from the edit-time cross-attention of the
   edited words, recomputed at every step, threshold 0.3, dilation 1 (the node's default is 3; chosen on the dev split
   of issue 20), united with Source Attention Mask of the source prompt's words for what the edit changes: the old

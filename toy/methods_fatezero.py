@@ -3,6 +3,9 @@
     TemporalSelfAttentionPatch(middle) -> AttentionStore -> VideoDDIMInvert(source prompt)
     TemporalSelfAttentionPatch(middle) -> AttentionBlend(inversion) -> KSamplerAdvanced(edit prompt, from z_T)
 
+The temporal self-attention keeps the finest level per-frame (the node's default min_channels, FateZero's
+`least_sc_channel`; `methods_bld.TEMPORAL_MIN_CHANNELS`).
+
 Which layers are fused: FateZero's code controls every attention layer whose query map has at most 32x32
 positions (attention_util.py, `attn.shape[-2] <= 32**2`). At SD's 512 px that leaves out the 64x64 level (the
 pack's `skip_full_res`); at the toy's 128-px frames every level qualifies (16x16 = 256 queries), so the rows

@@ -1,7 +1,8 @@
 """Benchmark row for InFusion (issue 6): "InFusion".
 
 The clip is DDIM-inverted with the source prompt on a model with temporal self-attention ("middle", as the
-other rows; InFusion initialises temporal attention from spatial attention) patched by InFusionSource; the
+other rows, the finest level per-frame: `methods_bld.TEMPORAL_MIN_CHANNELS`; InFusion initialises temporal attention
+from spatial attention) patched by InFusionSource; the
 edit samples from z_T with the edit prompt on the same temporal model patched by InFusionInject. The
 concepts are the word pairs in which the two prompts differ ("red->blue", "stripes->dots", ...), so a
 benchmark item with two changed objects becomes a two-concept edit.
