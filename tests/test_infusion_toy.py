@@ -92,3 +92,31 @@ def test_the_infusion_row_reweights_the_words_the_edit_adds(toy, monkeypatch):
     added = [i for w in ("green", "dots") for i in align.word_indices(spec.edit_prompt, w, pair_tok)]
     assert methods_infusion.REWEIGHT == 4 and sorted(torch.nonzero(procs[0].equalizer != 1).flatten().tolist()) == added
     assert all(procs[0].equalizer[i] == 4 for i in added)
+
+
+def test_the_infusion_row_holds_the_background_at_full_resolution_on_object_edits(toy, monkeypatch):
+    """The benchmark's InFusion row (chosen on the dev split of issue 20): an edit that changes an object and keeps the
+    background injects the source features in decoder blocks 1-2 (the toy's last 8x8 block and first 16x16 block),
+    a background edit in block 1 only; InFusion Source and InFusion Inject get the same blocks."""
+    from zsve.toy import methods_infusion
+
+    model, clip, vae = toy
+    nodes_inf = methods_infusion._pack().nodes.infusion
+    seen = []
+    for cls in (nodes_inf.InFusionSource, nodes_inf.InFusionInject):
+        orig = cls.execute.__func__
+
+        def spy(klass, *a, _orig=orig, **k):
+            seen.append((klass.__name__, k["feature_blocks"]))
+            return _orig(klass, *a, **k)
+        monkeypatch.setattr(cls, "execute", classmethod(spy))
+    for name, blocks in (("shape_swap", "1-2"), ("background_change", "1")):
+        spec = next(s for s in sc.benchmark_set(2) if s.name == name)
+        clip_ = spec.clip()
+        assert spec.local == (name == "shape_swap")
+        seen.clear()
+        out = infusion_edit(model, clip, vae, torch.from_numpy(clip_.frames), spec.source_prompt, spec.edit_prompt,
+                            bench.BenchSpec(spec, clip_, steps=4))
+        assert torch.isfinite(out).all()
+        assert seen == [("InFusionSource", blocks), ("InFusionInject", blocks)], (name, seen)
+    assert methods_infusion.OBJECT_EDIT_FEATURE_BLOCKS == "1-2" and methods_infusion.TOY_LAYERS["feature_blocks"] == "1"
