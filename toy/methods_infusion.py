@@ -9,7 +9,8 @@ benchmark item with two changed objects becomes a two-concept edit.
 
 Layers for the toy UNet (2 resolution levels, output blocks 0-3): Plug-and-Play's SD1.5 choices (ResBlock
 of output block 4, self-attention of blocks 4-11) map to the lowest decoder level's last block (1) for the
-features and blocks 1-3 for attention. Windows: S1 0.5 (the node default) and S2 0.7 instead of the node's 0.8
+features (and the first full-resolution block too, 1-2, for an edit that changes an object and keeps the background:
+`OBJECT_EDIT_FEATURE_BLOCKS`) and blocks 1-3 for attention. Windows: S1 0.5 (the node default) and S2 0.7 instead of the node's 0.8
 (Plug-and-Play's): chosen on the dev split of issue 20, where the source keys/values of steps 14-15 of 20 held
 the old background in the background changes (25% of the frames edited with S2 0.8, 75% with 0.7) and the row
 went from 61% to 75% edit success (S2 0.65: 74%; 0.5, no key/value phase at all: 75% with a higher warp error;
