@@ -99,24 +99,21 @@ def test_the_infusion_row_holds_the_background_at_full_resolution_on_object_edit
     background injects the source features in decoder blocks 1-2 (the toy's last 8x8 block and first 16x16 block),
     a background edit in block 1 only; InFusion Source and InFusion Inject get the same blocks."""
     from zsve.toy import methods_infusion
+    from zsve_harness import node_calls
 
     model, clip, vae = toy
     nodes_inf = methods_infusion._pack().nodes.infusion
-    seen = []
-    for cls in (nodes_inf.InFusionSource, nodes_inf.InFusionInject):
-        orig = cls.execute.__func__
-
-        def spy(klass, *a, _orig=orig, **k):
-            seen.append((klass.__name__, k["feature_blocks"]))
-            return _orig(klass, *a, **k)
-        monkeypatch.setattr(cls, "execute", classmethod(spy))
+    source = node_calls(monkeypatch, nodes_inf.InFusionSource)
+    inject = node_calls(monkeypatch, nodes_inf.InFusionInject)
     for name, blocks in (("shape_swap", "1-2"), ("background_change", "1")):
         spec = next(s for s in sc.benchmark_set(2) if s.name == name)
         clip_ = spec.clip()
         assert spec.local == (name == "shape_swap")
-        seen.clear()
+        source.clear()
+        inject.clear()
         out = infusion_edit(model, clip, vae, torch.from_numpy(clip_.frames), spec.source_prompt, spec.edit_prompt,
                             bench.BenchSpec(spec, clip_, steps=4))
         assert torch.isfinite(out).all()
-        assert seen == [("InFusionSource", blocks), ("InFusionInject", blocks)], (name, seen)
+        got = [k["feature_blocks"] for _, k in source + inject]
+        assert got == [blocks, blocks], (name, got)
     assert methods_infusion.OBJECT_EDIT_FEATURE_BLOCKS == "1-2" and methods_infusion.TOY_LAYERS["feature_blocks"] == "1"

@@ -27,18 +27,11 @@ def test_videop2p_row_blends_on_both_prompts_words(monkeypatch):
     """Local Blend of the rows unites the source prompt's words of what the edit changes with the edit prompt's words
     for them, as Video-P2P's configs pair them (road/railway): a background change blends on both backgrounds."""
     from zsve.toy import scenes as sc
+    from zsve_harness import node_calls
 
-    nodes_vp = bench._pack().nodes.videop2p
-    seen = {}
-    orig = nodes_vp.VideoP2PGuiderNode.execute.__func__
-
-    def spy(cls, *args, **kw):
-        seen["blend_words"], seen["blend_words_edit"] = args[9], args[10]
-        return orig(cls, *args, **kw)
-
-    monkeypatch.setattr(nodes_vp.VideoP2PGuiderNode, "execute", classmethod(spy))
+    calls = node_calls(monkeypatch, bench._pack().nodes.videop2p.VideoP2PGuiderNode)
     es = next(s for s in sc.split_set("dev", 2) if s.name == "dev03_background")
     assert (es.source_prompt, es.edit_prompt) == ("a blue triangle on gray", "a blue triangle on red stripes")
     model, clip, vae, _ = toy_model.load()
     bench.run(model, clip, vae, ROWS[:1], steps=2, cfg=5.0, frames=2, items=[es.name], split="dev", verbose=False)
-    assert seen == {"blend_words": "gray", "blend_words_edit": "red stripes"}
+    assert [(a[9], a[10]) for a, _ in calls] == [("gray", "red stripes")]  # blend_words, blend_words_edit

@@ -398,3 +398,17 @@ def processors_of_row(monkeypatch, module, run) -> list:
     with pytest.raises(_Stop), torch.inference_mode():
         run()
     return seen["procs"]
+
+
+def node_calls(monkeypatch, node_cls) -> list:
+    """Record every call of a V3 node's `execute` (the node still runs): a list that grows by (args, kwargs) per call,
+    args without the class."""
+    calls = []
+    orig = node_cls.execute.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append((args, kwargs))
+        return orig(cls, *args, **kwargs)
+
+    monkeypatch.setattr(node_cls, "execute", classmethod(spy))
+    return calls
