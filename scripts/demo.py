@@ -3,7 +3,10 @@
 Default: the toy model (toy/weights, loaded with the pack's ToyModelLoader) on a toy clip. With
 --checkpoint/--video/--source-prompt/--edit-prompt the same workflow runs on a real SD1.5 checkpoint and
 a real video. Writes the output video, a side-by-side comparison (source | result [| mask]) and a metrics
-JSON, and prints their paths.
+JSON, and prints their paths. On a toy clip the JSON's "toy" scores (edit ok, background kept; toy/metrics.py)
+judge the edit the edit prompt asks for ("toy_edit"): the clip's own, or another one of its object and/or background
+typed with --edit-prompt in the toy vocabulary (e.g. "a green triangle on blue stripes"); outside it they are left
+out, and the run says so.
 
     bash scripts/demo.sh                       # toy model, toy clip, blended-latent local edit
     bash scripts/demo.sh --workflow invert_reconstruct_video
@@ -95,25 +98,37 @@ def main(argv=None) -> int:
         spec = specs[args.clip]
         clip = spec.clip()
         write_video(torch.from_numpy(clip.frames), work_in / "input.mp4")
+        video_name = "input.mp4"
+        masks = clip.masks
+    source_prompt = args.source_prompt or (spec.source_prompt if spec else None)
+    edit_prompt = args.edit_prompt or (spec.edit_prompt if spec else None)
+    scored = None  # the toy clip with the edit the edit prompt asks for: what the toy metrics judge
+    if spec is not None:
+        if args.source_prompt and args.source_prompt != spec.source_prompt:
+            why = f"--source-prompt {args.source_prompt!r} is not the toy clip's {spec.source_prompt!r}"
+        else:
+            scored = scenes.edit_with_prompt(spec, edit_prompt)
+            why = (f"the edit prompt {edit_prompt!r} is not an edit of one object and/or the background of "
+                   f"{spec.source_prompt!r} in the toy vocabulary")
+        if scored is None:
+            print(f"[zsve demo] toy scores (edit ok, background kept) left out: {why}")
         # the user-mask workflow's mask.png (white = edit, one for all frames): the edited object's region over
         # the clip (every object for a global edit), grown by 4 px
         from PIL import Image
         from scipy.ndimage import binary_dilation
 
-        objs = clip.masks[:, [spec.target]] if spec.target is not None else clip.masks
+        target = (scored or spec).target
+        objs = clip.masks[:, [target]] if target is not None else clip.masks
         region = binary_dilation(objs.any(axis=(0, 1)), iterations=4)
         Image.fromarray((region * 255).astype(np.uint8)).convert("RGB").save(work_in / "mask.png")
-        video_name = "input.mp4"
-        masks = clip.masks
-    source_prompt = args.source_prompt or (spec.source_prompt if spec else None)
-    edit_prompt = args.edit_prompt or (spec.edit_prompt if spec else None)
+    edit = scored or spec  # the toy clip's edit, or the one --edit-prompt asks for on its clip
     words = args.words
-    if words is None and spec is not None:
-        words = " ".join(w for w in (spec.expect_color, spec.expect_shape) if w) or None
+    if words is None and edit is not None:
+        words = " ".join(w for w in (edit.expect_color, edit.expect_shape) if w) or None
     # the toy clip's edited object as the source prompt names it (blend words, InFusion concepts, Video-P2P)
     source_words = args.source_words
-    if source_words is None and spec is not None and spec.target is not None:
-        m = spec.motions[spec.target]
+    if source_words is None and edit is not None and edit.target is not None:
+        m = edit.motions[edit.target]
         source_words = f"{m.color} {m.shape}"
     if source_prompt is None:
         print("--source-prompt is required with --video", file=sys.stderr)
@@ -231,8 +246,8 @@ def main(argv=None) -> int:
     from zsve.toy import metrics as M
 
     region = None
-    if masks is not None and spec is not None and spec.target is not None:
-        region = masks[:n, spec.target]
+    if masks is not None and scored is not None and scored.target is not None:
+        region = masks[:n, scored.target]
     metrics = {
         "workflow": args.workflow,
         "source_prompt": source_prompt,
@@ -245,12 +260,13 @@ def main(argv=None) -> int:
         "seconds": round(time.time() - t0, 1),
         "executed_nodes": sorted(result["executed"]),
     }
-    if spec is not None and args.workflow != "invert_reconstruct_video":
+    if scored is not None and args.workflow != "invert_reconstruct_video":
         from zsve.toy import benchmark as B
         from zsve.toy import model as TM
 
-        clip_ = spec.clip()  # preservation also against the clip's toy-VAE round trip ("psnr_vae", toy/metrics.py)
-        metrics["toy"] = M.toy_scores(res_frames.numpy(), clip_, spec,
+        metrics["toy_edit"] = {"edit_prompt": scored.edit_prompt, "kind": scored.kind}  # what the scores judge
+        clip_ = scored.clip()  # preservation also against the clip's toy-VAE round trip ("psnr_vae", toy/metrics.py)
+        metrics["toy"] = M.toy_scores(res_frames.numpy(), clip_, scored,
                                       latent_ref=B.vae_round_trip(TM.load()[2], clip_.frames))
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=1, default=float) + "\n")

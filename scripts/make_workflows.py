@@ -90,7 +90,8 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
             "title": "Edit region (white = edit)"}] if user else
           [{"id": "srcmask", "type": "SourceAttentionMask",
             "widgets": {"words": "red circle", "threshold": 0.3, "window": 0.5},
-            "links": {"inversion": ("invert", 1), "prompts": PAIR}, "title": "Where the old object was"}]),
+            "links": {"inversion": ("invert", 1), "prompts": PAIR}, "title": "Where the old object was",
+            "col": 1}]),  # col 1: its link to Fresh Noise Start ran behind Video DDIM Invert
         {"id": "blend", "type": "LatentBlendWithInversion",
          "widgets": {"mask_source": "user mask" if user else "union", "start": 0.0, "end": 1.0, "threshold": 0.3,
                      "dilation": 3, "temporal_smoothing": 1, "words": "" if user else "yellow circle"},
@@ -99,12 +100,18 @@ def _bld_local_edit(mask_source: str) -> list[dict]:
         *([] if user else [{"id": "reweight", "type": "CrossAttentionReweight",
                             "widgets": {"reweight": "yellow:4", "end": 0.5},
                             "links": {"model": ("blend", 0), "prompts": PAIR},
-                            "title": "New word reweighted (x4, first half of the steps)"}]),
+                            "title": "New word reweighted (x4, first half of the steps)"},
+                           # an object edit starts inside the old object's mask from fresh noise, as the toy
+                           # benchmark's Blended latent row (toy/methods_bld.py: chosen on the dev split of issue 20,
+                           # colour swaps 88% -> 100%), and as the FateZero and Video-P2P workflows
+                           {"id": "fresh", "type": "FreshNoiseStart",
+                            "links": {"model": ("reweight", 0), "inversion": ("invert", 1), "mask": ("srcmask", 0)},
+                            "title": "Old object starts from fresh noise (object edits)"}]),
         {"id": "sample", "type": "KSamplerAdvanced",
          "widgets": {"add_noise": "disable", "noise_seed": 0, "steps": 20, "cfg": 7.5, "sampler_name": "ddim",
                      "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000,
                      "return_with_leftover_noise": "disable"},
-         "links": {"model": ("blend" if user else "reweight", 0), "positive": EDIT, "negative": NEG,
+         "links": {"model": ("blend" if user else "fresh", 0), "positive": EDIT, "negative": NEG,
                    "latent_image": ("invert", 0)}},
         {"id": "decode", "type": "VAEDecode", "links": {"samples": ("sample", 0), "vae": ("ckpt", 2)}},
         {"id": "create", "type": "CreateVideo", "widgets": {"fps": 8.0}, "links": {"images": ("decode", 0)}},
@@ -389,9 +396,10 @@ WORKFLOWS = {
             "", PROMPTS_FIRST + "\n- *Latent Blend With Inversion*: `words` = the edited words of the edit "
             "prompt (`yellow circle`); `threshold` (0.3) and `dilation` grow or shrink the region\n- *Where the old "
             "object was* (Source Attention Mask): `words` = the same thing in the source prompt (`red circle`); "
-            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one; when the "
-            "old colour stays, add *Fresh Noise Start* with this mask before the sampler\n"
-            "- *New word reweighted* (Cross-Attention Reweight): the words your edit adds (`yellow:4`), so that "
+            "its mask joins the edit's (mask_source `union`), so the old object cannot stay beside the new one\n"
+            "- *Old object starts from fresh noise* (Fresh Noise Start, with the same mask): an object edit starts "
+            "there from fresh noise instead of the inverted video, so the old colour cannot hold; bypass it for a "
+            "background edit\n- *New word reweighted* (Cross-Attention Reweight): the words your edit adds (`yellow:4`), so that "
             "the new colour wins over what the inverted video holds"),
         edit="3  Edit, blended with the inversion outside the mask"),
     "blended_latent_your_mask": workflow(

@@ -51,3 +51,24 @@ def test_demo_runs_every_workflow_on_the_toy_clip_or_names_the_missing_file(tmp_
         assert r.returncode == 0, (name, r.stderr[-3000:])
         m = json.loads((tmp_path / name / "metrics.json").read_text())
         assert m["workflow"] == name and m["frames"] == 4
+
+
+def test_demo_judges_the_edit_the_user_typed(tmp_path):
+    """--edit-prompt on the toy clip: the toy scores judge that edit (a green triangle), not the clip's own (a red
+    one): the 2026-12-02 session read "0 of 8 frames edited" off a good green edit judged as a red one. An edit
+    prompt outside the toy vocabulary leaves the toy scores out and says so."""
+    green = "a green triangle on blue stripes"
+    r = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(tmp_path / "green"), "--edit-prompt", green],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "green" / "metrics.json").read_text())
+    assert m["toy_edit"] == {"edit_prompt": green, "kind": "color"}
+    # measured on the committed checkpoint: success 1.0 (the clip's own red edit judged the same frames: 0.0)
+    assert m["toy"]["success"] >= 0.75, m["toy"]
+    r = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(tmp_path / "cat"), "--steps", "2", "--frames",
+                        "2", "--edit-prompt", "a green cat on blue stripes", "--words", "green cat"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "toy scores (edit ok, background kept) left out" in r.stdout
+    m = json.loads((tmp_path / "cat" / "metrics.json").read_text())
+    assert "toy" not in m and "toy_edit" not in m

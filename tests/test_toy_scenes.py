@@ -232,3 +232,33 @@ def test_training_scenes_on_dots_only_as_often_as_asked():
     assert 0.15 <= share[0] <= 0.35 and 0.55 <= share[1] <= 0.75, share
     heldout = {(s, c, b.caption()) for s, c, b in sc.heldout_specs()}
     assert all((o.shape, o.color, s.background.caption()) not in heldout for s in draw(0.5) for o in s.objects)
+
+
+def test_an_edit_prompt_in_the_toy_vocabulary_becomes_the_edit_the_metrics_judge():
+    """scenes.edit_with_prompt (the demo's toy scores for a user's --edit-prompt): every generated item's edit is read
+    back from its edit prompt alone (target, expected colour/shape, background, kind); on another clip's item the
+    edit a user types is judged, not the clip's own; prompts outside the vocabulary or changing two objects give None."""
+    from dataclasses import replace
+
+    for s in sc.split_set("dev", 4) + sc.split_set("test", 4):
+        blank = replace(s, target=None, expect_shape=None, expect_color=None, edit_background=s.background,
+                        kind="color")
+        got = sc.edit_with_prompt(blank, s.edit_prompt)
+        assert got is not None, s.name
+        assert (got.target, got.expect_color, got.expect_shape, got.edit_background) == (
+            s.target, s.expect_color, s.expect_shape, s.edit_background), s.name
+        assert got.kind == s.kind and got.edit_prompt == s.edit_prompt, s.name
+    item = {s.name: s for s in sc.benchmark_set(4)}["color_swap_stripes"]  # a yellow triangle on blue stripes
+    assert sc.edit_with_prompt(item, item.edit_prompt) is item
+    green = sc.edit_with_prompt(item, "a green triangle on blue stripes")
+    assert (green.kind, green.target, green.expect_color, green.expect_shape) == ("color", 0, "green", "triangle")
+    clip = item.clip()
+    want = sc.render_clip((replace(item.motions[0], color="green"),), item.background, item.frames, item.phase).frames
+    assert tmetrics.toy_scores(want, clip, green)["success"] == 1.0
+    assert tmetrics.toy_scores(want, clip, item)["success"] == 0.0  # the clip's own (red) edit: what the demo judged
+    for prompt in ("a yellow triangle on blue stripes", "a purple triangle on blue stripes", "a green cat",
+                   "a green triangle on blue waves", "a green triangle and a red circle on blue stripes"):
+        assert sc.edit_with_prompt(item, prompt) is None, prompt
+    two = {s.name: s for s in sc.benchmark_set(4)}["two_object"]  # a green circle and a red square on gray
+    assert sc.edit_with_prompt(two, "a blue circle and a blue square on gray") is None  # two objects change
+    assert sc.edit_with_prompt(two, "a blue circle and a red square on gray").target == 0

@@ -342,6 +342,45 @@ class EditSpec:
         return d
 
 
+def edit_with_prompt(spec: EditSpec, edit_prompt: str) -> EditSpec | None:
+    """`spec` (same clip) with the edit that `edit_prompt` asks for, so that the toy metrics judge that edit: the edit
+    prompt must name the clip's objects in order ("a <colour> <shape>", joined by " and ") and a background ("on
+    <background>"), in the toy vocabulary. At most one object may change; the background may change too. Returns
+    `spec` itself when the prompt is its own, None when the prompt is outside the vocabulary or changes two objects
+    (the toy metrics then cannot say what the edit should look like)."""
+    if edit_prompt == spec.edit_prompt:
+        return spec
+    objects, sep, bg_text = edit_prompt.strip().partition(" on ")
+    backgrounds = {b.caption(): b for b in all_backgrounds()}
+    if not sep or bg_text not in backgrounds:
+        return None
+    phrases = objects.split(" and ")
+    if len(phrases) != len(spec.motions):
+        return None
+    changed = []
+    for i, (phrase, m) in enumerate(zip(phrases, spec.motions)):
+        words = phrase.split()
+        if len(words) != 3 or words[0] != "a" or words[1] not in COLORS or words[2] not in SHAPES:
+            return None
+        if (words[1], words[2]) != (m.color, m.shape):
+            changed.append((i, words[2], words[1]))
+    if len(changed) > 1:
+        return None
+    edit_bg = backgrounds[bg_text]
+    target, shape, color = changed[0] if changed else (None, None, None)
+    if target is None and edit_bg == spec.background:
+        return None  # the prompt asks for no change
+    if target is None:
+        kind = "background_recolor" if edit_bg.kind == spec.background.kind else "background"
+    elif edit_bg != spec.background:
+        kind = "object_background"
+    elif len(spec.motions) > 1:
+        kind = "two_object"
+    else:
+        kind = "shape" if shape != spec.motions[target].shape else "color"
+    return replace(spec, kind=kind, edit_background=edit_bg, target=target, expect_shape=shape, expect_color=color)
+
+
 def benchmark_set(frames: int = 8) -> list[EditSpec]:
     """The fixed benchmark: colour swap (x2), shape swap, background change (stripes -> dots), two-object (edit
     one only), background recolour (green -> blue stripes, the style-like edit)."""
