@@ -242,3 +242,22 @@ def test_every_shipped_workflow_runs_headless(headless_dirs, path):
     out = CAPTURED["headless_out"]
     assert out.shape[0] == 3 and torch.isfinite(out).all()
     assert list((headless_dirs / "out" / "headless").glob(f"{path.stem}*.mp4")), f"{path.name} wrote no video"
+
+
+def test_shipped_workflows_are_what_the_generator_writes():
+    """workflows/*.json are written by scripts/make_workflows.py: each file's note and its nodes (type, title, in
+    execution order) are its spec's (the layout search is left out: it takes about a minute per workflow). A spec
+    edited without running the generator (a note changed, a node added) fails here."""
+    import runpy
+
+    gen = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "make_workflows.py"),
+                         run_name="make_workflows")
+    assert sorted(gen["WORKFLOWS"]) == sorted(p.stem for p in WORKFLOWS)
+    for name, wf in gen["WORKFLOWS"].items():
+        ui = load_ui(Path(__file__).resolve().parents[1] / "workflows" / f"{name}.json")
+        notes = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
+        assert len(notes) == 1 and notes[0]["widgets_values"][0] == wf["note"], f"{name}: the note is not the spec's"
+        got = [(n["type"], n.get("title")) for n in sorted(ui["nodes"], key=lambda n: n["order"])
+               if n["type"] != "MarkdownNote"]
+        want = [(n["type"], n.get("title")) for n in wf["nodes"]]
+        assert got == want, f"{name}: nodes differ from the spec; run scripts/make_workflows.py {name}"
