@@ -104,8 +104,11 @@ def main(argv=None) -> int:
     edit_prompt = args.edit_prompt or (spec.edit_prompt if spec else None)
     scored = None  # the toy clip with the edit the edit prompt asks for: what the toy metrics judge
     if spec is not None:
-        if args.source_prompt and args.source_prompt != spec.source_prompt:
+        norm = scenes.normalise_prompt
+        if args.source_prompt and norm(args.source_prompt) != spec.source_prompt:
             why = f"--source-prompt {args.source_prompt!r} is not the toy clip's {spec.source_prompt!r}"
+        elif norm(edit_prompt) == spec.source_prompt:
+            why = f"the edit prompt {edit_prompt!r} asks for no change of {spec.source_prompt!r}"
         else:
             scored = scenes.edit_with_prompt(spec, edit_prompt)
             why = (f"the edit prompt {edit_prompt!r} is not an edit of one object and/or the background of "
@@ -121,15 +124,18 @@ def main(argv=None) -> int:
         objs = clip.masks[:, [target]] if target is not None else clip.masks
         region = binary_dilation(objs.any(axis=(0, 1)), iterations=4)
         Image.fromarray((region * 255).astype(np.uint8)).convert("RGB").save(work_in / "mask.png")
-    edit = scored or spec  # the toy clip's edit, or the one --edit-prompt asks for on its clip
-    words = args.words
-    if words is None and edit is not None:
-        words = " ".join(w for w in (edit.expect_color, edit.expect_shape) if w) or None
-    # the toy clip's edited object as the source prompt names it (blend words, InFusion concepts, Video-P2P)
-    source_words = args.source_words
-    if source_words is None and edit is not None and edit.target is not None:
-        m = edit.motions[edit.target]
-        source_words = f"{m.color} {m.shape}"
+    # the words of what the edit changes, in the edit prompt (mask words) and in the source prompt (blend words,
+    # Source Attention Mask, InFusion concepts, Video-P2P): the toy clip's edit, or the one --edit-prompt asks for on
+    # its clip; the benchmark rows' rule (toy/methods_bld.py: the object's phrase, the background's words, or both)
+    edit = scored if args.edit_prompt else spec
+    words, source_words = args.words, args.source_words
+    if edit is not None:
+        from types import SimpleNamespace
+
+        from zsve.toy import methods_bld
+
+        words = words or methods_bld.edit_words(SimpleNamespace(edit=edit))
+        source_words = source_words or methods_bld.source_words(SimpleNamespace(edit=edit))
     if source_prompt is None:
         print("--source-prompt is required with --video", file=sys.stderr)
         return 2
@@ -149,6 +155,15 @@ def main(argv=None) -> int:
                                              "inputs": {"weights": "toy_sd15.safetensors"}}
         ckpt_name = None
     prompt = ui_to_api(ui, replace=replace)
+    # on the toy clip the word widgets follow its edit; an edit prompt whose edit cannot be read (outside the toy
+    # vocabulary, two objects changed, no change) leaves them naming the workflow's example words: stop, saying so
+    word_nodes = sorted({n["class_type"] for n in prompt.values() if _uses_words(n["class_type"], n["inputs"])})
+    if spec is not None and args.edit_prompt and word_nodes and not (words and source_words):
+        print(f"--words and --source-words are needed: the workflow's {', '.join(word_nodes)} name the edited words, "
+              f"and they cannot be read from --edit-prompt {args.edit_prompt!r} (outside the toy vocabulary, more than "
+              "one object changed, or no change): give --words (the edited words of the edit prompt) and "
+              "--source-words (the same thing in the source prompt)", file=sys.stderr)
+        return 2
     for node in prompt.values():
         inputs, ct, title = node["inputs"], node["class_type"], node.get("_meta", {}).get("title", "")
         if ct == "CheckpointLoaderSimple" and ckpt_name:
@@ -269,12 +284,33 @@ def main(argv=None) -> int:
         metrics["toy"] = M.toy_scores(res_frames.numpy(), clip_, scored,
                                       latent_ref=B.vae_round_trip(TM.load()[2], clip_.frames))
     metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=1, default=float) + "\n")
+    metrics_path.write_text(json.dumps(_no_nan(metrics), indent=1, default=float) + "\n")
     print(f"[zsve demo] result video:  {result_video}")
     print(f"[zsve demo] side by side:  {side_path}")
     print(f"[zsve demo] metrics:       {metrics_path}")
     print(f"[zsve demo] done in {metrics['seconds']} s")
     return 0
+
+
+def _uses_words(class_type: str, inputs: dict) -> bool:
+    """Whether a node (API format) has a word widget in use that names words of the prompts."""
+    if class_type == "LatentBlendWithInversion":
+        return inputs.get("mask_source") != "user mask" and bool(inputs.get("words"))
+    if class_type == "AttentionBlend":
+        return bool(inputs.get("blend_words"))
+    return class_type in ("SourceAttentionMask", "VideoP2PGuider", "InFusionInject")
+
+
+def _no_nan(x):
+    """Strict JSON: a metric that does not apply (NaN, e.g. the kept background of an edit that changes it) -> null."""
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    try:
+        return None if x != x else x  # NaN is the one value unequal to itself (numpy scalars included)
+    except (TypeError, ValueError):
+        return x
 
 
 if __name__ == "__main__":

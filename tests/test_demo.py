@@ -66,9 +66,27 @@ def test_demo_judges_the_edit_the_user_typed(tmp_path):
     # measured on the committed checkpoint: success 1.0 (the clip's own red edit judged the same frames: 0.0)
     assert m["toy"]["success"] >= 0.75, m["toy"]
     r = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(tmp_path / "cat"), "--steps", "2", "--frames",
-                        "2", "--edit-prompt", "a green cat on blue stripes", "--words", "green cat"],
+                        "2", "--edit-prompt", "a green cat on blue stripes", "--words", "green cat",
+                        "--source-words", "yellow triangle"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "toy scores (edit ok, background kept) left out" in r.stdout
     m = json.loads((tmp_path / "cat" / "metrics.json").read_text())
     assert "toy" not in m and "toy_edit" not in m
+    # the edited words cannot be read from such a prompt: without --words the run stops before the workflow, saying so
+    r = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(tmp_path / "purple"), "--edit-prompt",
+                        "a purple triangle on blue stripes"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 2 and "--words and --source-words are needed" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    # an object + background edit (the mask words: the object's phrase and the background's), in strict JSON: the
+    # kept-background scores that do not apply are null, not NaN
+    r = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(tmp_path / "both"), "--steps", "2", "--frames",
+                        "2", "--edit-prompt", "A green square on gray."], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def no_constants(name):
+        raise AssertionError(f"metrics.json has {name}")
+
+    m = json.loads((tmp_path / "both" / "metrics.json").read_text(), parse_constant=no_constants)
+    assert m["toy_edit"] == {"edit_prompt": "a green square on gray", "kind": "object_background"}
+    assert m["toy"]["psnr_bg"] is None

@@ -256,6 +256,7 @@ def test_an_edit_prompt_in_the_toy_vocabulary_becomes_the_edit_the_metrics_judge
     want = sc.render_clip((replace(item.motions[0], color="green"),), item.background, item.frames, item.phase).frames
     assert tmetrics.toy_scores(want, clip, green)["success"] == 1.0
     assert tmetrics.toy_scores(want, clip, item)["success"] == 0.0  # the clip's own (red) edit: what the demo judged
+    assert sc.edit_with_prompt(item, "A Green  triangle on blue stripes.").edit_prompt == green.edit_prompt
     for prompt in ("a yellow triangle on blue stripes", "a purple triangle on blue stripes", "a green cat",
                    "a green triangle on blue waves", "a green triangle and a red circle on blue stripes"):
         assert sc.edit_with_prompt(item, prompt) is None, prompt

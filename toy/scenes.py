@@ -342,15 +342,22 @@ class EditSpec:
         return d
 
 
+def normalise_prompt(prompt: str) -> str:
+    """A prompt as the toy captions write it: lower case, single spaces, no final full stop."""
+    return " ".join(prompt.lower().split()).rstrip(".").rstrip()
+
+
 def edit_with_prompt(spec: EditSpec, edit_prompt: str) -> EditSpec | None:
     """`spec` (same clip) with the edit that `edit_prompt` asks for, so that the toy metrics judge that edit: the edit
     prompt must name the clip's objects in order ("a <colour> <shape>", joined by " and ") and a background ("on
     <background>"), in the toy vocabulary. At most one object may change; the background may change too. Returns
-    `spec` itself when the prompt is its own, None when the prompt is outside the vocabulary or changes two objects
-    (the toy metrics then cannot say what the edit should look like)."""
+    `spec` itself when the prompt is its own, None when the prompt is outside the vocabulary, changes two objects or
+    nothing (the toy metrics then cannot say what the edit should look like). Letter case, repeated spaces and a
+    final full stop are ignored (`normalise_prompt`)."""
     if edit_prompt == spec.edit_prompt:
         return spec
-    objects, sep, bg_text = edit_prompt.strip().partition(" on ")
+    edit_prompt = normalise_prompt(edit_prompt)
+    objects, sep, bg_text = edit_prompt.partition(" on ")
     backgrounds = {b.caption(): b for b in all_backgrounds()}
     if not sep or bg_text not in backgrounds:
         return None
