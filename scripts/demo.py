@@ -116,13 +116,15 @@ def main(argv=None) -> int:
         if scored is None:
             print(f"[zsve demo] toy scores (edit ok, background kept) left out: {why}")
         # the user-mask workflow's mask.png (white = edit, one for all frames): the edited object's region over
-        # the clip (every object for a global edit), grown by 4 px
+        # the clip, grown by 4 px; for a background edit the background (outside every object's grown region)
         from PIL import Image
         from scipy.ndimage import binary_dilation
 
         target = (scored or spec).target
         objs = clip.masks[:, [target]] if target is not None else clip.masks
         region = binary_dilation(objs.any(axis=(0, 1)), iterations=4)
+        if target is None:
+            region = ~region
         Image.fromarray((region * 255).astype(np.uint8)).convert("RGB").save(work_in / "mask.png")
     # the words of what the edit changes, in the edit prompt (mask words) and in the source prompt (blend words,
     # Source Attention Mask, InFusion concepts, Video-P2P): the toy clip's edit, or the one --edit-prompt asks for on
