@@ -115,12 +115,15 @@ def main(argv=None) -> int:
                    f"{spec.source_prompt!r} in the toy vocabulary")
         if scored is None:
             print(f"[zsve demo] toy scores (edit ok, background kept) left out: {why}")
+    # the toy clip's edit, or the one --edit-prompt asks for on its clip (None when that cannot be read)
+    edit = scored if args.edit_prompt else spec
+    if spec is not None:
         # the user-mask workflow's mask.png (white = edit, one for all frames): the edited object's region over
         # the clip, grown by 4 px; for a background edit the background (outside every object's grown region)
         from PIL import Image
         from scipy.ndimage import binary_dilation
 
-        target = (scored or spec).target
+        target = (edit or spec).target
         objs = clip.masks[:, [target]] if target is not None else clip.masks
         region = binary_dilation(objs.any(axis=(0, 1)), iterations=4)
         if target is None:
@@ -129,7 +132,6 @@ def main(argv=None) -> int:
     # the words of what the edit changes, in the edit prompt (mask words) and in the source prompt (blend words,
     # Source Attention Mask, InFusion concepts, Video-P2P): the toy clip's edit, or the one --edit-prompt asks for on
     # its clip; the benchmark rows' rule (toy/methods_bld.py: the object's phrase, the background's words, or both)
-    edit = scored if args.edit_prompt else spec
     words, source_words = args.words, args.source_words
     if edit is not None:
         from types import SimpleNamespace
