@@ -205,13 +205,15 @@ def test_trained_toy_model_uses_the_shape_word_at_high_noise():
 
 
 def test_two_object_reading_finds_each_named_object_and_the_model_draws_their_colours():
-    """toy.quality's two-object measurement: its reading (each object in the region its colour covers) gets >= 90%
-    of the objects of rendered two-object training scenes right (8x8 blocks, as the toy VAE decodes them); on the
+    """toy.quality's two-object measurement: its reading (each object in the region its colour covers, the other's
+    coverage as what may be drawn over it: `quality.read_named`) gets >= 98% of the objects of rendered two-object
+    training scenes right (8x8 blocks, as the toy VAE decodes them; 99.75% of 800, 96% before it read covered objects
+    as covered); on the
     committed model's samples every named colour is drawn (the shapes are the model's weak point there: 64%
     measured on 48 prompts x 8, toy/RESULTS.md)."""
     from zsve.toy import quality
 
-    assert quality.oracle_two(60) >= 0.9
+    assert quality.oracle_two(60) >= 0.98
     specs = quality.two_object_specs(3)
     assert len(specs) == 3 and all(c1 != c2 for _, c1, _, c2, _ in specs)
     model, clip, vae, _ = toy_model.load()

@@ -102,6 +102,27 @@ def test_detector_reads_rendered_scenes(fn):
     assert bg_ok >= 0.95 * n
 
 
+@pytest.mark.parametrize("behind", sc.SHAPES)
+@pytest.mark.parametrize("front", ["circle", "square"])
+def test_an_object_partly_covered_by_its_neighbour_is_read_by_what_is_left_of_it(behind, front):
+    """Two-object training scenes overlap (each object's centre on its own half, the objects up to 29 px half
+    size): the one behind loses up to ~40% of itself. Read with the front object's coverage as what may cover it
+    (`quality.read_named`), it is read as its own shape; read as if nothing covered it, a covered circle is a square
+    or a triangle to the block fit. The front object is read right either way."""
+    from zsve.toy import quality
+
+    scene = sc.Scene((sc.Obj(behind, "red", 50.0, 64.0, 26.0), sc.Obj(front, "blue", 80.0, 64.0, 24.0)),
+                     sc.Background("plain", "gray"))
+    img, vis = sc.render(scene)
+    hidden = 1 - vis[0].sum() / sc.shape_mask(behind, 50.0, 64.0, 26.0, sc.SIZE).sum()
+    assert 0.1 < hidden < 0.5, hidden
+    img = blocky(img)
+    assert quality.read_named(img, "red", ["blue"]).shape == behind
+    assert quality.read_named(img, "blue", ["red"]).shape == front
+    if behind == "circle":  # what the reading did before it knew about covers
+        assert det.detect(img, quality.object_region(img, "red")).shape != "circle"
+
+
 def test_detector_sees_nothing_on_a_plain_background():
     img = sc.render_background(sc.Background("stripes", "red"))
     d = det.detect(img)

@@ -119,30 +119,51 @@ def _render_cov(shape: str, cx: float, cy: float, r: float, nb: int, block: int)
 _AREA = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
 
 
-def fit_shape(cov: np.ndarray, block: int = 8) -> tuple[str | None, dict]:
-    """Best-fitting shape for a block-level coverage map [nb, nb] (blocks of `block` pixels)."""
+_FRONT = (np.array([0.85, 0.92, 1.0, 1.08, 1.15]), (-6, -3, 0, 3, 6))
+# behind another object the visible mass understates the size and the visible centroid moves away from the cover
+_BEHIND = (np.array([0.85, 0.92, 1.0, 1.08, 1.15, 1.25, 1.35, 1.5]), tuple(range(-12, 13, 3)))
+
+
+def fit_shape(cov: np.ndarray, block: int = 8, hidden: np.ndarray | None = None) -> tuple[str | None, dict]:
+    """Best-fitting shape for a block-level coverage map [nb, nb] (blocks of `block` pixels): per shape the least
+    squared error between `cov` and the shape's block coverage rendered on a grid of centres and sizes around the
+    blob's centroid and mass.
+
+    `hidden` [nb, nb] 0..1: how much of each block other objects cover (they may be drawn over this one). Each shape
+    is then also fitted as lying behind them (its visible coverage is the rendered one times 1 - hidden, over a wider
+    grid of sizes and centres) and keeps the better of the two fits: an object partly covered by its neighbour is
+    read by what is left of it (two-object training scenes overlap; without this a circle whose side is covered is
+    read as a square or a triangle)."""
     nb = cov.shape[0]
     mass = float(cov.sum()) * block * block
     if mass < 64:
         return None, {}
     yy, xx = (np.mgrid[0:nb, 0:nb].astype(np.float32) + 0.5) * block
     my, mx = float((cov * yy).sum() / cov.sum()), float((cov * xx).sum() / cov.sum())
+    fits = [(_FRONT, None)]
+    if hidden is not None and float(hidden.sum()) > 0:
+        fits.append((_BEHIND, 1.0 - np.clip(hidden, 0.0, 1.0)))
     errs = {}
     for s in SHAPES:
         r0 = (mass / _AREA[s]) ** 0.5
         best = np.inf
-        for r in r0 * np.array([0.85, 0.92, 1.0, 1.08, 1.15]):
-            cy0 = my - (r / 3 if s == "triangle" else 0.0)
-            for dy in (-6, -3, 0, 3, 6):
-                for dx in (-6, -3, 0, 3, 6):
-                    e = float(((_render_cov(s, mx + dx, cy0 + dy, r, nb, block) - cov) ** 2).sum())
-                    best = min(best, e)
+        for (rs, ds), keep in fits:
+            for r in r0 * rs:
+                cy0 = my - (r / 3 if s == "triangle" else 0.0)
+                for dy in ds:
+                    for dx in ds:
+                        m = _render_cov(s, mx + dx, cy0 + dy, r, nb, block)
+                        e = float((((m if keep is None else m * keep) - cov) ** 2).sum())
+                        best = min(best, e)
         errs[s] = best
     return min(errs, key=errs.get), errs
 
 
-def detect(img, region: np.ndarray | None = None, min_pixels: int = 64, block: int = 8) -> Detection:
+def detect(img, region: np.ndarray | None = None, min_pixels: int = 64, block: int = 8,
+           occluders: np.ndarray | None = None) -> Detection:
     """Colour and shape of the bright saturated object, optionally only inside `region` ([H, W] bool).
+    `occluders` [H, W] 0..1: the coverage of other objects that may be drawn over this one (`fit_shape`'s
+    `hidden`, e.g. `color_coverage` of the other named colours); None reads the object as unhidden.
 
     Images whose sides are not multiples of `block` are cropped to them for the shape fit."""
     arr = to_numpy(img)
@@ -162,8 +183,10 @@ def detect(img, region: np.ndarray | None = None, min_pixels: int = 64, block: i
         sizes = ndimage.sum(cb, lab, index=np.arange(1, n + 1))
         keep = ndimage.binary_dilation(lab == int(np.argmax(sizes)) + 1, structure=np.ones((3, 3)))
         cb = cb * keep
+    hidden = None if occluders is None else block_mean(np.asarray(occluders, np.float32), block)
     if cb.shape[0] != cb.shape[1]:
         s = min(cb.shape)
         cb = cb[:s, :s]
-    shape, errs = fit_shape(cb, block)
+        hidden = None if hidden is None else hidden[:s, :s]
+    shape, errs = fit_shape(cb, block, hidden)
     return Detection(color, shape, area, total, errs, bbox)

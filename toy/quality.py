@@ -110,6 +110,22 @@ def object_region(img, color: str):
     return metrics.dilate(cov.repeat(8, 0).repeat(8, 1)[None], 4)[0]
 
 
+def read_named(img, color: str, others=()):
+    """The detector's reading (`detect.Detection`) of the object of `color` in an image that names other objects of
+    the colours `others`: read where its colour is (`object_region`), the others' coverage passed as what may be
+    drawn over it (`detect.detect`'s `occluders`). The one reading of a named object in a many-object image
+    (`oracle_two`, `measure_two`, `drawn_right`)."""
+    import numpy as np
+
+    from . import detect as det
+
+    arr = np.asarray(img, np.float32)
+    occ = None
+    if others:
+        occ = np.clip(sum(det.color_coverage(arr, c) for c in others), 0.0, 1.0)
+    return det.detect(arr, object_region(arr, color), occluders=occ)
+
+
 def oracle_two(n: int = 200, seed: int = 5) -> float:
     """Share of objects `measure_two`'s reading gets right on n rendered two-object training scenes passed through
     the toy VAE's 8x8 block means (what a perfect model would draw)."""
@@ -125,7 +141,7 @@ def oracle_two(n: int = 200, seed: int = 5) -> float:
         img, _ = scenes.render(sc)
         img = det.block_mean(img).repeat(8, 0).repeat(8, 1)
         for o in sc.objects:
-            d = det.detect(img, object_region(img, o.color))
+            d = read_named(img, o.color, [p.color for p in sc.objects if p is not o])
             ok += d.shape == o.shape and d.color == o.color
             total += 1
     return ok / total
@@ -138,7 +154,6 @@ def measure_two(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, c
     object is drawn), right shape, both; per sample: both objects right. The model's own share of the benchmark's
     two-object edits (objects of half size 22-29 px). How often the reading itself is right: `oracle_two`.
     `confusion`: {"asked->read": objects} over the objects whose colour was drawn (a circle read as a square...)."""
-    from . import detect as det
     from . import scenes
 
     tot = {"color": 0, "shape": 0, "both": 0, "objects": 0, "scene": 0, "n": 0}
@@ -152,7 +167,7 @@ def measure_two(model, clip, vae, specs, per_prompt: int = 8, steps: int = 20, c
         for img in imgs:
             ok_all = True
             for shape, color in ((s1, c1), (s2, c2)):
-                d = det.detect(img, object_region(img, color))
+                d = read_named(img, color, [c2 if color == c1 else c1])
                 c, s = d.color == color, d.shape == shape
                 tot["color"] += c
                 tot["shape"] += s
@@ -206,7 +221,7 @@ def drawn_right(img, objects: list[tuple[str, str]], background) -> bool:
     else:
         ok = True
         for shape, color in objects:
-            d = det.detect(img, object_region(img, color))
+            d = read_named(img, color, [c for _, c in objects if c != color])
             ok &= d.shape == shape and d.color == color
     return ok and background_right(img, background)
 
