@@ -322,3 +322,24 @@ def test_edit_prompt_reading_and_the_models_share_of_each_item():
                for r, s in zip(res.values(), two))
     assert res[two[1].name]["drawn"] >= 0.5, res  # a one-object shape prompt: the model draws those (98%)
     assert np.isfinite([r["drawn"] for r in res.values()]).all()
+
+
+def test_quality_measures_one_background_class_on_its_own(tmp_path):
+    """`toy.quality --all-prompts --backgrounds "blue dots"`: only the prompts on that background (9: three shapes
+    x the three colours allowed on blue dots), so a class measured on 72 samples can be measured on many more in
+    the same time; a caption outside the world, or the option without --all-prompts, stops before the model loads."""
+    import subprocess
+    import sys
+
+    from zsve_boot import ROOT
+
+    run = [sys.executable, "-m", "toy.quality", "--per-prompt", "1", "--steps", "2"]
+    out = subprocess.run(run + ["--all-prompts", "--per-class", "--backgrounds", "blue dots", "--json",
+                                str(tmp_path / "q.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "q.json").read_text())
+    assert res["prompts"] == 9 and {r["classes"]["background"] for r in res["rows"]} == {"blue dots"}
+    assert sorted(res["per_class"]["background"]) == ["blue dots"]
+    for bad in (["--all-prompts", "--backgrounds", "blue spots"], ["--backgrounds", "blue dots"]):
+        out = subprocess.run(run + bad, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and "--backgrounds: needs --all-prompts" in out.stderr, out.stderr[-2000:]

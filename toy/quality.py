@@ -5,6 +5,7 @@ node classes), then the toy detector on every decoded image.
     cd <pack root> && python -m toy.quality [--weights PATH] [--per-prompt 8] [--steps 20] [--cfg 5[,12,...]]
                                             [--shape-gap]
     python -m toy.quality --all-prompts --per-class     # every one-object combination, per colour/shape/background
+    python -m toy.quality --all-prompts --per-class --backgrounds "blue dots" --per-prompt 32   # one class, more samples
     python -m toy.quality --two-objects 48              # two-object prompts: each named object where its colour is
     python -m toy.quality --split test --per-prompt 16 --json FILE
         # each benchmark item's edit prompt drawn from noise: the model's own share of the item
@@ -344,6 +345,9 @@ def main():
     p.add_argument("--train-prompts", action="store_true", help="measure on (a sample of) training prompts instead")
     p.add_argument("--all-prompts", action="store_true",
                    help="measure on every single-object combination (120 prompts: training and held-out)")
+    p.add_argument("--backgrounds", default=None, metavar="CAPTIONS",
+                   help="with --all-prompts: only the prompts on these backgrounds, comma-separated captions as the "
+                        "prompts write them (e.g. \"blue dots,red dots\"): more samples of a class for the same time")
     p.add_argument("--per-class", action="store_true",
                    help="also print, per colour, shape and background, how often the class is drawn right")
     p.add_argument("--threads", type=int, default=1)
@@ -364,6 +368,12 @@ def main():
     from . import model as tm
     from . import scenes
 
+    if a.backgrounds:
+        want = {b.strip() for b in a.backgrounds.split(",") if b.strip()}
+        known = {b.caption() for b in scenes.all_backgrounds()}
+        if not a.all_prompts or not want or want - known:
+            raise SystemExit(f"toy.quality --backgrounds: needs --all-prompts and captions among {sorted(known)}; "
+                             f"got {a.backgrounds!r}")
     if a.split:
         try:
             items = scenes.split_set(a.split, 2)
@@ -402,6 +412,8 @@ def main():
         return
     specs = (scenes.single_specs() if a.all_prompts else scenes.train_specs()[::5] if a.train_prompts
              else scenes.heldout_specs())
+    if a.backgrounds:
+        specs = [sp for sp in specs if sp[2].caption() in want]
     which = "all" if a.all_prompts else "training" if a.train_prompts else "held-out"
     results = []
     for cfg in [float(c) for c in a.cfg.split(",")]:
