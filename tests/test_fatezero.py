@@ -367,7 +367,7 @@ def test_store_size_matches_the_estimate_and_temporal_keys(tiny_model, conds, mo
 
 def test_blend_mask_of_the_object_words_lies_on_the_object_on_the_toy_model():
     """The blend mask recipe (stored source cross-attention of the blend words, pooled, normalised) lies on the
-    object for the trained toy model (committed 16500-step checkpoint, trained with a localisation loss: soft mask
+    object for the trained toy model (16500-step checkpoint (committed before the 19500-step one), trained with a localisation loss: soft mask
     about 0.87 on the object, 0.06-0.09 elsewhere; measured), and FateZero's threshold 0.3 keeps nearly all of the
     object (recall 0.91-0.98 per step) and leaves most of the background out (6-13% covered; the 3x3 max-pool widens
     it by one latent pixel). The 9000-step checkpoint before it: about 0.95 / 0.15-0.2, recall above 0.95."""
@@ -404,7 +404,7 @@ def test_full_attention_replacement_reconstructs_better_than_plain_ddim_at_cfg_7
     """FateZero's founding effect: a clip inverted with its prompt and sampled back with the same prompt at
     guidance 7.5 drifts from the source; replacing every step's attention by the inversion's keeps it closer.
     Measured on the trained toy model at toy.fatezero_recon's defaults (5 benchmark clips, 4 frames, 20 steps),
-    with the attention of both guidance branches replaced (`--all-rows`): on the committed 16500-step checkpoint
+    with the attention of both guidance branches replaced (`--all-rows`): on the 16500-step checkpoint (committed before the 19500-step one)
     18.03 -> 19.76 dB, every clip better (+0.04 to +3.4 dB; the 9000-step one: 17.96 -> 19.97 dB). Replacing it in
     the conditional branch only (the edit-time default) gains less there (18.30 dB, 3 clips of 5; docs/fatezero.md). On a random tiny UNet attention carries nothing
     and the effect cannot show."""
