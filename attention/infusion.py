@@ -10,7 +10,11 @@ The paper's pseudo-code gives the schedule over the edit steps i = 0..N-1 (0 = n
   the source feature replaces the edit's, as Plug-and-Play does), by default only outside the concepts'
   source masks (`FEATURE_REGIONS`; the readings measured are in docs/infusion.md).
 - **key/value phase, S1 <= i < S2**: self-attention of the edit queries the source's keys and values:
-  `softmax(q_edit k_src^T / sqrt(d)) v_src`.
+  `softmax(q_edit k_src^T / sqrt(d)) v_src`, by default only for the query rows outside the concepts' source
+  masks (`KV_REGIONS`: inside, the edit's own keys and values; the paper injects them "to query source contents
+  and retain unedited concepts"). The concepts' region of both injections is `concept_region`: FateZero's mask
+  of the concepts' words united with where they take most of the attention the prompt's words get
+  (`masks.word_share_mask`; plain backgrounds). Both chosen on the toy dev split of issue 20 (docs/infusion.md).
 - **fusion phase, i >= S2**: masks `Ms` (from the source cross-attention of the source words) and `Me`
   (from the edit cross-attention of the edit words); self-attention `Me * s_edit + (1 - Ms) * s_src`,
   cross-attention `alpha * c_edit + (1 - alpha) * c_src`.
@@ -59,7 +63,7 @@ import torch
 
 from . import align, p2p
 from .fatezero import mask_layers
-from .masks import cross_attention_mask, union
+from .masks import cross_attention_mask, union, word_share_mask
 from .store import (
     AttentionRecorder,
     AttentionStore,
@@ -181,6 +185,11 @@ FEATURE_MODES = ("source", "difference")
 FEATURE_REGIONS = ("all", "outside", "inside")
 DEFAULT_FEATURE_MODE = "source"
 DEFAULT_FEATURE_REGION = "outside"
+# Where the key/value phase gives the edit's self-attention the source's keys and values: "all" (every query
+# row; Plug-and-Play's reading) or "outside" (only the query rows outside the concepts' source masks, the
+# region the feature phase injects into; inside, the edit's own keys/values).
+KV_REGIONS = ("all", "outside")
+DEFAULT_KV_REGION = "outside"
 
 
 def inject_difference(edit: torch.Tensor, source: torch.Tensor, strength: float, mode: str = "source",
@@ -448,6 +457,9 @@ class InFusionPlan:
     strength: float = 1.0
     feature_mode: str = DEFAULT_FEATURE_MODE
     feature_region: str = DEFAULT_FEATURE_REGION
+    kv_region: str = DEFAULT_KV_REGION
+    region_share: bool = True  # the concepts' region also where they take most of the prompt words' attention
+    source_words: tuple = ()  # context positions of the source prompt's words (BOS and end-of-text excluded)
     alpha: float = DEFAULT_ALPHA
     threshold: float = DEFAULT_THRESHOLD
     mask_factor: int = 4
@@ -484,7 +496,8 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
               s1: float = DEFAULT_S1, s2: float = DEFAULT_S2, strength: float = 1.0, alpha: float = DEFAULT_ALPHA,
               threshold: float = DEFAULT_THRESHOLD, inject_uncond: bool = True, mask_factor: int = 4,
               feature_mode: str = DEFAULT_FEATURE_MODE, feature_region: str = DEFAULT_FEATURE_REGION,
-              end_of_text_maps: str = "edit") -> InFusionPlan:
+              end_of_text_maps: str = "edit", kv_region: str = DEFAULT_KV_REGION,
+              region_share: bool = True) -> InFusionPlan:
     """Translate the edit settings into an InFusionPlan (token alignment, concept indices, schedule).
     feature_mode / feature_region: the reading of the feature injection (`inject_difference`).
     end_of_text_maps: "edit" (the edit prompt's end-of-text token and padding keep their own cross-attention maps
@@ -494,6 +507,8 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
     if feature_region not in FEATURE_REGIONS:
         raise InFusionConfigError(f"feature region must be one of {', '.join(FEATURE_REGIONS)} "
                                   f"(got {feature_region!r})")
+    if kv_region not in KV_REGIONS:
+        raise InFusionConfigError(f"kv region must be one of {', '.join(KV_REGIONS)} (got {kv_region!r})")
     ts = list(inversion_timesteps)
     n = len(ts) - 1
     if n < 1:
@@ -536,6 +551,8 @@ def make_plan(tokenizer, source: str, edit: str, concepts: str, inversion_timest
     return InFusionPlan(num_steps=n, timestep_to_step=step_of, bounds=bounds, feature_blocks=tuple(feature_blocks),
                         attention_blocks=tuple(attention_blocks), strength=float(strength),
                         feature_mode=feature_mode, feature_region=feature_region if items else "all",
+                        kv_region=kv_region if items else "all", region_share=bool(region_share),
+                        source_words=tuple(range(1, align.end_of_text(source, tokenizer))),
                         alpha=float(alpha),
                         threshold=float(threshold), mask_factor=int(mask_factor), inject_uncond=bool(inject_uncond),
                         cross_mode=cross_mode, mapper=mapper, refine_alphas=refine_alphas, concepts=items,
@@ -558,6 +575,10 @@ def check_record(record: InFusionRecord, plan: InFusionPlan, hint: str = "") -> 
         raise InFusionConfigError(
             "the feature injection is limited to outside (or inside) the concepts' source masks, which come from the "
             "source cross-attention of the fusion steps, and these settings have none: give kv_end (S2) below 1")
+    if plan.kv_region != "all" and plan.concepts and plan.steps_of("kv") and not plan.steps_of("fusion"):
+        raise InFusionConfigError(
+            "the key/value injection is limited to outside the concepts' source masks, which come from the source "
+            "cross-attention of the fusion steps, and these settings have none: give kv_end (S2) below 1")
     ft, kvt = record.feature_timesteps(), record.kv_timesteps()
     att = record.attention
     for phase, have, what in (("feature", ft, "ResBlock features"), ("kv", kvt, "self-attention keys/values"),
@@ -655,11 +676,17 @@ class InFusionController:
         return {b: make(b) for b in self.plan.feature_blocks}
 
     # attention -----------------------------------------------------------------------------------------
+    def _kv_masked(self, call) -> bool:
+        """A key/value-phase self-attention call whose source keys/values act only outside the concepts
+        (kv_region "outside"): answered by `attend_output`, not by replacing the keys/values."""
+        return (self.plan.kv_region == "outside" and bool(self.plan.concepts) and call.kind == "self"
+                and call.layer in self._kv_layers and phase_of(self.step(call.timestep), self.plan.bounds) == "kv")
+
     def process_kv(self, call, k, v):
         if call.kind != "self" or call.layer not in self._kv_layers:
             return None
         i = self.step(call.timestep)
-        if phase_of(i, self.plan.bounds) != "kv":
+        if phase_of(i, self.plan.bounds) != "kv" or self._kv_masked(call):
             return None
         self._check_frames(call.frames, call.frame_index)
         chunks = self._chunks(call.cond_or_uncond, call.frames, fusion=False)
@@ -681,6 +708,8 @@ class InFusionController:
         return k2, v2
 
     def active(self, call) -> bool:
+        if self._kv_masked(call):
+            return bool(self._chunks(call.cond_or_uncond, call.frames, fusion=False))
         if 0 not in call.cond_or_uncond:
             return False
         i = self.step(call.timestep)
@@ -692,8 +721,12 @@ class InFusionController:
         return i >= b and call.layer in self._self_layers
 
     def concept_region(self, hw) -> torch.Tensor:
-        """[F, H, W] 0/1: the union of the concepts' source masks, from the source cross-attention averaged over
-        every recorded (fusion-phase, low-noise) step of the inversion: where the source words are. Cached."""
+        """[F, H, W] 0/1: where the concepts are, from the source cross-attention averaged over every recorded
+        (fusion-phase, low-noise) step of the inversion: the union of the concepts' FateZero masks and, with
+        `plan.region_share`, of where their words take over half the attention given to the source prompt's words
+        (`masks.word_share_mask`: a plain background word is weak everywhere but at a few peaks, its FateZero mask
+        a corner; toy dev split of issue 20, docs/infusion.md). The feature and key/value injections act outside
+        it. Cached."""
         key = ("region", tuple(hw))
         got = self._masks.get(key)
         if got is not None:
@@ -701,12 +734,15 @@ class InFusionController:
         att = self.record.attention
         if att is None or not att.timesteps or not self._mask_layers:
             raise InFusionConfigError(
-                "InFusionInject: the feature injection inside/outside the concepts needs the source cross-attention "
-                "of the fusion steps; give kv_end (S2) below 1 on both nodes, or use feature region 'all'")
+                "InFusionInject: the injection inside/outside the concepts needs the source cross-attention "
+                "of the fusion steps; give kv_end (S2) below 1 on both nodes")
         hws = [att.layers[lay].hw for lay in self._mask_layers]
         maps = [torch.stack([att.cross_mean(t, lay) for t in att.timesteps]).mean(0) for lay in self._mask_layers]
         got = union(*[cross_attention_mask(maps, hws, c.source_indices, hw, threshold=self.plan.threshold)
                       for c in self.plan.concepts])
+        if self.plan.region_share:  # plain backgrounds: where the concept has most of the words' attention
+            words = list(self.plan.source_words)
+            got = union(got, *[word_share_mask(maps, hws, c.source_indices, words, hw) for c in self.plan.concepts])
         self._masks[key] = got
         return got
 
@@ -722,6 +758,8 @@ class InFusionController:
 
     # dispatcher protocol extensions (attention/processor.py) --------------------------------------------
     def kinds(self, call) -> set[int]:
+        if self._kv_masked(call):
+            return {0, 1} if self.plan.inject_uncond else {0}
         return {0}
 
     def splits_heads(self, call) -> bool:
@@ -735,6 +773,8 @@ class InFusionController:
             return None
         i = self.step(call.timestep)
         self._check_frames(call.frames, call.frame_index)
+        if self._kv_masked(call):
+            return self._attend_kv_outside(call, attend)
         if i < self.plan.bounds[1]:
             return None
         q, k, v = call.q, call.k, call.v
@@ -760,6 +800,30 @@ class InFusionController:
         fused = (we * edit + ws * src) / total.clamp_min(1e-6)
         self.counts["fusion_self"] += 1
         return torch.where(total > 1e-6, fused, edit).to(edit.dtype)
+
+    def _attend_kv_outside(self, call, attend) -> torch.Tensor | None:
+        """Key/value phase, kv_region "outside": w * attend(q, k_src, v_src) + (1 - w) * attend(q, k, v) per query
+        row, w = 1 outside the concepts' source masks (`concept_region`), 0 inside."""
+        chunks = self._chunks(call.cond_or_uncond, call.frames, fusion=False)
+        if len(chunks) != len(call.cond_or_uncond):
+            return None
+        q, k, v = call.q, call.k, call.v
+        e = self.record.kv_at(call.timestep, call.layer, window=call.frame_index)
+        ks, vs = e["k"].to(k.device, k.dtype), e["v"].to(v.device, v.dtype)
+        if ks.shape[1:] != k.shape[1:]:
+            raise ValueError(
+                f"InFusionInject: self-attention of layer {call.layer} has {k.shape[1]} keys at the edit but "
+                f"{ks.shape[1]} at the inversion. Apply the same Temporal Self-Attention (same mode) to the models "
+                "of the inversion and of the edit.")
+        n = len(chunks)
+        m = self.concept_region(call.hw)
+        if call.frame_index is not None:
+            m = m[torch.as_tensor(list(call.frame_index))]
+        w = (1.0 - m).reshape(m.shape[0], -1).to(q.device, v.dtype).repeat(n, 1).unsqueeze(-1)
+        src = attend(q, ks.expand(call.frames, -1, -1).repeat(n, 1, 1), vs.expand(call.frames, -1, -1).repeat(n, 1, 1))
+        own = attend(q, k, v)
+        self.counts["kv"] += 1
+        return (w * src + (1.0 - w) * own).to(own.dtype)
 
     def _edit_masks(self, i: int, hw) -> torch.Tensor | None:
         prev = self._edit_maps.get(i - 1)
@@ -800,6 +864,10 @@ class InFusionController:
         return got
 
     def __call__(self, call, probs: torch.Tensor) -> torch.Tensor | None:
+        if self._kv_masked(call):
+            raise InFusionConfigError(
+                f"InFusionInject: kv region 'outside' at layer {call.layer} needs the attention output alone, but "
+                "another attention processor of the pack reads this self-attention call too; use kv region 'all'")
         i = self.step(call.timestep)
         self._check_frames(call.frames, call.frame_index)
         b = self.plan.bounds[1]

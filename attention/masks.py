@@ -133,6 +133,31 @@ def phrases_of(token_indices) -> list[list[int]]:
     return [[int(i) for i in items]]
 
 
+def word_share_mask(maps: Sequence[torch.Tensor], hw_list: Sequence, token_indices: Sequence[int],
+                    word_indices: Sequence[int], out_hw, share: float = 0.5) -> torch.Tensor:
+    """[F, H, W] float 0/1: 1 where the words `token_indices` take more than `share` of the attention a query gives
+    to the prompt's words `word_indices` (its context positions without BOS, end-of-text and padding).
+
+    maps / hw_list as `cross_attention_mask` (layers averaged by `word_map` before the ratio); resized to `out_hw`
+    (nearest). Where no word gets any attention the mask is 0. Why: `cross_attention_mask` normalises each frame
+    by its maximum, so a word whose attention is weak everywhere but at a few peaks is found only at the peaks;
+    a plain background word ("gray", "white") is such a word: most of the background attends to the padding, not
+    to it, but of what it gives the prompt's words it gives the background word the most (toy benchmark, issue 20:
+    InFusion's background changes, docs/infusion.md). Renormalising attention over the prompt's words, without
+    the start token, is Attend-and-Excite's (Chefer et al. 2023) reading of a word's map."""
+    if not 0.0 < float(share) < 1.0:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    words = [int(i) for i in word_indices]
+    idx = [int(i) for i in token_indices]
+    if not words or not set(idx) <= set(words):
+        raise ValueError(f"the token indices {idx} must be among the prompt's word positions {words}")
+    part = word_map(maps, hw_list, idx)
+    whole = word_map(maps, hw_list, words)
+    ratio = torch.where(whole > 0, part / whole.clamp_min(1e-30), torch.zeros_like(part))
+    ratio = F.interpolate(ratio.unsqueeze(1), size=_as_hw(out_hw), mode="nearest")[:, 0]
+    return (ratio > float(share)).to(ratio.dtype)
+
+
 def union(*masks: torch.Tensor) -> torch.Tensor:
     """Pixel-wise union (max) of masks of the same shape."""
     out = masks[0]

@@ -182,7 +182,8 @@ def _common_inputs():
                        tooltip="S1: fraction of the steps (from the noisiest) with feature-difference injection. "
                        "Default 0.5 (Plug-and-Play's attention threshold; the paper gives no value)."),
         io.Float.Input("kv_end", default=DEFAULT_S2, min=0.0, max=1.0, step=0.05,
-                       tooltip="S2: steps from S1 up to this fraction get the source keys/values; later steps are "
+                       tooltip="S2: steps from S1 up to this fraction get the source keys/values (outside the concepts' "
+                       "source masks when there are concepts); later steps are "
                        "fused with masks. Default 0.8 (Plug-and-Play's feature threshold)."),
     ]
 
@@ -253,7 +254,9 @@ class InFusionInject(io.ComfyNode):
                 "(f_edit + strength * (f_source - f_edit)) outside the concepts' source masks, so that what is not "
                 "edited keeps the source's features and the concepts keep the edit's (the reading that edits and "
                 "keeps best on the toy benchmark's dev split, docs/infusion.md); steps S1..S2 let self-attention query the source's keys "
-                "and values; later steps fuse attention with masks: self-attention Me*edit + (1-Ms)*source, "
+                "and values outside the concepts' source masks too (inside, the edit's own: the paper injects them to "
+                "retain the unedited concepts); a concept's region there also takes in where its words get most of the "
+                "attention the prompt's words get (plain backgrounds); later steps fuse attention with masks: self-attention Me*edit + (1-Ms)*source, "
                 "cross-attention alpha*edit + (1-alpha)*source, Ms/Me from the source/edit cross-attention of each "
                 "concept's words. Source features come from the same timestep of the inversion (InFusion Source "
                 "Features -> Video DDIM Invert). ResBlocks are read through scoped forward hooks in a DIFFUSION_MODEL "

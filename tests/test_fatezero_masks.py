@@ -123,3 +123,29 @@ def test_fatezero_blend_words_keep_their_phrases():
     one = fatezero.make_plan(tok, src, edit, ts, blend_words="blue circle")
     assert one.blend_phrases is None and one.blend_indices == [2, 3]
     assert align.split_phrases(" red hat,, green  dots ,") == [["red", "hat"], ["green", "dots"]]
+
+
+def test_word_share_mask_finds_a_word_that_is_weak_everywhere_but_at_a_peak():
+    """A plain background word: the background attends mostly to the padding (token 4), and of what it gives the
+    words (1-2) it gives the background word (2) the most; one peak sets the frame's maximum, so the FateZero mask
+    finds the peak only and the share mask the whole background."""
+    q = 4 * 4
+    m = torch.zeros(1, q, 6)
+    obj = torch.zeros(4, 4, dtype=torch.bool)
+    obj[1:3, 1:3] = True
+    m[0, :, 4] = 1.0  # the padding takes nearly everything
+    m[0, obj.flatten(), 1] = 0.02  # the object's word
+    m[0, ~obj.flatten(), 2] = 1e-4  # the background word, weak ...
+    m[0, 0, 2] = 0.3  # ... but for one peak
+    m[0, obj.flatten(), 2] = 1e-5
+    fz = masks.cross_attention_mask([m], [(4, 4)], [2], (4, 4), pool=False)
+    assert int(fz.sum()) == 1
+    share = masks.word_share_mask([m], [(4, 4)], [2], [1, 2], (4, 4))
+    assert torch.equal(share[0].bool(), ~obj)
+    assert torch.equal(masks.word_share_mask([m], [(4, 4)], [1], [1, 2], (8, 8))[0, 2:6, 2:6].bool(),
+                       torch.ones(4, 4, dtype=torch.bool))  # resized (nearest)
+    assert masks.word_share_mask([torch.zeros(1, q, 6)], [(4, 4)], [2], [1, 2], (4, 4)).sum() == 0  # no attention
+    with pytest.raises(ValueError, match="among the prompt's word positions"):
+        masks.word_share_mask([m], [(4, 4)], [3], [1, 2], (4, 4))
+    with pytest.raises(ValueError, match="share must be in"):
+        masks.word_share_mask([m], [(4, 4)], [2], [1, 2], (4, 4), share=1.0)

@@ -117,3 +117,37 @@ def test_the_infusion_row_holds_the_background_at_full_resolution_on_object_edit
         got = [k["feature_blocks"] for _, k in source + inject]
         assert got == [blocks, blocks], (name, got)
     assert methods_infusion.OBJECT_EDIT_FEATURE_BLOCKS == "1-2" and methods_infusion.TOY_LAYERS["feature_blocks"] == "1"
+
+
+def test_a_plain_background_concept_covers_the_background(toy):
+    """InFusion's concept region (where neither the source features nor the source keys/values are injected) on a
+    background change from a plain background ('gray'): the toy model's background attends mostly to the padding, so
+    the FateZero mask of 'gray' finds only a corner of it; the region adds where 'gray' takes most of the attention
+    given to the prompt's words (`masks.word_share_mask`) and covers the background (dev03 of issue 20's dev split:
+    the row edited none of its frames before, docs/infusion.md)."""
+    from dataclasses import replace
+
+    from zsve.attention.infusion import InFusionController
+    from zsve.toy import methods_infusion
+
+    model, clip, vae = toy
+    es = next(s for s in sc.split_set("dev", 2) if s.name == "dev03_background")
+    assert es.source_prompt == "a blue triangle on gray"
+    clip_ = es.clip()
+    with torch.inference_mode():
+        _, _, inv = infusion_edit(model, clip, vae, torch.from_numpy(clip_.frames), es.source_prompt, es.edit_prompt,
+                                  bench.BenchSpec(es, clip_, steps=20), return_masks=True)
+    pack = methods_infusion._pack()
+    pair = bench.prompt_pair(clip, es.source_prompt, es.edit_prompt)
+    m = pack.nodes.infusion.InFusionInject.execute(model, inv, pair, concepts_of(es.source_prompt, es.edit_prompt),
+                                                   **methods_infusion.TOY_LAYERS, strength=1.0, alpha=0.5,
+                                                   mask_threshold=0.3, inject_uncond=True).result[0]
+    ctl = next(p for p in m.model_options["transformer_options"][pack.nodes._attn_patch.PROCESSORS_KEY]
+               if isinstance(p, InFusionController))
+    background = 1 - torch.nn.functional.avg_pool2d(torch.from_numpy(clip_.masks.any(1)).float()[:, None], 16)[:, 0]
+    whole = background > 0.99  # the 8x8 cells with no object in them
+    assert ctl.plan.region_share and ctl.plan.kv_region == "outside"
+    cover = float(ctl.concept_region((8, 8))[whole].mean())
+    ctl.plan, ctl._masks = replace(ctl.plan, region_share=False), {}
+    before = float(ctl.concept_region((8, 8))[whole].mean())
+    assert cover > 0.9 and before < 0.5, (cover, before)

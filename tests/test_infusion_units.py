@@ -133,7 +133,7 @@ def test_make_plan_concepts_alignment_and_errors():
 
 
 def test_kv_injection_replaces_rows_of_every_chunk_and_only_in_its_phase():
-    plan = _plan()
+    plan = _plan(kv_region="all")  # Plug-and-Play's reading: every query row (see the "outside" test below)
     rec = inf.InFusionRecord(config=inf.InFusionRecordConfig(feature_blocks=(1,), attention_blocks=(0, 1, 2, 3),
                                                              s1=0.4, s2=0.8), frames=2, num_steps=5)
     g = torch.Generator().manual_seed(0)
@@ -221,3 +221,42 @@ def test_feature_readings_sign_and_region():
         assert new.flatten().tolist() == want, region
     with pytest.raises(inf.InFusionConfigError, match="kv_end"):  # no fusion steps: no source masks to limit it
         inf.check_record(rec, _plan(s2=1.0))
+
+
+def test_kv_injection_outside_the_concepts_keeps_the_edits_own_keys_values_inside():
+    """kv_region "outside": the query rows outside the concepts' source masks attend to the source's keys/values,
+    the rows inside to the edit's own (attend_output; no key/value replacement, no probability matrix)."""
+    rec = inf.InFusionRecord(config=inf.InFusionRecordConfig(feature_blocks=(1,), attention_blocks=(0, 1, 2, 3),
+                                                             s1=0.4, s2=0.8), frames=2, num_steps=5)
+    g = torch.Generator().manual_seed(0)
+    ks, vs = torch.randn(2, 4, 8, generator=g).half(), torch.randn(2, 4, 8, generator=g).half()
+    rec.add_kv(401, "output_1_0", ks, vs)
+    q, k, v = (torch.randn(4, 4, 8, generator=g) for _ in range(3))
+    region = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])  # [F, H, W]: the concepts
+
+    def attend(q_, k_, v_):  # one head
+        return torch.softmax(q_ @ k_.transpose(1, 2) / 8 ** 0.5, -1) @ v_
+
+    for inject_uncond, kinds in ((True, {0, 1}), (False, {0})):
+        ctl = inf.InFusionController(rec, _plan(kv_region="outside", inject_uncond=inject_uncond))
+        ctl._kv_layers = {"output_1_0"}
+        ctl.concept_region = lambda hw: region
+        c = AttnCall(kind="self", layer="output_1_0", hw=(2, 2), frames=2, cond_or_uncond=[1, 0], sigma=1.0,
+                     timestep=401, heads=1)
+        assert ctl.process_kv(c, k, v) is None and ctl.active(c) and ctl.kinds(c) == kinds
+        if not inject_uncond:  # the dispatcher hands the processor its chunks only (the conditional one)
+            c = AttnCall(kind="self", layer="output_1_0", hw=(2, 2), frames=2, cond_or_uncond=[0], sigma=1.0,
+                         timestep=401, heads=1)
+        c.q, c.k, c.v = (x[-2 * len(c.cond_or_uncond):] for x in (q, k, v))
+        out = ctl.attend_output(c, attend)
+        src = attend(c.q, ks.float().repeat(len(c.cond_or_uncond), 1, 1), vs.float().repeat(len(c.cond_or_uncond), 1, 1))
+        own = attend(c.q, c.k, c.v)
+        inside = region.reshape(2, 4).repeat(len(c.cond_or_uncond), 1).bool()
+        assert torch.allclose(out[inside], own[inside], atol=1e-5) and torch.allclose(out[~inside], src[~inside], atol=1e-5)
+        with pytest.raises(inf.InFusionConfigError, match="kv region 'outside'"):  # no explicit-probability path
+            ctl(c, torch.zeros(2, 1, 4, 4))
+    assert _plan().kv_region == "outside" and _plan(kv_region="outside", concepts="").kv_region == "all"
+    with pytest.raises(inf.InFusionConfigError, match="kv region"):
+        _plan(kv_region="inside")
+    with pytest.raises(inf.InFusionConfigError, match="key/value injection is limited"):
+        inf.check_record(rec, _plan(kv_region="outside", s2=1.0, feature_region="all"))

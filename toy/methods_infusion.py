@@ -18,7 +18,10 @@ toy/RESULTS.md). The words the edit adds are reweighted x4 in the feature phase 
 with end = feature_end; not in the paper; Video-P2P's row uses x4 too): chosen on the dev split of issue 20 (71.7% -> 79.6% edit success, paired +7.9
 [+2.5, +14.2]; x2 +6.7, x10 +2.1, x4 over every step +7.1; docs/infusion.md). Object edits start inside the edited
 object's Source Attention Mask from fresh noise (Fresh Noise Start, as every row with a KSampler; Attention Store
-on the inversion records the source's cross-attention for the mask).
+on the inversion records the source's cross-attention for the mask). The source keys/values reach only the query rows
+outside the concepts' region, which also takes in where a concept's words get most of the attention the prompt's words
+get: InFusion Inject's defaults since the 15th session, chosen on the dev split of issue 20 (80.8% -> 90.0%, paired
++9.2 [+3.3, +15.8]; docs/infusion.md).
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def infusion_edit(model, clip, vae, frames, source_prompt, edit_prompt, spec: Be
                                                          **layers, **inject).result
     edit_model = reweight_added(edit_model, pair, source_prompt, edit_prompt, overrides.get("reweight", REWEIGHT),
                                 layers["feature_end"])
-    reading = {k: overrides[k] for k in ("feature_mode", "feature_region") if k in overrides}
+    reading = {k: overrides[k] for k in ("feature_mode", "feature_region", "kv_region", "region_share") if k in overrides}
     if reading:  # a reading of the feature injection other than the node's (docs/infusion.md measures them)
         set_reading(edit_model, **reading)
     if fresh:  # object edits start from fresh noise in the edited object's mask (chosen on the dev split of issue 20)
