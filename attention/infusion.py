@@ -676,6 +676,19 @@ class InFusionController:
         return {b: make(b) for b in self.plan.feature_blocks}
 
     # attention -----------------------------------------------------------------------------------------
+    def _source_kv(self, call, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorded source keys/values of the call's step, layer and context window ([1 or F, Nk, C]), in the
+        edit's device and dtype; raises when their key count differs from the edit's (another temporal mode)."""
+        e = self.record.kv_at(call.timestep, call.layer, window=call.frame_index)
+        ks, vs = e["k"].to(k.device, k.dtype), e["v"].to(v.device, v.dtype)
+        if ks.shape[1:] != k.shape[1:]:
+            raise ValueError(
+                f"InFusionInject: self-attention of layer {call.layer} has {k.shape[1]} keys at the edit but "
+                f"{ks.shape[1]} at the inversion. Apply the same Temporal Self-Attention (same mode) to the models "
+                "of the inversion and of the edit."
+            )
+        return ks, vs
+
     def _kv_masked(self, call) -> bool:
         """A key/value-phase self-attention call whose source keys/values act only outside the concepts
         (kv_region "outside"): answered by `attend_output`, not by replacing the keys/values."""
@@ -692,14 +705,7 @@ class InFusionController:
         chunks = self._chunks(call.cond_or_uncond, call.frames, fusion=False)
         if not chunks:
             return None
-        e = self.record.kv_at(call.timestep, call.layer, window=call.frame_index)
-        ks, vs = e["k"].to(k.device, k.dtype), e["v"].to(v.device, v.dtype)
-        if ks.shape[1:] != k.shape[1:]:
-            raise ValueError(
-                f"InFusionInject: self-attention of layer {call.layer} has {k.shape[1]} keys at the edit but "
-                f"{ks.shape[1]} at the inversion. Apply the same Temporal Self-Attention (same mode) to the models "
-                "of the inversion and of the edit."
-            )
+        ks, vs = self._source_kv(call, k, v)
         k2, v2 = k.clone(), v.clone()
         for sl in chunks:
             k2[sl] = ks.expand(call.frames, -1, -1)
@@ -808,13 +814,7 @@ class InFusionController:
         if len(chunks) != len(call.cond_or_uncond):
             return None
         q, k, v = call.q, call.k, call.v
-        e = self.record.kv_at(call.timestep, call.layer, window=call.frame_index)
-        ks, vs = e["k"].to(k.device, k.dtype), e["v"].to(v.device, v.dtype)
-        if ks.shape[1:] != k.shape[1:]:
-            raise ValueError(
-                f"InFusionInject: self-attention of layer {call.layer} has {k.shape[1]} keys at the edit but "
-                f"{ks.shape[1]} at the inversion. Apply the same Temporal Self-Attention (same mode) to the models "
-                "of the inversion and of the edit.")
+        ks, vs = self._source_kv(call, k, v)
         n = len(chunks)
         m = self.concept_region(call.hw)
         if call.frame_index is not None:
