@@ -260,6 +260,8 @@ class FateZeroController:
     call reads the store of its own step from `call.extra[LIVE_STORE_KEY]`, which the source pass fills by
     evaluating the inversion's step again (one step at a time; nothing kept across steps)."""
 
+    SELF_ATTENTION_CONTROL = True  # attention/processor.py check_company
+
     def __init__(self, store: AttentionStore | None, plan: FusionPlan):
         self.store = store
         self.plan = plan

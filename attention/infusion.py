@@ -574,11 +574,13 @@ def check_record(record: InFusionRecord, plan: InFusionPlan, hint: str = "") -> 
     if plan.feature_region != "all" and plan.concepts and plan.steps_of("feature") and not plan.steps_of("fusion"):
         raise InFusionConfigError(
             "the feature injection is limited to outside (or inside) the concepts' source masks, which come from the "
-            "source cross-attention of the fusion steps, and these settings have none: give kv_end (S2) below 1")
+            "source cross-attention of the fusion steps, and these settings have none: give kv_end (S2) below 1 on "
+            "both InFusion nodes")
     if plan.kv_region != "all" and plan.concepts and plan.steps_of("kv") and not plan.steps_of("fusion"):
         raise InFusionConfigError(
             "the key/value injection is limited to outside the concepts' source masks, which come from the source "
-            "cross-attention of the fusion steps, and these settings have none: give kv_end (S2) below 1")
+            "cross-attention of the fusion steps, and these settings have none: give kv_end (S2) below 1 on both "
+            "InFusion nodes")
     ft, kvt = record.feature_timesteps(), record.kv_timesteps()
     att = record.attention
     for phase, have, what in (("feature", ft, "ResBlock features"), ("kv", kvt, "self-attention keys/values"),
@@ -597,6 +599,8 @@ class InFusionController:
     """The edit: an attention processor (dispatcher protocol + `process_kv`) and a feature source for the
     DIFFUSION_MODEL wrapper's scoped ResBlock hooks. Reads the record only. `counts` tallies what ran per
     phase (features injected, keys/values replaced, attention calls fused) for the UI and the tests."""
+
+    SELF_ATTENTION_CONTROL = True  # attention/processor.py check_company
 
     def __init__(self, record: InFusionRecord, plan: InFusionPlan):
         self.record = record
@@ -688,6 +692,22 @@ class InFusionController:
                 "of the inversion and of the edit."
             )
         return ks, vs
+
+    def check_company(self, processors) -> None:
+        """Before the first UNet call of a run (nodes/_attn_patch.py): the key/value phase outside the concepts is
+        computed at the output level (`attend_output`), which the dispatcher uses only when no other processor
+        needs the same call's probabilities; another self-attention controller on the model is refused here
+        instead of at the key/value phase's first step."""
+        if self.plan.kv_region == "all" or not self.plan.concepts or not self.plan.steps_of("kv"):
+            return
+        others = [p for p in processors if p is not self and getattr(p, "SELF_ATTENTION_CONTROL", False)]
+        if others:
+            raise InFusionConfigError(
+                f"InFusionInject: another self-attention control is on the same edit model "
+                f"({type(others[0]).__name__}: Attention Blend or the Video-P2P Guider). InFusion's key/value phase "
+                "gives the source keys/values to the rows outside its concepts and cannot share those attention calls "
+                "with it: keep one self-attention editing node on the edit model, or give InFusion Inject no "
+                "key/value phase (kv_end equal to feature_end, on both InFusion nodes).")
 
     def _kv_masked(self, call) -> bool:
         """A key/value-phase self-attention call whose source keys/values act only outside the concepts
@@ -866,8 +886,10 @@ class InFusionController:
     def __call__(self, call, probs: torch.Tensor) -> torch.Tensor | None:
         if self._kv_masked(call):
             raise InFusionConfigError(
-                f"InFusionInject: kv region 'outside' at layer {call.layer} needs the attention output alone, but "
-                "another attention processor of the pack reads this self-attention call too; use kv region 'all'")
+                f"InFusionInject: the key/value phase at layer {call.layer} needs the attention output alone, but "
+                "another attention processor of the pack reads this self-attention call too: keep one "
+                "self-attention editing node on the edit model, or set kv_end equal to feature_end on both InFusion "
+                "nodes (no key/value phase)")
         i = self.step(call.timestep)
         self._check_frames(call.frames, call.frame_index)
         b = self.plan.bounds[1]

@@ -99,6 +99,13 @@ class AttentionProcessor(Protocol):
 #     def splits_heads(self, call: AttnCall) -> bool       # acts on each head alone (call.head_range given)
 #     def attend_output(self, call: AttnCall, attend) -> torch.Tensor | None
 #
+#     def check_company(self, processors: list) -> None   # once per sampling run, before the first UNet call
+#     SELF_ATTENTION_CONTROL = True                       # class attribute: changes self-attention probabilities
+#
+# `check_company` is given every processor on the model (itself included) and raises to refuse a combination it
+# cannot compute right (InFusion's key/value phase outside the concepts answers its calls at the output level and
+# cannot share a self-attention call with another controller of its probabilities, `SELF_ATTENTION_CONTROL`).
+#
 # `attend_output` (used when it is the only active processor that needs probabilities): the output rows
 # [rows of call, Nq, C] of the call, computed with `attend(q, k, v)` (ComfyUI's optimized attention on
 # [B, N, C] tensors), exactly what probs @ v of its __call__ would give; None: use the explicit path.

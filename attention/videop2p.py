@@ -328,6 +328,8 @@ class VideoP2PController:
 
     Created fresh for every run; acts only on calls whose transformer options carry BRANCHES_KEY == 2."""
 
+    SELF_ATTENTION_CONTROL = True  # attention/processor.py check_company
+
     def __init__(self, plan, branch: BranchPlan, frames: int, latent_hw: tuple[int, int]):
         self.plan = plan  # fatezero.FusionPlan (reused: alignment, windows, reweighting)
         self.branch = branch

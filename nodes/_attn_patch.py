@@ -171,7 +171,15 @@ _WARNED_OUTSIDE_RUNS: set = set()
 
 
 def _run_scope(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: a fresh run state (warnings once per run)."""
+    """OUTER_SAMPLE wrapper: a fresh run state (warnings once per run); each processor on the model may refuse the
+    company it is in before the first UNet call (`check_company`, attention/processor.py)."""
+    guider = getattr(executor, "class_obj", None)
+    options = getattr(guider, "model_options", None) or {}
+    procs = list(options.get("transformer_options", {}).get(PROCESSORS_KEY, ()))
+    for p in procs:
+        check = getattr(p, "check_company", None)
+        if check is not None:
+            check(procs)
     token = _RUN.set(_RunState())
     try:
         return executor(*args, **kwargs)

@@ -255,8 +255,9 @@ class InFusionInject(io.ComfyNode):
                 "edited keeps the source's features and the concepts keep the edit's (the reading that edits and "
                 "keeps best on the toy benchmark's dev split, docs/infusion.md); steps S1..S2 let self-attention query the source's keys "
                 "and values outside the concepts' source masks too (inside, the edit's own: the paper injects them to "
-                "retain the unedited concepts); a concept's region there also takes in where its words get most of the "
-                "attention the prompt's words get (plain backgrounds); later steps fuse attention with masks: self-attention Me*edit + (1-Ms)*source, "
+                "retain the unedited concepts); the concepts' region of both injections is their source masks plus, per "
+                "concept, where its words get most of the attention the prompt's words get (plain backgrounds; fixed "
+                "readings, docs/infusion.md); later steps fuse attention with masks: self-attention Me*edit + (1-Ms)*source, "
                 "cross-attention alpha*edit + (1-alpha)*source, Ms/Me from the source/edit cross-attention of each "
                 "concept's words. Source features come from the same timestep of the inversion (InFusion Source "
                 "Features -> Video DDIM Invert). ResBlocks are read through scoped forward hooks in a DIFFUSION_MODEL "
@@ -295,7 +296,8 @@ class InFusionInject(io.ComfyNode):
                 io.Mask.Output(display_name="masks",
                                tooltip="Per-concept source masks Ms at pixel resolution, averaged over the fusion "
                                "steps: concept 1's frames, then concept 2's, ... (zeros without concepts or fusion "
-                               "steps)."),
+                               "steps). The region the feature and key/value injections leave alone also takes in "
+                               "where a concept's words get most of the prompt's words' attention (not shown here)."),
             ],
         )
 

@@ -200,8 +200,13 @@ def main(argv=None) -> int:
                 inputs["blend_words"] = source_words
             if ct == "VideoP2PGuider":
                 inputs.update(blend_words=source_words, blend_words_edit=words)
-            if ct == "InFusionInject":
-                inputs["concepts"] = f"{source_words}->{words}"
+            if ct == "InFusionInject":  # one concept per changed phrase, paired in order ("red, gray" / "blue, black")
+                src_p = [w.strip() for w in source_words.split(",") if w.strip()]
+                edit_p = [w.strip() for w in words.split(",") if w.strip()]
+                if len(src_p) != len(edit_p):
+                    raise SystemExit(f"--source-words {source_words!r} and --words {words!r}: give as many phrases "
+                                     "(comma separated) on both sides, one InFusion concept per pair")
+                inputs["concepts"] = ", ".join(f"{a}->{b}" for a, b in zip(src_p, edit_p))
         if ct == "CrossAttentionReweight" and edit_prompt:  # the words the toy clip's edit adds, as the benchmark
             src_w, edit_w = source_prompt.split(), edit_prompt.split()
             added = ([e for a, e in zip(src_w, edit_w) if a != e] if len(src_w) == len(edit_w)

@@ -90,3 +90,20 @@ def test_demo_judges_the_edit_the_user_typed(tmp_path):
     m = json.loads((tmp_path / "both" / "metrics.json").read_text(), parse_constant=no_constants)
     assert m["toy_edit"] == {"edit_prompt": "a green square on gray", "kind": "object_background"}
     assert m["toy"]["psnr_bg"] is None
+
+
+def test_demo_gives_infusion_one_concept_per_changed_phrase(tmp_path):
+    """An object + background edit on the InFusion workflow: the changed phrases become one concept each
+    ('yellow triangle->green square, blue stripes->gray'); the demo built 'yellow triangle, blue stripes->green
+    square, gray', which InFusion Inject refused. Unequal phrase counts stop the run with what to give."""
+    r = subprocess.run([sys.executable, "scripts/demo.py", "--workflow", "infusion_two_concepts_lora", "--out",
+                        str(tmp_path / "both"), "--steps", "2", "--frames", "2", "--edit-prompt",
+                        "a green square on gray"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "both" / "metrics.json").read_text())
+    assert m["toy_edit"] == {"edit_prompt": "a green square on gray", "kind": "object_background"}
+    r = subprocess.run([sys.executable, "scripts/demo.py", "--workflow", "infusion_two_concepts_lora", "--out",
+                        str(tmp_path / "uneven"), "--steps", "2", "--frames", "2", "--edit-prompt",
+                        "a green square on gray", "--words", "green square", "--source-words",
+                        "yellow triangle, blue stripes"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0 and "give as many phrases" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -391,3 +391,41 @@ def test_shipped_workflow_multi_concept_with_lora_runs_headless(tiny_model, tiny
     assert res["wf_masks"].shape == (2 * 3, 64, 64)
     assert res["wf_sample"]["samples"].shape == (3, 4, 8, 8)
     assert _no_hooks(tiny_model) == []
+
+
+def test_a_second_self_attention_control_is_refused_before_the_first_unet_call(tiny_model, tiny_clip, conds):
+    """InFusion's key/value phase outside the concepts is answered at the output level, which the dispatcher uses
+    only when no other processor needs the call's probabilities: another self-attention control on the same edit
+    model (Attention Blend's or the Video-P2P Guider's controller; a second InFusion Inject replaces the first) is
+    refused when the run starts, not at the key/value phase's first step."""
+    from zsve.attention.fatezero import FateZeroController
+    from zsve.attention.videop2p import VideoP2PController
+    from zsve.nodes._attn_patch import add_processor
+
+    class OtherSelfControl:  # stands for another node's self-attention controller on the same model
+        SELF_ATTENTION_CONTROL = True
+
+        def active(self, call):
+            return False
+
+        def __call__(self, call, probs):
+            return None
+
+    assert FateZeroController.SELF_ATTENTION_CONTROL and VideoP2PController.SELF_ATTENTION_CONTROL
+    z_T, inv = _invert(tiny_model, conds)
+    m, _ = _inject(tiny_model, inv, tiny_clip)
+    stacked = m.clone()
+    add_processor(stacked, OtherSelfControl())
+    calls = []
+    h = tiny_model.model.diffusion_model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        with pytest.raises(Exception, match="another self-attention control is on the same edit model"):
+            _sample(stacked, z_T, conds[1], conds[2])
+    finally:
+        h.remove()
+    assert calls == []
+    assert torch.isfinite(_sample(m, z_T, conds[1], conds[2])).all()  # InFusion Inject alone runs
+    plug_and_play = m.clone()  # the key/value phase everywhere (process_kv) shares its calls: no refusal
+    _controller(plug_and_play).plan.kv_region = "all"
+    add_processor(plug_and_play, OtherSelfControl())
+    assert torch.isfinite(_sample(plug_and_play, z_T, conds[1], conds[2])).all()

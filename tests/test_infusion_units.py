@@ -253,7 +253,7 @@ def test_kv_injection_outside_the_concepts_keeps_the_edits_own_keys_values_insid
         own = attend(c.q, c.k, c.v)
         inside = region.reshape(2, 4).repeat(len(c.cond_or_uncond), 1).bool()
         assert torch.allclose(out[inside], own[inside], atol=1e-5) and torch.allclose(out[~inside], src[~inside], atol=1e-5)
-        with pytest.raises(inf.InFusionConfigError, match="kv region 'outside'"):  # no explicit-probability path
+        with pytest.raises(inf.InFusionConfigError, match="needs the attention output alone"):  # no explicit-probability path
             ctl(c, torch.zeros(2, 1, 4, 4))
     assert _plan().kv_region == "outside" and _plan(kv_region="outside", concepts="").kv_region == "all"
     with pytest.raises(inf.InFusionConfigError, match="kv region"):
