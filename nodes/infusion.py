@@ -339,9 +339,31 @@ class InFusionInject(io.ComfyNode):
         install_contract(m, node, inversion, pair.edit.embedding, pair.edit.text, pair.edit.pooled)
         masks = preview_masks(controller, record, plan)
         text = [record.summary()] + plan.notes
+        cover = region_cover(controller, record, plan)
+        if cover is not None and cover >= REGION_WARN:
+            note = (f"the concepts' region covers {cover:.0%} of the frame: the feature and key/value injections, "
+                    f"which act outside it, hold only the other {1 - cover:.0%} of the source. Right for an edit "
+                    "of most of the frame (a background, or an object and the background); otherwise name only the "
+                    "words the edit changes (e.g. 'red->blue', not the whole prompt), or raise mask_threshold.")
+            log.warning("%s: %s", node, note)
+            text.append(note)
         if plan.cross_mode in ("replace", "refine") and plan.steps_of("fusion"):
             text.append(end_of_text_note(end_of_text_maps))
         return io.NodeOutput(m, masks, ui={"text": text})
+
+
+REGION_WARN = 0.9  # the concepts' region covers this share of the frame or more: the node's text warns
+
+
+def region_cover(controller: InFusionController, record, plan) -> float | None:
+    """The share of the frame (all frames, latent resolution) in the concepts' region, where neither injection acts
+    (`InFusionController.concept_region`); None when nothing is injected outside a region."""
+    att = record.attention
+    acts = ((plan.steps_of("feature") and plan.strength != 0.0 and plan.feature_region == "outside")
+            or (plan.steps_of("kv") and plan.kv_region == "outside"))
+    if not plan.concepts or att is None or not att.timesteps or not acts:
+        return None
+    return float(controller.concept_region(tuple(att.latent_hw)).float().mean())
 
 
 def preview_masks(controller: InFusionController, record, plan) -> torch.Tensor:

@@ -429,3 +429,18 @@ def test_a_second_self_attention_control_is_refused_before_the_first_unet_call(t
     _controller(plug_and_play).plan.kv_region = "all"
     add_processor(plug_and_play, OtherSelfControl())
     assert torch.isfinite(_sample(plug_and_play, z_T, conds[1], conds[2])).all()
+
+
+def test_a_region_covering_the_frame_is_named_in_the_nodes_text(tiny_model, tiny_clip, conds):
+    """The random tiny model's attention is nearly flat: at threshold 0.3 the concept's mask covers the whole frame,
+    where neither injection acts, and the node's text says so (with what to change); at 0.95 it covers a part."""
+    _, inv = _invert(tiny_model, conds)
+    args = dict(TINY, concepts=CONCEPTS, strength=1.0, alpha=0.5, inject_uncond=True)
+    pair = prompt_pair(tiny_clip, SRC, EDIT)
+    flat = InFusionInject.execute(tiny_model, inv, pair, mask_threshold=0.3, **args)
+    note = [t for t in flat.ui["text"] if "region covers" in t]
+    assert len(note) == 1 and "Name only the words the edit changes" in note[0], flat.ui["text"]
+    peaked = InFusionInject.execute(tiny_model, inv, pair, mask_threshold=0.95, **args)
+    assert not [t for t in peaked.ui["text"] if "region covers" in t], peaked.ui["text"]
+    no_concepts = InFusionInject.execute(tiny_model, inv, pair, mask_threshold=0.3, **{**args, "concepts": ""})
+    assert not [t for t in no_concepts.ui["text"] if "region covers" in t]
