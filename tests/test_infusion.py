@@ -439,7 +439,7 @@ def test_a_region_covering_the_frame_is_named_in_the_nodes_text(tiny_model, tiny
     pair = prompt_pair(tiny_clip, SRC, EDIT)
     flat = InFusionInject.execute(tiny_model, inv, pair, mask_threshold=0.3, **args)
     note = [t for t in flat.ui["text"] if "region covers" in t]
-    assert len(note) == 1 and "Name only the words the edit changes" in note[0], flat.ui["text"]
+    assert len(note) == 1 and "name only the words the edit changes" in note[0], flat.ui["text"]
     peaked = InFusionInject.execute(tiny_model, inv, pair, mask_threshold=0.95, **args)
     assert not [t for t in peaked.ui["text"] if "region covers" in t], peaked.ui["text"]
     no_concepts = InFusionInject.execute(tiny_model, inv, pair, mask_threshold=0.3, **{**args, "concepts": ""})
